@@ -1,0 +1,68 @@
+#!/usr/bin/env python3
+"""Set up ``.venv`` (first run only) and run one of the project's jobs in it.
+
+    python3 scripts/run.py bench [vera-bench args...]   # the microbenchmark
+    python3 scripts/run.py test  [pytest args...]       # the test suite
+
+Needs only Python >= 3.9 with pip. The environment is rebuilt when
+pyproject.toml or setup.py change; VERA_VENV chooses another location.
+"""
+
+import hashlib
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV = Path(os.environ.get("VERA_VENV", ROOT / ".venv"))
+EXTRAS = {"bench": "bench", "test": "test"}
+
+
+def _python() -> Path:
+    return VENV / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+
+
+def _run(*cmd) -> None:
+    print("+", " ".join(str(c) for c in cmd), flush=True)
+    subprocess.check_call([str(c) for c in cmd], cwd=ROOT)
+
+
+def ensure_env(extra: str) -> Path:
+    """Create the venv and install the package with ``extra`` unless already done."""
+    digest = hashlib.sha256()
+    for name in ("pyproject.toml", "setup.py"):
+        digest.update((ROOT / name).read_bytes())
+    stamp = VENV / f".installed-{extra}-{digest.hexdigest()[:16]}"
+    if stamp.exists():
+        return _python()
+    if not _python().exists():
+        print(f"creating {VENV}", flush=True)
+        venv.create(VENV, with_pip=True)
+    py = _python()
+    _run(py, "-m", "pip", "install", "-q", "--upgrade", "pip", "setuptools>=64", "wheel")
+    # torch first: setup.py imports it to build the optional CUDA extension,
+    # so the package is installed without build isolation.
+    _run(py, "-m", "pip", "install", "-q", "torch>=2.6")
+    _run(py, "-m", "pip", "install", "-q", "--no-build-isolation", "-e", f".[{extra}]")
+    stamp.touch()
+    return py
+
+
+def main(argv: list) -> int:
+    if not argv or argv[0] not in EXTRAS:
+        print(__doc__, file=sys.stderr)
+        return 2
+    job, args = argv[0], argv[1:]
+    py = ensure_env(EXTRAS[job])
+    if job == "bench":
+        cmd = [py, "-m", "vera_kernels.bench", *args]
+    else:
+        cmd = [py, "-m", "pytest", *(args or ["-q"])]
+    print("+", " ".join(str(c) for c in cmd), flush=True)
+    return subprocess.call([str(c) for c in cmd], cwd=ROOT)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,52 @@
+"""Helpers shared by the test modules."""
+
+import pytest
+import torch
+
+# Devices a device-parametrized test runs on; "cuda" is skipped without a GPU.
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+# Machine epsilon of each compute dtype; tolerances are small multiples of it.
+EPS = {
+    dtype: torch.finfo(dtype).eps
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+}
+
+
+def assert_close_scaled(actual, expected, tol, what=""):
+    """max |actual - expected| <= tol * max |expected|: error relative to the tensor's scale.
+
+    Low-precision matmuls err relative to the magnitude of the terms summed, not
+    elementwise, so an elementwise rtol would flag correct results near zero.
+    """
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    actual, expected = actual.double(), expected.double()
+    scale = expected.abs().max().clamp_min(1e-30)
+    err = (actual - expected).abs().max()
+    assert err <= tol * scale, f"{what}: max error {err:.3e} > {tol:.1e} * scale {scale:.3e}"
+
+
+def vera_inputs(lead, in_features, out_features, r, *, dtype, device, seed=0, with_base=True):
+    """Random x, lambda_d, lambda_b (non-zero, so the adapter path matters), base_output."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype).to(device)
+
+    x = rand(*lead, in_features)
+    lambda_d = rand(r)
+    lambda_b = rand(out_features)
+    base = rand(*lead, out_features) if with_base else None
+    return x, lambda_d, lambda_b, base
+
+
+def backend_device_params():
+    """(backend, device) pairs: every backend usable on the CPU here, every registered one on CUDA."""
+    from vera_kernels import ops
+
+    params = [pytest.param(name, "cpu", id=f"{name}-cpu") for name in ops.available_backends("cpu")]
+    params += [
+        pytest.param(name, "cuda", id=f"{name}-cuda", marks=pytest.mark.gpu)
+        for name in ops.registered_backends()
+    ]
+    return params

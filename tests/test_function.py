@@ -1,0 +1,207 @@
+"""vera_linear through every backend usable here: values, gradients, contract and errors."""
+
+import pytest
+import torch
+
+import vera_kernels as vk
+from vera_kernels import ops
+from vera_kernels.reference import vera_linear_reference
+from helpers import DEVICES, EPS, assert_close_scaled, backend_device_params, vera_inputs
+
+# Odd on purpose: not multiples of any block size, not powers of two.
+SHAPES = [
+    # (leading dims, in, out, r)
+    ((2, 3), 37, 53, 5),
+    ((1,), 19, 7, 1),
+    ((33,), 64, 40, 16),
+]
+SEED = 2**33 + 77
+
+# Error budget relative to the output's scale, in units of the compute dtype's
+# eps: A/B and the vectors are rounded to the dtype (1 eps each), h, the scaled
+# B and the result once more, and fp32 accumulation adds little on top.
+# A wrong kernel (a transposed tile, a lost vector, a wrong Philox word) is off
+# by O(1) of the scale, far outside this.
+OUTPUT_TOL_EPS = 8
+# Gradients pass through one more rounded product (P or u) than the output.
+GRAD_TOL_EPS = 16
+
+
+def _tol(dtype, eps_multiple):
+    # fp32 has no rounded inputs to dominate: the error is summation order over
+    # up to ~64 terms in the matmuls, so allow 64 eps (7.6e-6) of the scale.
+    return eps_multiple * EPS[dtype] if dtype != torch.float32 else 64 * EPS[dtype]
+
+
+def _run(fn, x, d, b, base, seed=SEED, **kw):
+    """Output and the four gradients for a fixed random upstream gradient."""
+    leaves = [t.detach().clone().requires_grad_(True) for t in (x, d, b, base)]
+    y = fn(*leaves[:3], seed, leaves[3], **kw)
+    grad = torch.randn(y.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    y.backward(grad.to(y.dtype).to(y.device))
+    return [y.detach()] + [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("backend,device", backend_device_params())
+@pytest.mark.parametrize("lead,n_in,n_out,r", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_matches_reference(backend, device, lead, n_in, n_out, r, dtype):
+    if dtype == torch.bfloat16 and backend == "triton" and device == "cpu":
+        pytest.skip("the Triton interpreter computes bf16 wrongly (DESIGN.md §7); bf16 runs on GPU")
+    inputs = vera_inputs(lead, n_in, n_out, r, dtype=dtype, device=device)
+    got = _run(vk.vera_linear, *inputs, backend=backend)
+    # The oracle sees the same (already rounded) inputs, computed in float64.
+    expected = _run(vera_linear_reference, *(t.double() for t in inputs))
+    names = ["y", "dx", "dd", "db", "dbase"]
+    for name, g, e in zip(names, got, expected):
+        assert g.dtype == dtype, name
+        tol = _tol(dtype, OUTPUT_TOL_EPS if name == "y" else GRAD_TOL_EPS)
+        assert_close_scaled(g, e, tol, f"{backend} {dtype} {name}")
+
+
+@pytest.mark.parametrize("backend,device", backend_device_params())
+def test_gradcheck_float64(backend, device):
+    x, d, b, base = (
+        t.requires_grad_(True)
+        for t in vera_inputs((2, 3), 37, 53, 5, dtype=torch.float64, device=device)
+    )
+    fn = lambda x, d, b, base: vk.vera_linear(x, d, b, SEED, base, backend=backend)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, d, b, base), eps=1e-6, atol=1e-7)
+
+
+def test_reference_gradcheck_float64():
+    # The oracle itself, against finite differences.
+    x, d, b, base = (
+        t.requires_grad_(True) for t in vera_inputs((3,), 11, 6, 4, dtype=torch.float64, device="cpu")
+    )
+    fn = lambda x, d, b, base: vera_linear_reference(x, d, b, SEED, base)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, d, b, base), eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend,device", backend_device_params())
+def test_non_contiguous_input_and_no_base(backend, device):
+    x, d, b, _ = vera_inputs((9,), 21, 13, 3, dtype=torch.float32, device=device, with_base=False)
+    x_t = torch.randn(21, 9, device=device).T  # (9, 21), transposed strides
+    for inp in (x, x_t, x.repeat(1, 2)[:, ::2]):
+        y = vk.vera_linear(inp, d, b, SEED, backend=backend)
+        expected = vera_linear_reference(inp.double(), d.double(), b.double(), SEED)
+        assert_close_scaled(y, expected, _tol(torch.float32, OUTPUT_TOL_EPS))
+
+
+@pytest.mark.parametrize("backend,device", backend_device_params())
+@pytest.mark.parametrize("lead", [(0,), (2, 0)])
+def test_zero_tokens(backend, device, lead):
+    x, d, b, base = (
+        t.requires_grad_(True)
+        for t in vera_inputs(lead, 8, 6, 3, dtype=torch.float32, device=device)
+    )
+    y = vk.vera_linear(x, d, b, SEED, base, backend=backend)
+    assert y.shape == (*lead, 6)
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    assert torch.equal(d.grad, torch.zeros_like(d)) and torch.equal(b.grad, torch.zeros_like(b))
+
+
+@pytest.mark.parametrize("backend,device", backend_device_params())
+def test_saves_only_h_for_backward(backend, device):
+    tokens, n_in, n_out, r = 12, 40, 24, 4
+    x, d, b, base = vera_inputs((tokens,), n_in, n_out, r, dtype=torch.float32, device=device)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    d.requires_grad_(True)
+    b.requires_grad_(True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        vk.vera_linear(x.requires_grad_(True), d, b, SEED, base, backend=backend)
+    shapes = sorted(tuple(t.shape) for t in saved)
+    # h (tokens x r) and the two vectors; never x nor anything tokens x out.
+    assert shapes == sorted([(tokens, r), (r,), (n_out,)])
+
+
+def test_frozen_vectors_skip_their_gradients():
+    x, d, b, base = vera_inputs((5,), 9, 7, 2, dtype=torch.float64, device="cpu")
+    x.requires_grad_(True)
+    vk.vera_linear(x, d, b, SEED, base).sum().backward()
+    assert d.grad is None and b.grad is None
+    x_ref = x.detach().clone().requires_grad_(True)
+    vera_linear_reference(x_ref, d, b, SEED, base).sum().backward()
+    assert_close_scaled(x.grad, x_ref.grad, 1e-12)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_autocast(device):
+    dtype = torch.bfloat16 if device == "cpu" else torch.float16
+    x, d, b, _ = vera_inputs((6,), 16, 10, 4, dtype=torch.float32, device=device, with_base=False)
+    d.requires_grad_(True)
+    b.requires_grad_(True)
+    layer = torch.nn.Linear(16, 10, device=device)
+    with torch.autocast(device, dtype=dtype):
+        base = layer(x)
+        y = vk.vera_linear(x, d, b, SEED, base)
+    assert y.dtype == dtype
+    y.float().sum().backward()
+    assert d.grad.dtype == torch.float32 and b.grad.dtype == torch.float32
+    expected = vera_linear_reference(x.double(), d.double(), b.double(), SEED, base.double())
+    assert_close_scaled(y, expected, 8 * EPS[dtype])
+
+
+def test_default_backend_and_env_override(monkeypatch):
+    assert "torch" in vk.available_backends()
+    assert ops.resolve_backend(None, torch.device("cpu")) == "torch"
+    monkeypatch.setenv("VERA_KERNELS_BACKEND", "torch")
+    assert ops.resolve_backend(None, torch.device("cpu")) == "torch"
+    monkeypatch.setenv("VERA_KERNELS_BACKEND", "no-such-backend")
+    x, d, b, _ = vera_inputs((2,), 4, 3, 2, dtype=torch.float32, device="cpu")
+    with pytest.raises(ValueError, match="unknown backend 'no-such-backend'"):
+        vk.vera_linear(x, d, b, 0)
+
+
+def _bad(**changes):
+    x, d, b, base = vera_inputs((2, 3), 8, 5, 4, dtype=torch.float32, device="cpu")
+    args = dict(x=x, lambda_d=d, lambda_b=b, seed=1, base_output=base, backend=None)
+    args.update(changes)
+    return args
+
+
+@pytest.mark.parametrize(
+    "args,error,match",
+    [
+        (_bad(x=torch.randn(2, 3, 8).half()), TypeError, "lambda_d has dtype torch.float32 but x has dtype torch.float16"),
+        (_bad(x=torch.ones(2, 3, 8, dtype=torch.int32)), TypeError, "x must be float16, bfloat16, float32 or float64"),
+        (_bad(x=[1.0, 2.0]), TypeError, "x must be a torch.Tensor"),
+        (_bad(x=torch.randn(2, 3, 0)), ValueError, r"x must have shape \(\.\.\., in\) with in >= 1"),
+        (_bad(lambda_d=torch.randn(4, 1)), ValueError, r"lambda_d must be 1-D, got shape \(4, 1\)"),
+        (_bad(lambda_b=torch.randn(())), ValueError, "lambda_b must be 1-D"),
+        (_bad(lambda_d=torch.randn(0)), ValueError, "must be non-empty"),
+        (_bad(base_output=torch.randn(2, 3, 6)), ValueError, r"base_output must have shape \(2, 3, 5\)"),
+        (_bad(base_output=torch.randn(2, 3, 5).double()), TypeError, "base_output has dtype torch.float64"),
+        (_bad(seed=-1), ValueError, r"seed must be in \[0, 2\*\*64\)"),
+        (_bad(seed=2**64), ValueError, r"seed must be in \[0, 2\*\*64\)"),
+        (_bad(seed="7"), TypeError, "seed must be an int"),
+        (_bad(backend="tpu"), ValueError, "unknown backend 'tpu'"),
+    ],
+)
+def test_bad_input(args, error, match):
+    with pytest.raises(error, match=match):
+        vk.vera_linear(
+            args["x"], args["lambda_d"], args["lambda_b"], args["seed"], args["base_output"],
+            backend=args["backend"],
+        )
+
+
+def test_vectors_must_match_input_length():
+    # r is len(lambda_d) and out is len(lambda_b); x's last dim is "in". A
+    # base_output of another width is the mismatch the functional API can see.
+    x, d, b, _ = vera_inputs((4,), 8, 5, 4, dtype=torch.float32, device="cpu", with_base=False)
+    with pytest.raises(ValueError, match="base_output must have shape"):
+        vk.vera_linear(x, d, b, 0, torch.zeros(4, 8))
+
+
+@pytest.mark.gpu
+def test_device_mismatch_is_an_error():
+    x, d, b, _ = vera_inputs((4,), 8, 5, 4, dtype=torch.float32, device="cpu", with_base=False)
+    with pytest.raises(ValueError, match="lambda_d is on cuda"):
+        vk.vera_linear(x, d.cuda(), b, 0)

@@ -1,0 +1,24 @@
+"""vera-kernels: fused VeRA (Vector-based Random Matrix Adaptation) layers.
+
+A and B, the frozen random projections VeRA shares across layers, are
+regenerated from a seed (Philox4x32-10, see DESIGN.md §2) instead of stored.
+"""
+
+from . import torch_backend  # noqa: F401  (registers the "torch" backend)
+from .function import vera_linear
+from .model import apply_vera, load_vera_state_dict, vera_state_dict
+from .module import VeRALinear
+from .ops import available_backends
+from .projection import projection
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "projection",
+    "vera_linear",
+    "VeRALinear",
+    "apply_vera",
+    "vera_state_dict",
+    "load_vera_state_dict",
+    "available_backends",
+]

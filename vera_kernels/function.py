@@ -1,0 +1,144 @@
+"""Autograd for the VeRA op, and ``vera_linear``, the checked functional entry point.
+
+Forward saves only ``h`` (tokens x r) and the two vectors; backward hands
+them to ``vera_kernels::vera_backward`` of the same backend. The gradient of
+``base_output`` is the upstream gradient itself.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import ops
+from .projection import SUPPORTED_DTYPES, split_seed
+
+__all__ = ["vera_linear"]
+
+
+def _setup_context(ctx, inputs, output):
+    x, lambda_d, lambda_b, key0, key1, base, backend = inputs
+    _, h = output
+    ctx.save_for_backward(h, lambda_d, lambda_b)
+    ctx.key = (key0, key1)
+    ctx.in_features = x.shape[1]
+    ctx.backend = backend
+    ctx.mark_non_differentiable(h)
+
+
+def _backward(ctx, grad_y, _grad_h):
+    h, lambda_d, lambda_b = ctx.saved_tensors
+    need_x, need_d, need_b, _, _, need_base, _ = ctx.needs_input_grad
+    dx = dd = db = None
+    if need_x or need_d or need_b:
+        dx, dd, db = torch.ops.vera_kernels.vera_backward(
+            grad_y, h, lambda_d, lambda_b, *ctx.key, ctx.in_features, ctx.backend,
+            need_x, need_d, need_b,
+        )
+    return (
+        dx if need_x else None,
+        dd if need_d else None,
+        db if need_b else None,
+        None,
+        None,
+        grad_y if need_base else None,
+        None,
+    )
+
+
+torch.library.register_autograd(
+    "vera_kernels::vera_forward", _backward, setup_context=_setup_context
+)
+
+
+def _check_tensor(name: str, t, dims: Optional[int] = None) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if dims is not None and t.dim() != dims:
+        raise ValueError(f"{name} must be {dims}-D, got shape {tuple(t.shape)}")
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+
+
+def _autocast(tensors: list[Optional[Tensor]], device_type: str) -> list[Optional[Tensor]]:
+    """Cast to the autocast dtype when autocast is on for ``device_type`` (as nn.Linear would)."""
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return [t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t for t in tensors]
+
+
+def vera_linear(
+    x: Tensor,
+    lambda_d: Tensor,
+    lambda_b: Tensor,
+    seed: int,
+    base_output: Optional[Tensor] = None,
+    *,
+    backend: Optional[str] = None,
+) -> Tensor:
+    """VeRA's adapter path: ``base_output + lambda_b * (B @ (lambda_d * (A @ x)))`` per token.
+
+    A (r x in) and B (out x r) are the spec projections for ``seed``
+    (see :func:`vera_kernels.projection`); they are regenerated, never stored.
+
+    Args:
+        x: ``(..., in)`` activations; any leading dims, any strides.
+        lambda_d: ``(r,)`` trainable scaling of the r-dimensional bottleneck.
+        lambda_b: ``(out,)`` trainable scaling of the output.
+        seed: int in [0, 2**64) selecting A and B.
+        base_output: ``(..., out)`` added to the result (usually the frozen
+            layer's output); ``None`` means zeros.
+        backend: ``"torch"``, ``"triton"`` or ``"cuda"``; ``None`` picks the
+            fastest usable one for x's device (``VERA_KERNELS_BACKEND``
+            overrides the choice).
+
+    Returns:
+        ``(..., out)`` tensor in x's dtype, differentiable in x, lambda_d,
+        lambda_b and base_output. Under ``torch.autocast`` everything is
+        computed in the autocast dtype.
+
+    Raises:
+        TypeError: non-tensors, unsupported dtypes, or x and the vectors in
+            different dtypes.
+        ValueError: shape or device mismatches, a bad seed or backend name.
+    """
+    _check_tensor("x", x)
+    _check_tensor("lambda_d", lambda_d, dims=1)
+    _check_tensor("lambda_b", lambda_b, dims=1)
+    if base_output is not None:
+        _check_tensor("base_output", base_output)
+    x, lambda_d, lambda_b, base_output = _autocast(
+        [x, lambda_d, lambda_b, base_output], x.device.type
+    )
+
+    if x.dim() == 0 or x.shape[-1] == 0:
+        raise ValueError(f"x must have shape (..., in) with in >= 1, got {tuple(x.shape)}")
+    if lambda_d.shape[0] == 0 or lambda_b.shape[0] == 0:
+        raise ValueError(
+            f"lambda_d and lambda_b must be non-empty, got r={lambda_d.shape[0]}, "
+            f"out={lambda_b.shape[0]}"
+        )
+    for name, t in (("lambda_d", lambda_d), ("lambda_b", lambda_b), ("base_output", base_output)):
+        if t is None:
+            continue
+        if t.dtype != x.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but x has dtype {x.dtype}; use one dtype")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    out_features = lambda_b.shape[0]
+    out_shape = (*x.shape[:-1], out_features)
+    if base_output is not None and tuple(base_output.shape) != out_shape:
+        raise ValueError(
+            f"base_output must have shape {out_shape} (x's leading dims, len(lambda_b)), "
+            f"got {tuple(base_output.shape)}"
+        )
+    key0, key1 = split_seed(seed)
+    name = ops.resolve_backend(backend, x.device)
+
+    x2d = x.reshape(-1, x.shape[-1])
+    base2d = base_output.reshape(-1, out_features) if base_output is not None else None
+    y, _ = torch.ops.vera_kernels.vera_forward(x2d, lambda_d, lambda_b, key0, key1, base2d, name)
+    return y.reshape(out_shape)

@@ -1,0 +1,188 @@
+"""The op layer: a backend registry and the two torch.library custom ops every backend serves.
+
+``vera_kernels::vera_forward`` computes ``y = base + b * ((d * (x @ A.T)) @ B.T)``
+and also returns ``h = x @ A.T`` (tokens x r), the only activation backward needs.
+``vera_kernels::vera_backward`` turns the upstream gradient and ``h`` into
+dx, dd and db (DESIGN.md §1). Both take 2-D ``x`` / ``grad`` and the Philox key
+``(seed & 0xFFFFFFFF, seed >> 32)``: a torch.library int is int64, too small
+for a 64-bit seed.
+
+A backend is a pair of plain functions registered with :func:`register_backend`;
+the ops look it up by name, so adding one touches neither the autograd glue
+(``function.py``) nor the module. Fake implementations let ``torch.compile``
+trace the ops without graph breaks.
+"""
+
+# No `from __future__ import annotations`: torch.library reads these signatures at runtime.
+import os
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "Backend",
+    "register_backend",
+    "get_backend",
+    "resolve_backend",
+    "available_backends",
+    "registered_backends",
+    "BACKEND_ENV_VAR",
+]
+
+BACKEND_ENV_VAR = "VERA_KERNELS_BACKEND"
+
+# forward(x2d, lambda_d, lambda_b, key, base2d | None) -> (y2d, h)
+ForwardFn = Callable[[Tensor, Tensor, Tensor, tuple, Optional[Tensor]], tuple]
+# backward(grad2d, h, lambda_d, lambda_b, key, in_features, need_dx, need_dd, need_db)
+#   -> (dx | None, dd | None, db | None)
+BackwardFn = Callable[..., tuple]
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One implementation of the VeRA forward and backward.
+
+    Attributes:
+        name: what ``backend=`` and ``VERA_KERNELS_BACKEND`` call it.
+        forward, backward: see the signatures above; called only with at
+            least one token, on tensors ``unavailable_on`` accepted.
+        unavailable_on: ``device -> None`` when the backend can run on that
+            device now, else a sentence saying why not.
+        priority: lower wins when ``backend=None`` picks the fastest usable one.
+    """
+
+    name: str
+    forward: ForwardFn
+    backward: BackwardFn
+    unavailable_on: Callable[[torch.device], Optional[str]]
+    priority: int
+
+
+_BACKENDS: dict[str, Backend] = {}
+
+
+def register_backend(backend: Backend) -> None:
+    """Add (or replace) a backend in the registry."""
+    _BACKENDS[backend.name] = backend
+
+
+def get_backend(name: str) -> Backend:
+    """The registered backend called ``name``; ValueError naming the known ones otherwise."""
+    try:
+        return _BACKENDS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown backend {name!r}: expected one of {sorted(_BACKENDS)}"
+        ) from None
+
+
+def resolve_backend(requested: Optional[str], device: torch.device) -> str:
+    """Pick the backend for tensors on ``device``.
+
+    ``requested`` wins, then the ``VERA_KERNELS_BACKEND`` environment variable,
+    else the usable backend with the lowest priority. A named backend that
+    cannot run on ``device`` raises RuntimeError saying why.
+    """
+    name = requested or os.environ.get(BACKEND_ENV_VAR) or None
+    if name is None:
+        usable = [b for b in _BACKENDS.values() if b.unavailable_on(device) is None]
+        if not usable:
+            raise RuntimeError(f"no vera_kernels backend can run on {device}")
+        return min(usable, key=lambda b: b.priority).name
+    reason = get_backend(name).unavailable_on(device)
+    if reason is not None:
+        raise RuntimeError(f"vera_kernels backend {name!r} cannot run on {device}: {reason}")
+    return name
+
+
+def registered_backends() -> list[str]:
+    """Every registered backend, usable here or not, fastest first."""
+    return [b.name for b in sorted(_BACKENDS.values(), key=lambda b: b.priority)]
+
+
+def _present_devices() -> list[torch.device]:
+    devices = [torch.device("cpu")]
+    if torch.cuda.is_available():
+        devices.append(torch.device("cuda", torch.cuda.current_device()))
+    return devices
+
+
+def available_backends(device: Optional[torch.device | str] = None) -> list[str]:
+    """Names of the backends usable now, fastest first.
+
+    With ``device``, those that run on it; otherwise those that run on any
+    device this machine has (the CPU, and the current GPU if any).
+    """
+    devices = [torch.device(device)] if device is not None else _present_devices()
+    usable = [
+        b for b in _BACKENDS.values() if any(b.unavailable_on(dev) is None for dev in devices)
+    ]
+    return [b.name for b in sorted(usable, key=lambda b: b.priority)]
+
+
+def _backend_for(x: Tensor, name: str) -> Backend:
+    # An empty batch needs no kernel launch: the torch backend's matmuls give
+    # the right (empty / zero) results on any device.
+    return get_backend("torch" if x.shape[0] == 0 else name)
+
+
+def _no_autocast(x: Tensor):
+    # Autocast falls through custom ops but stays switched on inside them; the
+    # caller has already cast the inputs, and the fp32 accumulations inside a
+    # backend must not be cast back down.
+    return torch.autocast(x.device.type, enabled=False)
+
+
+@torch.library.custom_op("vera_kernels::vera_forward", mutates_args=())
+def vera_forward(
+    x: Tensor,
+    lambda_d: Tensor,
+    lambda_b: Tensor,
+    key0: int,
+    key1: int,
+    base: Optional[Tensor],
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    """(y, h) for 2-D ``x``; see the module docstring."""
+    with _no_autocast(x):
+        return _backend_for(x, backend).forward(x, lambda_d, lambda_b, (key0, key1), base)
+
+
+@vera_forward.register_fake
+def _(x, lambda_d, lambda_b, key0, key1, base, backend):
+    tokens = x.shape[0]
+    return x.new_empty(tokens, lambda_b.shape[0]), x.new_empty(tokens, lambda_d.shape[0])
+
+
+@torch.library.custom_op("vera_kernels::vera_backward", mutates_args=())
+def vera_backward(
+    grad: Tensor,
+    h: Tensor,
+    lambda_d: Tensor,
+    lambda_b: Tensor,
+    key0: int,
+    key1: int,
+    in_features: int,
+    backend: str,
+    need_dx: bool,
+    need_dd: bool,
+    need_db: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(dx, dd, db); a gradient that was not asked for comes back as an empty tensor."""
+    with _no_autocast(h):
+        grads = _backend_for(h, backend).backward(
+            grad, h, lambda_d, lambda_b, (key0, key1), in_features, need_dx, need_dd, need_db
+        )
+    return tuple(g if g is not None else h.new_empty(0) for g in grads)
+
+
+@vera_backward.register_fake
+def _(grad, h, lambda_d, lambda_b, key0, key1, in_features, backend, need_dx, need_dd, need_db):
+    tokens = h.shape[0]
+    return (
+        h.new_empty(tokens, in_features) if need_dx else h.new_empty(0),
+        lambda_d.new_empty(lambda_d.shape) if need_dd else h.new_empty(0),
+        lambda_b.new_empty(lambda_b.shape) if need_db else h.new_empty(0),
+    )

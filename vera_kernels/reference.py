@@ -1,0 +1,50 @@
+"""The unfused oracle: materialize A and B, apply VeRA's formula, let autograd differentiate.
+
+The simplest correct code, for tests and benchmarks only. It is what PEFT's
+VeRA layer computes (and what it keeps alive for backward: x, h, d * h and
+the tokens x out product).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .projection import projection
+
+
+def vera_projections(
+    in_features: int, out_features: int, r: int, seed: int, *, dtype: torch.dtype, device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The spec's A (r x in) and B (out x r), materialized in ``dtype`` on ``device``."""
+    a = projection("A", r, in_features, seed, dtype=dtype, device=device)
+    b = projection("B", out_features, r, seed, dtype=dtype, device=device)
+    return a, b
+
+
+def vera_linear_with_projections(
+    x: torch.Tensor,
+    lambda_d: torch.Tensor,
+    lambda_b: torch.Tensor,
+    proj_a: torch.Tensor,
+    proj_b: torch.Tensor,
+    base_output: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """``base_output + lambda_b * ((lambda_d * (x @ A.T)) @ B.T)`` with explicit A and B."""
+    adapter = lambda_b * ((lambda_d * (x @ proj_a.T)) @ proj_b.T)
+    return adapter if base_output is None else base_output + adapter
+
+
+def vera_linear_reference(
+    x: torch.Tensor,
+    lambda_d: torch.Tensor,
+    lambda_b: torch.Tensor,
+    seed: int,
+    base_output: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Unfused ``vera_linear``: A and B materialized in x's dtype, plain autograd."""
+    proj_a, proj_b = vera_projections(
+        x.shape[-1], lambda_b.shape[0], lambda_d.shape[0], seed, dtype=x.dtype, device=x.device
+    )
+    return vera_linear_with_projections(x, lambda_d, lambda_b, proj_a, proj_b, base_output)
