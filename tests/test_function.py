@@ -14,6 +14,7 @@ SHAPES = [
     ((2, 3), 37, 53, 5),
     ((1,), 19, 7, 1),
     ((33,), 64, 40, 16),
+    ((2, 9), 45, 35, 20),  # r spans two 16-wide tiles
 ]
 SEED = 2**33 + 77
 
@@ -66,7 +67,9 @@ def test_gradcheck_float64(backend, device):
         for t in vera_inputs((2, 3), 37, 53, 5, dtype=torch.float64, device=device)
     )
     fn = lambda x, d, b, base: vk.vera_linear(x, d, b, SEED, base, backend=backend)  # noqa: E731
-    assert torch.autograd.gradcheck(fn, (x, d, b, base), eps=1e-6, atol=1e-7)
+    # fast_mode checks random Jacobian-vector products rather than every
+    # column: as strict per direction, and affordable in the Triton interpreter.
+    assert torch.autograd.gradcheck(fn, (x, d, b, base), eps=1e-6, atol=1e-7, fast_mode=True)
 
 
 def test_reference_gradcheck_float64():

@@ -51,6 +51,8 @@ class Backend:
         unavailable_on: ``device -> None`` when the backend can run on that
             device now, else a sentence saying why not.
         priority: lower wins when ``backend=None`` picks the fastest usable one.
+        auto_devices: device types on which ``backend=None`` may pick it
+            (``None``: all); e.g. Triton's CPU interpreter only when asked for.
     """
 
     name: str
@@ -58,6 +60,7 @@ class Backend:
     backward: BackwardFn
     unavailable_on: Callable[[torch.device], Optional[str]]
     priority: int
+    auto_devices: Optional[tuple] = None
 
 
 _BACKENDS: dict[str, Backend] = {}
@@ -87,7 +90,12 @@ def resolve_backend(requested: Optional[str], device: torch.device) -> str:
     """
     name = requested or os.environ.get(BACKEND_ENV_VAR) or None
     if name is None:
-        usable = [b for b in _BACKENDS.values() if b.unavailable_on(device) is None]
+        usable = [
+            b
+            for b in _BACKENDS.values()
+            if (b.auto_devices is None or device.type in b.auto_devices)
+            and b.unavailable_on(device) is None
+        ]
         if not usable:
             raise RuntimeError(f"no vera_kernels backend can run on {device}")
         return min(usable, key=lambda b: b.priority).name

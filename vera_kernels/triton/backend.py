@@ -1,0 +1,75 @@
+"""The ``triton`` backend: composes the fused kernels into VeRA's forward and backward.
+
+forward:  h = shrink(x, Aᵀ)                      (saved for backward)
+          y = expand(h ⊙ d, Bᵀ) ⊙ b + base
+backward: u, dd = shrink(g ⊙ b, B), Σ u ⊙ h       (only if dx or dd is needed)
+          dx = expand(u ⊙ d, A)
+          db = Σ_tokens g ⊙ expand(h ⊙ d, Bᵀ)      (z never stored)
+
+Which projection strategy a launch uses (kernels.py explains the trade-off):
+``VERA_KERNELS_TRITON_PROJECTIONS`` = ``generate`` | ``workspace`` | ``auto``
+(default: generate in registers up to GENERATE_MAX_TOKENS tokens, workspace
+above).
+"""
+
+import os
+
+import torch
+
+from ..projection import MATRICES, projection_bound
+from . import kernels
+from .philox import generate_projection
+
+STRATEGY_ENV_VAR = "VERA_KERNELS_TRITON_PROJECTIONS"
+STRATEGIES = ("auto", "generate", "workspace")
+# Up to this many tokens the in-register generation is regenerated for at
+# most a few BLOCK_M tiles, cheaper than an extra launch and a workspace.
+GENERATE_MAX_TOKENS = 4 * kernels.BLOCK_M
+
+
+def strategy_for(tokens: int) -> str:
+    """``"generate"`` or ``"workspace"`` for a launch over ``tokens`` rows."""
+    choice = os.environ.get(STRATEGY_ENV_VAR, "auto")
+    if choice not in STRATEGIES:
+        raise ValueError(f"{STRATEGY_ENV_VAR}={choice!r}: expected one of {STRATEGIES}")
+    if choice == "auto":
+        return "generate" if tokens <= GENERATE_MAX_TOKENS else "workspace"
+    return choice
+
+
+def _projection(matrix: str, rows: int, cols: int, key, like: torch.Tensor, strategy: str):
+    seed = key[0] | (key[1] << 32)
+    workspace = None
+    if strategy == "workspace":
+        workspace = generate_projection(matrix, rows, cols, seed, dtype=like.dtype, device=like.device)
+    return kernels.Projection(MATRICES[matrix], rows, cols, seed, projection_bound(cols), workspace)
+
+
+def forward(x, lambda_d, lambda_b, key, base):
+    strategy = strategy_for(x.shape[0])
+    r, in_features, out_features = lambda_d.shape[0], x.shape[1], lambda_b.shape[0]
+    proj_a = _projection("A", r, in_features, key, x, strategy)
+    proj_b = _projection("B", out_features, r, key, x, strategy)
+    h, _ = kernels.shrink(x, proj_a, stored_kr=False)
+    y = kernels.expand(h, lambda_d, proj_b, stored_rn=False, base=base, col_scale=lambda_b)
+    return y, h
+
+
+def backward(grad, h, lambda_d, lambda_b, key, in_features, need_dx, need_dd, need_db):
+    strategy = strategy_for(h.shape[0])
+    r, out_features = lambda_d.shape[0], lambda_b.shape[0]
+    proj_b = _projection("B", out_features, r, key, h, strategy)
+    dx = dd = db = None
+    if need_dx or need_dd:
+        u, dd_partial = kernels.shrink(
+            grad, proj_b, stored_kr=True, x_scale=lambda_b, h_for_dd=h if need_dd else None
+        )
+        if need_dd:
+            dd = dd_partial.sum(0).to(lambda_d.dtype)
+        if need_dx:
+            proj_a = _projection("A", r, in_features, key, h, strategy)
+            dx = kernels.expand(u, lambda_d, proj_a, stored_rn=True)
+    if need_db:
+        db = kernels.expand(h, lambda_d, proj_b, stored_rn=False, reduce_with=grad)
+        db = db.sum(0).to(lambda_b.dtype)
+    return dx, dd, db

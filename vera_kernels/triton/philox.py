@@ -1,0 +1,85 @@
+"""The projection spec (DESIGN.md §2) as a Triton tile generator, and a kernel that materializes it.
+
+``projection_tile`` is what every fused kernel calls to get a block of A or B
+in registers; ``generate_projection`` writes a whole matrix with it (the
+per-launch workspace, and the bit-exactness tests).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from ..projection import MATRICES, projection_bound
+
+
+@triton.jit
+def projection_tile(
+    seed,
+    bound,
+    row_start,
+    col_start,
+    STREAM: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_COLS: tl.constexpr,
+):
+    """float32 block ``[row_start : +BLOCK_ROWS, col_start : +BLOCK_COLS]`` of spec matrix STREAM.
+
+    Args:
+        seed: the 64-bit seed; ``tl.philox`` keys with (seed low word, seed high word).
+        bound: float32(sqrt(6 / cols)) of the whole matrix, computed on the host.
+        row_start, col_start: block origin; ``col_start`` must be a multiple of 4.
+        STREAM: 0 for A, 1 for B (counter word c2).
+        BLOCK_COLS: a multiple of 4; one Philox call yields four adjacent columns.
+
+    Elements past the matrix edge are finite garbage: callers mask the other
+    operand (or the store), never rely on zeros here.
+    """
+    GROUPS: tl.constexpr = BLOCK_COLS // 4
+    rows = (row_start + tl.arange(0, BLOCK_ROWS)).to(tl.uint32)
+    groups = (col_start // 4 + tl.arange(0, GROUPS)).to(tl.uint32)
+    c0 = tl.broadcast_to(groups[None, :], (BLOCK_ROWS, GROUPS))
+    c1 = tl.broadcast_to(rows[:, None], (BLOCK_ROWS, GROUPS))
+    zero = c0 * 0
+    w0, w1, w2, w3 = tl.philox(seed, c0, c1, zero + STREAM, zero)
+    # Column 4g + k takes word k: join twice gives [..., i, j] = word 2i + j.
+    words = tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), (BLOCK_ROWS, BLOCK_COLS))
+    v = (words >> 8).to(tl.float32) * 1.1920928955078125e-07 - 1.0  # 2^-23; exact
+    return v * bound
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _generate_kernel(
+    out_ptr,
+    stride_row,
+    stride_col,
+    n_rows,
+    n_cols,
+    seed,
+    bound,
+    STREAM: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_COLS: tl.constexpr,
+):
+    """Write spec matrix STREAM (n_rows x n_cols) into ``out_ptr``, rounded to its dtype."""
+    row_start = tl.program_id(0) * BLOCK_ROWS
+    col_start = tl.program_id(1) * BLOCK_COLS
+    tile = projection_tile(seed, bound, row_start, col_start, STREAM, BLOCK_ROWS, BLOCK_COLS)
+    rows = row_start + tl.arange(0, BLOCK_ROWS)
+    cols = col_start + tl.arange(0, BLOCK_COLS)
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    ptrs = out_ptr + rows[:, None].to(tl.int64) * stride_row + cols[None, :] * stride_col
+    tl.store(ptrs, tile.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def generate_projection(
+    matrix: str, rows: int, cols: int, seed: int, *, dtype: torch.dtype, device
+) -> torch.Tensor:
+    """``vk.projection`` computed by the Triton tile generator (bit-identical by the spec)."""
+    out = torch.empty(rows, cols, dtype=dtype, device=device)
+    block_rows, block_cols = 32, 64
+    grid = (triton.cdiv(rows, block_rows), triton.cdiv(cols, block_cols))
+    _generate_kernel[grid](
+        out, out.stride(0), out.stride(1), rows, cols, seed, projection_bound(cols),
+        STREAM=MATRICES[matrix], BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols,
+    )
+    return out
