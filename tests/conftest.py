@@ -15,7 +15,7 @@ def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(
-        reason="needs a CUDA GPU; this machine has none (run scripts/gpu_check.sh on one)"
+        reason="needs a CUDA GPU; this machine has none (run `pytest -m gpu` on one)"
     )
     for item in items:
         if "gpu" in item.keywords:

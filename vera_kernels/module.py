@@ -32,6 +32,10 @@ class VeRALinear(nn.Module):
         r: rank of the shared random projections.
         seed: int in [0, 2**64) choosing A and B; use one seed per model.
         d_initial: initial value of every entry of ``vera_lambda_d``.
+
+    Attributes:
+        backend: the ``vera_linear`` backend this layer uses; ``None`` (the
+            default) picks the fastest one for the input's device.
     """
 
     def __init__(
@@ -70,6 +74,7 @@ class VeRALinear(nn.Module):
         self.r = r
         self.seed = seed
         self.merged = False
+        self.backend = None
         weight = base.weight
         self.vera_lambda_d = nn.Parameter(
             torch.full((r,), float(d_initial), device=weight.device, dtype=weight.dtype)
@@ -100,6 +105,7 @@ class VeRALinear(nn.Module):
             self.vera_lambda_b.to(x.dtype),
             self.seed,
             base,
+            backend=self.backend,
         )
 
     @torch.no_grad()

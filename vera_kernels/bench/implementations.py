@@ -1,0 +1,122 @@
+"""The layers vera-bench compares, all with the same frozen base nn.Linear.
+
+* ``ours-<backend>``: ``VeRALinear`` forced onto one of our backends.
+* ``unfused``: PEFT's formula with A and B stored as buffers, plain autograd.
+* ``peft``: PEFT's own VeRA layer (``get_peft_model`` with ``VeraConfig``,
+  default configuration), when peft is installed.
+* ``base``: the frozen nn.Linear alone, to express VeRA's overhead.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+import torch
+from torch import nn
+
+from ..module import VeRALinear
+from ..reference import vera_linear_with_projections, vera_projections
+
+PROJECTION_STRATEGY = {
+    "unfused": "stored A, B",
+    "peft": "stored A, B",
+    "base": "-",
+    "ours-torch": "cached A, B",
+}
+
+
+@dataclass
+class Case:
+    """One benchmark configuration."""
+
+    in_features: int
+    out_features: int
+    tokens: int
+    r: int
+    dtype: torch.dtype
+    device: torch.device
+    seed: int = 0
+
+
+class UnfusedVeRA(nn.Module):
+    """PEFT's formula with A and B materialized once and stored as buffers."""
+
+    def __init__(self, base: nn.Linear, r: int, seed: int):
+        super().__init__()
+        self.base_layer = base
+        weight = base.weight
+        proj_a, proj_b = vera_projections(
+            base.in_features, base.out_features, r, seed, dtype=weight.dtype, device=weight.device
+        )
+        self.register_buffer("vera_A", proj_a)
+        self.register_buffer("vera_B", proj_b)
+        self.vera_lambda_d = nn.Parameter(torch.full((r,), 0.1, dtype=weight.dtype, device=weight.device))
+        self.vera_lambda_b = nn.Parameter(torch.zeros(base.out_features, dtype=weight.dtype, device=weight.device))
+
+    def forward(self, x):
+        return vera_linear_with_projections(
+            x, self.vera_lambda_d, self.vera_lambda_b, self.vera_A, self.vera_B, self.base_layer(x)
+        )
+
+
+def peft_available() -> bool:
+    return importlib.util.find_spec("peft") is not None
+
+
+def _peft_layer(base: nn.Linear, case: Case) -> nn.Module:
+    from peft import VeraConfig, get_peft_model
+
+    model = get_peft_model(nn.Sequential(base), VeraConfig(r=case.r, target_modules=["0"]))
+    return model.to(case.dtype)
+
+
+def _nonzero_vectors(layer: nn.Module) -> None:
+    # b = 0 at init would let a backend skip work; benchmark a trained state.
+    with torch.no_grad():
+        for name, p in layer.named_parameters():
+            if "lambda_b" in name:
+                p.fill_(0.01)
+
+
+def make_layer(name: str, case: Case) -> nn.Module:
+    """A fresh layer of implementation ``name`` for ``case`` (same base weights for all)."""
+    gen = torch.Generator().manual_seed(1234)
+    base = nn.Linear(case.in_features, case.out_features, bias=True)
+    with torch.no_grad():
+        base.weight.copy_(torch.randn(base.weight.shape, generator=gen) * case.in_features**-0.5)
+        base.bias.zero_()
+    base = base.to(device=case.device, dtype=case.dtype).requires_grad_(False)
+    if name == "base":
+        return base
+    if name == "unfused":
+        layer = UnfusedVeRA(base, case.r, case.seed)
+    elif name == "peft":
+        layer = _peft_layer(base, case)
+    elif name.startswith("ours-"):
+        layer = VeRALinear.from_linear(base, case.r, seed=case.seed)
+        layer.backend = name.removeprefix("ours-")
+    else:
+        raise ValueError(f"unknown implementation {name!r}")
+    _nonzero_vectors(layer)
+    return layer
+
+
+def strategy(name: str, case: Case) -> str:
+    """How implementation ``name`` obtains A and B for ``case``."""
+    if name == "ours-triton":
+        from ..triton.backend import strategy_for
+
+        return f"{strategy_for(case.tokens)} (Philox in-kernel)"
+    return PROJECTION_STRATEGY.get(name, "-")
+
+
+def generation_int_ops(name: str, case: Case) -> int:
+    """Integer ops spent on Philox per forward (DESIGN.md §5: ~25 per element)."""
+    if name != "ours-triton":
+        return 0  # generated once and kept (cached / stored)
+    from ..triton.backend import strategy_for
+    from ..triton.kernels import BLOCK_M
+
+    elements = case.r * (case.in_features + case.out_features)
+    passes = 1 if strategy_for(case.tokens) == "workspace" else -(-case.tokens // BLOCK_M)
+    return 25 * elements * passes
