@@ -41,7 +41,7 @@ def ensure_env(extra: str) -> Path:
         print(f"creating {VENV}", flush=True)
         venv.create(VENV, with_pip=True)
     py = _python()
-    _run(py, "-m", "pip", "install", "-q", "--upgrade", "pip", "setuptools>=64", "wheel")
+    _run(py, "-m", "pip", "install", "-q", "--upgrade", "pip", "setuptools>=77", "wheel")
     # torch first: setup.py imports it to build the optional CUDA extension,
     # so the package is installed without build isolation.
     _run(py, "-m", "pip", "install", "-q", "torch>=2.6")

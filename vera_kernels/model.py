@@ -7,10 +7,11 @@ from typing import Iterator, Union
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from .module import VeRALinear
 
-__all__ = ["apply_vera", "vera_layers", "vera_state_dict", "load_vera_state_dict"]
+__all__ = ["apply_vera", "unwrap", "vera_layers", "vera_state_dict", "load_vera_state_dict"]
 
 CONFIG_KEY = "vera_config"
 
@@ -23,11 +24,37 @@ def _matches(name: str, target_modules: Union[str, list[str], tuple[str, ...]]) 
     return any(name == t or name.endswith("." + t) for t in target_modules)
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's model inside DDP / torch.compile wrappers (which prefix its names).
+
+    FSDP2's ``fully_shard`` works in place and needs no unwrapping.
+    """
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod  # torch.compile's OptimizedModule
+        else:
+            return model
+
+
 def vera_layers(model: nn.Module) -> Iterator[tuple[str, VeRALinear]]:
-    """(qualified name, module) for every VeRALinear in ``model``."""
-    for name, module in model.named_modules():
+    """(qualified name, module) for every VeRALinear in ``model`` (wrappers unwrapped)."""
+    for name, module in unwrap(model).named_modules():
         if isinstance(module, VeRALinear):
             yield name, module
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    # FSDP2 shards parameters as DTensors; the adapter file holds whole vectors.
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _copy_into(param: torch.Tensor, value: torch.Tensor) -> None:
+    value = value.to(device=param.device, dtype=param.dtype)
+    if isinstance(param, DTensor):
+        value = distribute_tensor(value, param.device_mesh, param.placements)
+    param.copy_(value)
 
 
 def apply_vera(
@@ -96,13 +123,16 @@ def vera_state_dict(model: nn.Module) -> dict:
 
     Keys are ``"<layer>.vera_lambda_d"`` / ``"<layer>.vera_lambda_b"`` (tensors)
     and ``"vera_config"``: ``{layer: {"seed", "r", "in_features", "out_features"}}``.
-    Suitable for ``torch.save`` (and ``torch.load(weights_only=True)``).
+    Suitable for ``torch.save`` (and ``torch.load(weights_only=True)``). Layer
+    names are those of the unwrapped model, so a checkpoint taken under DDP or
+    FSDP2 (whole vectors, gathered; a collective there, so call it on every
+    rank) loads into a plain single-process model.
     """
     state: dict = {}
     config = {}
     for name, layer in vera_layers(model):
-        state[f"{name}.vera_lambda_d"] = layer.vera_lambda_d.detach()
-        state[f"{name}.vera_lambda_b"] = layer.vera_lambda_b.detach()
+        state[f"{name}.vera_lambda_d"] = _full(layer.vera_lambda_d.detach())
+        state[f"{name}.vera_lambda_b"] = _full(layer.vera_lambda_b.detach())
         config[name] = _layer_config(layer)
     if not config:
         raise ValueError("model has no VeRALinear layers")
@@ -133,5 +163,5 @@ def load_vera_state_dict(model: nn.Module, state_dict: dict) -> None:
             )
     with torch.no_grad():
         for name, layer in layers.items():
-            layer.vera_lambda_d.copy_(state_dict[f"{name}.vera_lambda_d"])
-            layer.vera_lambda_b.copy_(state_dict[f"{name}.vera_lambda_b"])
+            _copy_into(layer.vera_lambda_d, state_dict[f"{name}.vera_lambda_d"])
+            _copy_into(layer.vera_lambda_b, state_dict[f"{name}.vera_lambda_b"])

@@ -1,0 +1,71 @@
+"""Worker side of the 2-process tests: train a small VeRA model under DDP or FSDP2 (gloo, CPU)."""
+
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import vera_kernels as vk
+
+WORLD = 2
+STEPS = 5
+TARGETS = ["0", "2"]
+
+
+def build_model() -> nn.Module:
+    """The same model and adapter init on every rank and in the single-process run."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 16), nn.Tanh(), nn.Linear(16, 6))
+    vk.apply_vera(model, TARGETS, r=4, seed=2**33 + 1)
+    with torch.no_grad():  # b = 0 would leave d without gradient on the first step
+        for name, p in model.named_parameters():
+            if "vera_lambda_b" in name:
+                p.fill_(0.05)
+    return model
+
+
+def batches():
+    """(inputs, targets) of the whole batch, and an evaluation input."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(8 * WORLD, 10, generator=gen)
+    return x, torch.randn(8 * WORLD, 6, generator=gen), torch.randn(5, 10, generator=gen)
+
+
+def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(STEPS):
+        loss = nn.functional.mse_loss(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def run(rank: int, port: int, mode: str, out_dir: str) -> None:
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group(
+        "gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60)
+    )
+    try:
+        model = build_model()
+        if mode == "ddp":
+            wrapped = nn.parallel.DistributedDataParallel(model)
+        else:
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.fsdp import fully_shard
+
+            mesh = init_device_mesh("cpu", (WORLD,))
+            for name in TARGETS:
+                fully_shard(model.get_submodule(name), mesh=mesh)
+            wrapped = fully_shard(model, mesh=mesh)
+        x, y, x_eval = batches()
+        shard = slice(rank * 8, (rank + 1) * 8)
+        train(wrapped, x[shard], y[shard])
+        state = vk.vera_state_dict(wrapped)  # a collective under FSDP2: every rank calls it
+        with torch.no_grad():
+            out = wrapped(x_eval)
+        torch.save({"state": state, "out": out}, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()

@@ -1,0 +1,83 @@
+"""VeRA layers under DDP and FSDP2: 2 CPU processes with gloo on loopback.
+
+Only the vectors travel between ranks (A and B follow from the seed), so
+training must give every rank the same vectors, equal to single-process
+training on the concatenated batches, and the adapter checkpoint must load
+into a plain model.
+"""
+
+import socket
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import vera_kernels as vk
+from distributed_worker import TARGETS, WORLD, batches, build_model, run, train
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
+
+TIMEOUT_S = 180
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run_ranks(mode: str, out_dir) -> list:
+    ctx = mp.start_processes(
+        run, args=(_free_port(), mode, str(out_dir)), nprocs=WORLD, join=False, start_method="spawn"
+    )
+    deadline = time.monotonic() + TIMEOUT_S
+    try:
+        while not ctx.join(timeout=1):
+            if time.monotonic() > deadline:
+                pytest.fail(f"{mode} ranks did not finish within {TIMEOUT_S} s")
+    finally:
+        for proc in ctx.processes:
+            if proc.is_alive():
+                proc.terminate()
+    return [torch.load(out_dir / f"rank{rank}.pt", weights_only=True) for rank in range(WORLD)]
+
+
+def _single_process():
+    model = build_model()
+    x, y, x_eval = batches()
+    train(model, x, y)
+    return model, x_eval
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_two_ranks_match_single_process(mode, tmp_path):
+    results = _run_ranks(mode, tmp_path)
+    reference, x_eval = _single_process()
+    expected = vk.vera_state_dict(reference)
+    states = [r["state"] for r in results]
+    vector_keys = [k for k in expected if k != "vera_config"]
+    assert len(vector_keys) == 2 * len(TARGETS)
+    for key in vector_keys:
+        # identical on both ranks (they were synchronized, not just similar) ...
+        assert torch.equal(states[0][key], states[1][key]), key
+        # ... and what one process computes on the whole batch
+        torch.testing.assert_close(states[0][key], expected[key], rtol=1e-5, atol=1e-6)
+    assert states[0]["vera_config"] == expected["vera_config"]
+    # Training moved the vectors: the comparison above is not of initial values.
+    assert not torch.allclose(expected[vector_keys[1]], build_model().state_dict()[vector_keys[1]])
+
+    # The checkpoint from the ranks loads into a plain single-process model.
+    fresh = build_model()
+    vk.load_vera_state_dict(fresh, states[0])
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x_eval), results[0]["out"], rtol=1e-5, atol=1e-6)
+
+
+def test_ddp_syncs_only_the_vectors():
+    # What DDP all-reduces is what requires grad: the vectors, nothing else.
+    model = build_model()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {f"{t}.vera_lambda_{v}" for t in TARGETS for v in "db"}
+    assert list(model.buffers()) == []  # no projection buffers to broadcast
