@@ -5,7 +5,7 @@
     python3 scripts/run.py test  [pytest args...]       # the test suite
 
 Needs only Python >= 3.9 with pip. The environment is rebuilt when
-pyproject.toml or setup.py change; VERA_VENV chooses another location.
+pyproject.toml, setup.py or csrc/ change; VERA_VENV chooses another location.
 """
 
 import hashlib
@@ -24,6 +24,14 @@ def _python() -> Path:
     return VENV / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
 
 
+def _cuda_environment() -> None:
+    # torch derives CUDA_HOME from `which nvcc`, which can be a wrapper outside
+    # the toolkit; point it at the toolkit so setup.py can build the extension.
+    default = Path("/usr/local/cuda")
+    if "CUDA_HOME" not in os.environ and (default / "include" / "cuda_runtime_api.h").exists():
+        os.environ["CUDA_HOME"] = str(default)
+
+
 def _run(*cmd) -> None:
     print("+", " ".join(str(c) for c in cmd), flush=True)
     subprocess.check_call([str(c) for c in cmd], cwd=ROOT)
@@ -32,8 +40,9 @@ def _run(*cmd) -> None:
 def ensure_env(extra: str) -> Path:
     """Create the venv and install the package with ``extra`` unless already done."""
     digest = hashlib.sha256()
-    for name in ("pyproject.toml", "setup.py"):
-        digest.update((ROOT / name).read_bytes())
+    # setup.py builds the CUDA extension from csrc/, so its sources count too.
+    for path in [ROOT / "pyproject.toml", ROOT / "setup.py", *sorted((ROOT / "csrc").glob("*"))]:
+        digest.update(path.read_bytes())
     stamp = VENV / f".installed-{extra}-{digest.hexdigest()[:16]}"
     if stamp.exists():
         return _python()
@@ -55,6 +64,7 @@ def main(argv: list) -> int:
         print(__doc__, file=sys.stderr)
         return 2
     job, args = argv[0], argv[1:]
+    _cuda_environment()
     py = ensure_env(EXTRAS[job])
     if job == "bench":
         cmd = [py, "-m", "vera_kernels.bench", *args]

@@ -6,6 +6,7 @@ regenerated from a seed (Philox4x32-10, see DESIGN.md §2) instead of stored.
 
 from . import torch_backend  # noqa: F401  (registers the "torch" backend)
 from . import triton as _triton_backend  # noqa: F401  (registers "triton"; kernels load lazily)
+from . import cuda as _cuda_backend  # noqa: F401  (registers "cuda"; the extension loads lazily)
 from .function import vera_linear
 from .model import apply_vera, load_vera_state_dict, vera_state_dict
 from .module import VeRALinear

@@ -6,35 +6,20 @@ backward: u, dd = shrink(g ⊙ b, B), Σ u ⊙ h       (only if dx or dd is need
           dx = expand(u ⊙ d, A)
           db = Σ_tokens g ⊙ expand(h ⊙ d, Bᵀ)      (z never stored)
 
-Which projection strategy a launch uses (kernels.py explains the trade-off):
-``VERA_KERNELS_TRITON_PROJECTIONS`` = ``generate`` | ``workspace`` | ``auto``
-(default: generate in registers up to GENERATE_MAX_TOKENS tokens, workspace
-above).
+Which projection strategy a launch uses: ``vera_kernels.strategy``.
 """
-
-import os
 
 import torch
 
+from .. import strategy
 from ..projection import MATRICES, projection_bound
 from . import kernels
 from .philox import generate_projection
 
-STRATEGY_ENV_VAR = "VERA_KERNELS_TRITON_PROJECTIONS"
-STRATEGIES = ("auto", "generate", "workspace")
-# Up to this many tokens the in-register generation is regenerated for at
-# most a few BLOCK_M tiles, cheaper than an extra launch and a workspace.
-GENERATE_MAX_TOKENS = 4 * kernels.BLOCK_M
-
 
 def strategy_for(tokens: int) -> str:
     """``"generate"`` or ``"workspace"`` for a launch over ``tokens`` rows."""
-    choice = os.environ.get(STRATEGY_ENV_VAR, "auto")
-    if choice not in STRATEGIES:
-        raise ValueError(f"{STRATEGY_ENV_VAR}={choice!r}: expected one of {STRATEGIES}")
-    if choice == "auto":
-        return "generate" if tokens <= GENERATE_MAX_TOKENS else "workspace"
-    return choice
+    return strategy.strategy_for(tokens, kernels.BLOCK_M)
 
 
 def _projection(matrix: str, rows: int, cols: int, key, like: torch.Tensor, strategy: str):

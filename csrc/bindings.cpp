@@ -1,0 +1,242 @@
+// torch bindings of the CUDA kernels: the `vera_kernels_cuda` op library.
+//
+//   forward(x, lambda_d, lambda_b, key0, key1, base?, generate) -> (y, h)
+//   backward(grad, h, lambda_d, lambda_b, key0, key1, in_features, generate,
+//            need_dx, need_dd, need_db) -> (dx, dd, db)   (empty when not needed)
+//   projection(matrix, rows, cols, key0, key1, like) -> Tensor
+//
+// The composition mirrors vera_kernels/triton/backend.py; the kernels are in
+// vera_kernels.cu. Everything runs on the current CUDA stream.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <optional>
+#include <tuple>
+
+#include "vera_kernels.h"
+
+namespace {
+
+using at::Tensor;
+
+constexpr int kMatrixA = 0;
+constexpr int kMatrixB = 1;
+
+vera::DType dtype_of(const Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kHalf: return vera::DType::kHalf;
+    case at::kBFloat16: return vera::DType::kBFloat16;
+    case at::kFloat: return vera::DType::kFloat;
+    case at::kDouble: return vera::DType::kDouble;
+    default:
+      TORCH_CHECK(false, "vera_kernels cuda backend: unsupported dtype ", t.scalar_type(),
+                  "; expected float16, bfloat16, float32 or float64");
+  }
+}
+
+void check(cudaError_t err, const char* what) {
+  TORCH_CHECK(err == cudaSuccess, "vera_kernels cuda backend: ", what, " failed: ",
+              cudaGetErrorString(err));
+}
+
+void check_input(const Tensor& t, const char* name, const Tensor& x, int64_t dims) {
+  TORCH_CHECK(t.is_cuda(), "vera_kernels cuda backend: ", name, " must be a CUDA tensor");
+  TORCH_CHECK(t.device() == x.device(), "vera_kernels cuda backend: ", name, " is on ",
+              t.device(), " but x is on ", x.device());
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), "vera_kernels cuda backend: ", name,
+              " has dtype ", t.scalar_type(), " but x has ", x.scalar_type());
+  TORCH_CHECK(t.dim() == dims, "vera_kernels cuda backend: ", name, " must be ", dims, "-D");
+}
+
+uint32_t key_word(int64_t key, const char* name) {
+  TORCH_CHECK(key >= 0 && key <= 0xFFFFFFFFLL, "vera_kernels cuda backend: ", name,
+              " must be a 32-bit word");
+  return static_cast<uint32_t>(key);
+}
+
+float bound_for(int64_t fan) {
+  return static_cast<float>(std::sqrt(6.0 / static_cast<double>(fan)));
+}
+
+// The spec matrix `matrix` (rows x cols) in like's dtype, on like's device.
+Tensor materialize(int64_t matrix, int64_t rows, int64_t cols, uint32_t key0, uint32_t key1,
+                   const Tensor& like) {
+  Tensor out = at::empty({rows, cols}, like.options());
+  check(vera::generate_projection(dtype_of(like), out.data_ptr(), rows, cols, key0, key1,
+                                  bound_for(cols), static_cast<int>(matrix),
+                                  c10::cuda::getCurrentCUDAStream()),
+        "projection generation");
+  return out;
+}
+
+// A projection as a kernel source. The workspace (kept alive by the caller)
+// is generated once per launch unless the kernels generate tiles themselves.
+struct Projection {
+  Tensor workspace;
+  vera::ProjectionSource source;
+};
+
+Projection projection(int matrix, int64_t rows, int64_t cols, uint32_t key0, uint32_t key1,
+                      bool generate, const Tensor& like) {
+  Projection p;
+  p.source = {nullptr, 0, 0, key0, key1, bound_for(cols), matrix};
+  if (!generate) {
+    p.workspace = materialize(matrix, rows, cols, key0, key1, like);
+    p.source.workspace = p.workspace.data_ptr();
+    p.source.stride_row = p.workspace.stride(0);
+    p.source.stride_col = p.workspace.stride(1);
+  }
+  return p;
+}
+
+vera::GemmParams gemm_params(const Tensor& x, const Tensor* x_scale, const Projection& proj,
+                             bool transposed, int64_t n) {
+  vera::GemmParams p = {};
+  p.x = x.data_ptr();
+  p.stride_xm = x.stride(0);
+  p.stride_xk = x.stride(1);
+  p.x_scale = x_scale != nullptr ? x_scale->data_ptr() : nullptr;
+  p.proj = proj.source;
+  p.transposed = transposed;
+  p.M = x.size(0);
+  p.K = x.size(1);
+  p.N = n;
+  p.epilogue = vera::Epilogue::kStore;
+  return p;
+}
+
+void set_out(vera::GemmParams& p, const Tensor& out) {
+  p.out = out.data_ptr();
+  p.stride_om = out.stride(0);
+  p.stride_on = out.stride(1);
+}
+
+void set_reduction(vera::GemmParams& p, const Tensor& aux, const Tensor& partial) {
+  p.aux = aux.data_ptr();
+  p.stride_am = aux.stride(0);
+  p.stride_an = aux.stride(1);
+  p.partial = partial.data_ptr();
+}
+
+Tensor partial_buffer(int64_t m, int64_t n, const Tensor& like) {
+  const auto acc = like.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  return at::empty({(m + vera::kBlockM - 1) / vera::kBlockM, n}, like.options().dtype(acc));
+}
+
+void run(const Tensor& like, const vera::GemmParams& p, const char* what) {
+  check(vera::gemm(dtype_of(like), p, c10::cuda::getCurrentCUDAStream()), what);
+}
+
+std::tuple<Tensor, Tensor> vera_forward(const Tensor& x_in, const Tensor& lambda_d_in,
+                                        const Tensor& lambda_b_in, int64_t key0, int64_t key1,
+                                        const std::optional<Tensor>& base, bool generate) {
+  TORCH_CHECK(x_in.is_cuda() && x_in.dim() == 2,
+              "vera_kernels cuda backend: x must be a 2-D CUDA tensor");
+  check_input(lambda_d_in, "lambda_d", x_in, 1);
+  check_input(lambda_b_in, "lambda_b", x_in, 1);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const Tensor lambda_d = lambda_d_in.contiguous(), lambda_b = lambda_b_in.contiguous();
+  const uint32_t k0 = key_word(key0, "key0"), k1 = key_word(key1, "key1");
+  const int64_t m = x_in.size(0), in = x_in.size(1), r = lambda_d.size(0), out = lambda_b.size(0);
+
+  const Projection a = projection(kMatrixA, r, in, k0, k1, generate, x_in);
+  const Projection b = projection(kMatrixB, out, r, k0, k1, generate, x_in);
+
+  Tensor h = at::empty({m, r}, x_in.options());
+  vera::GemmParams p = gemm_params(x_in, nullptr, a, /*transposed=*/true, r);
+  set_out(p, h);
+  run(x_in, p, "forward h = x A^T");
+
+  Tensor y = at::empty({m, out}, x_in.options());
+  p = gemm_params(h, &lambda_d, b, /*transposed=*/true, out);
+  set_out(p, y);
+  p.out_scale = lambda_b.data_ptr();
+  if (base.has_value()) {
+    check_input(*base, "base", x_in, 2);
+    p.base = base->data_ptr();
+    p.stride_bm = base->stride(0);
+    p.stride_bn = base->stride(1);
+  }
+  run(x_in, p, "forward y = (d h) B^T b + base");
+  return {y, h};
+}
+
+std::tuple<Tensor, Tensor, Tensor> vera_backward(const Tensor& grad, const Tensor& h,
+                                                 const Tensor& lambda_d_in,
+                                                 const Tensor& lambda_b_in, int64_t key0,
+                                                 int64_t key1, int64_t in_features, bool generate,
+                                                 bool need_dx, bool need_dd, bool need_db) {
+  TORCH_CHECK(h.is_cuda() && h.dim() == 2, "vera_kernels cuda backend: h must be a 2-D CUDA tensor");
+  check_input(grad, "grad", h, 2);
+  check_input(lambda_d_in, "lambda_d", h, 1);
+  check_input(lambda_b_in, "lambda_b", h, 1);
+  const c10::cuda::CUDAGuard guard(h.device());
+  const Tensor lambda_d = lambda_d_in.contiguous(), lambda_b = lambda_b_in.contiguous();
+  const uint32_t k0 = key_word(key0, "key0"), k1 = key_word(key1, "key1");
+  const int64_t m = h.size(0), r = lambda_d.size(0), out = lambda_b.size(0);
+  const Projection b = projection(kMatrixB, out, r, k0, k1, generate, h);
+
+  Tensor dx = h.new_empty({0}), dd = h.new_empty({0}), db = h.new_empty({0});
+  if (need_dx || need_dd) {
+    // u = (g ⊙ b) B, and dd = Σ_tokens u ⊙ h in the same pass.
+    Tensor u = at::empty({m, r}, h.options());
+    vera::GemmParams p = gemm_params(grad, &lambda_b, b, /*transposed=*/false, r);
+    set_out(p, u);
+    Tensor partial;
+    if (need_dd) {
+      partial = partial_buffer(m, r, h);
+      set_reduction(p, h, partial);
+      p.epilogue = vera::Epilogue::kStoreReduceAux;
+    }
+    run(h, p, "backward u = (g b) B");
+    if (need_dd) dd = partial.sum(0).to(lambda_d.scalar_type());
+    if (need_dx) {
+      const Projection a = projection(kMatrixA, r, in_features, k0, k1, generate, h);
+      dx = at::empty({m, in_features}, h.options());
+      p = gemm_params(u, &lambda_d, a, /*transposed=*/false, in_features);
+      set_out(p, dx);
+      run(h, p, "backward dx = (d u) A");
+    }
+  }
+  if (need_db) {
+    // db = Σ_tokens g ⊙ z with z = (d ⊙ h) Bᵀ consumed in registers.
+    Tensor partial = partial_buffer(m, out, h);
+    vera::GemmParams p = gemm_params(h, &lambda_d, b, /*transposed=*/true, out);
+    set_reduction(p, grad, partial);
+    p.epilogue = vera::Epilogue::kReduceAux;
+    run(h, p, "backward db");
+    db = partial.sum(0).to(lambda_b.scalar_type());
+  }
+  return {dx, dd, db};
+}
+
+Tensor vera_projection(int64_t matrix, int64_t rows, int64_t cols, int64_t key0, int64_t key1,
+                       const Tensor& like) {
+  TORCH_CHECK(matrix == kMatrixA || matrix == kMatrixB,
+              "vera_kernels cuda backend: matrix must be 0 (A) or 1 (B)");
+  TORCH_CHECK(rows > 0 && cols > 0, "vera_kernels cuda backend: rows and cols must be positive");
+  const c10::cuda::CUDAGuard guard(like.device());
+  return materialize(matrix, rows, cols, key_word(key0, "key0"), key_word(key1, "key1"), like);
+}
+
+}  // namespace
+
+TORCH_LIBRARY(vera_kernels_cuda, m) {
+  m.def(
+      "forward(Tensor x, Tensor lambda_d, Tensor lambda_b, int key0, int key1, Tensor? base, "
+      "bool generate) -> (Tensor, Tensor)");
+  m.def(
+      "backward(Tensor grad, Tensor h, Tensor lambda_d, Tensor lambda_b, int key0, int key1, "
+      "int in_features, bool generate, bool need_dx, bool need_dd, bool need_db) "
+      "-> (Tensor, Tensor, Tensor)");
+  m.def("projection(int matrix, int rows, int cols, int key0, int key1, Tensor like) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(vera_kernels_cuda, CUDA, m) {
+  m.impl("forward", &vera_forward);
+  m.impl("backward", &vera_backward);
+  m.impl("projection", &vera_projection);
+}

@@ -1,0 +1,256 @@
+// CUDA kernels of the `cuda` backend: one tiled GEMM shape serves every VeRA
+// product (as the Triton kernels do, see vera_kernels/triton/kernels.py):
+//
+//   forward   h  = x Aᵀ                 T = Aᵀ   (transposed)
+//             y  = (h ⊙ d) Bᵀ ⊙ b + base T = Bᵀ   (transposed)
+//   backward  u  = (g ⊙ b) B, dd = Σ u⊙h T = B
+//             dx = (u ⊙ d) A             T = A
+//             db = Σ g ⊙ ((h ⊙ d) Bᵀ)    T = Bᵀ, nothing stored
+//
+// A 256-thread block owns a 64 x 64 output tile and walks K in steps of 16.
+// Each step it fills a 16 x 64 tile of T in shared memory, generated from the
+// seed (one Philox call per four elements, reused by all 64 token rows of the
+// block) or loaded from a per-launch workspace (reuse across all tokens; the
+// host picks, see DESIGN.md §5), then every thread accumulates 4 x 4 outputs
+// in fp32 (fp64 for double). SIMT FMAs, no tensor cores: this is the fallback
+// for machines without Triton. Token reductions are per-block partial rows
+// summed in a fixed order: deterministic, no atomics. No torch headers here.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include "philox.cuh"
+#include "vera_kernels.h"
+
+namespace vera {
+namespace {
+
+constexpr int kBlockN = 64;
+constexpr int kBlockK = 16;
+constexpr int kThreads = 256;  // 16 x 16, each owning 4 x 4 outputs
+
+template <typename T>
+struct Acc {
+  using type = float;
+};
+template <>
+struct Acc<double> {
+  using type = double;
+};
+
+__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_acc(float v) { return v; }
+__device__ __forceinline__ double to_acc(double v) { return v; }
+
+template <typename T>
+__device__ __forceinline__ T from_acc(typename Acc<T>::type v);
+template <>
+__device__ __forceinline__ __half from_acc<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+template <>
+__device__ __forceinline__ float from_acc<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ double from_acc<double>(double v) { return v; }
+
+// A projection value as the compute dtype sees it: rounded to T (RNE).
+template <typename T>
+__device__ __forceinline__ typename Acc<T>::type rounded(float value) {
+  return to_acc(from_acc<T>(static_cast<typename Acc<T>::type>(value)));
+}
+
+// Fill tile[kk][nn] = T(k0 + kk, n0 + nn). Out-of-range entries are finite
+// garbage when generated (the x tile is zero there, or the output is not
+// stored) and zero when loaded.
+template <typename T>
+__device__ void fill_projection_tile(typename Acc<T>::type (*tile)[kBlockN],
+                                     const GemmParams& p, int64_t k0, int64_t n0) {
+  const int t = threadIdx.x;
+  const ProjectionSource& src = p.proj;
+  if (src.workspace == nullptr) {
+    if (p.transposed) {
+      // P row = n, P columns = k .. k+3: one Philox call fills four kk.
+      const int nn = t % kBlockN, q = t / kBlockN;  // 64 x 4 groups
+      const PhiloxWords w = projection_words(src.stream, static_cast<uint32_t>(n0 + nn),
+                                             static_cast<uint32_t>(k0 / 4 + q), src.key0, src.key1);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) tile[4 * q + i][nn] = rounded<T>(projection_value(w.w[i], src.bound));
+    } else {
+      // P row = k, P columns = n .. n+3: one Philox call fills four nn.
+      const int kk = t / (kBlockN / 4), q = t % (kBlockN / 4);  // 16 x 16 groups
+      const PhiloxWords w = projection_words(src.stream, static_cast<uint32_t>(k0 + kk),
+                                             static_cast<uint32_t>(n0 / 4 + q), src.key0, src.key1);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) tile[kk][4 * q + i] = rounded<T>(projection_value(w.w[i], src.bound));
+    }
+    return;
+  }
+  const T* ws = static_cast<const T*>(src.workspace);
+#pragma unroll
+  for (int i = 0; i < (kBlockK * kBlockN) / kThreads; ++i) {
+    const int idx = t + i * kThreads;
+    const int kk = idx / kBlockN, nn = idx % kBlockN;
+    const int64_t k = k0 + kk, n = n0 + nn;
+    typename Acc<T>::type v = 0;
+    if (k < p.K && n < p.N) {
+      const int64_t row = p.transposed ? n : k, col = p.transposed ? k : n;
+      v = to_acc(ws[row * src.stride_row + col * src.stride_col]);
+    }
+    tile[kk][nn] = v;
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) gemm_kernel(const GemmParams p) {
+  using AccT = typename Acc<T>::type;
+  __shared__ AccT x_tile[kBlockK][kBlockM];  // transposed: x_tile[kk][mm]
+  __shared__ AccT t_tile[kBlockK][kBlockN];
+  __shared__ AccT reduce[kThreads / 16][kBlockN];
+
+  const T* x = static_cast<const T*>(p.x);
+  const T* x_scale = static_cast<const T*>(p.x_scale);
+  const int t = threadIdx.x, ty = t / 16, tx = t % 16;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kBlockM;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kBlockN;
+
+  AccT acc[4][4] = {};
+  for (int64_t k0 = 0; k0 < p.K; k0 += kBlockK) {
+#pragma unroll
+    for (int i = 0; i < (kBlockM * kBlockK) / kThreads; ++i) {
+      const int idx = t + i * kThreads;
+      const int mm = idx / kBlockK, kk = idx % kBlockK;
+      const int64_t m = m0 + mm, k = k0 + kk;
+      AccT v = 0;
+      if (m < p.M && k < p.K) {
+        v = to_acc(x[m * p.stride_xm + k * p.stride_xk]);
+        if (x_scale != nullptr) v = to_acc(from_acc<T>(v * to_acc(x_scale[k])));
+      }
+      x_tile[kk][mm] = v;
+    }
+    fill_projection_tile<T>(t_tile, p, k0, n0);
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < kBlockK; ++kk) {
+      AccT a[4], b[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) a[i] = x_tile[kk][ty * 4 + i];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) b[j] = t_tile[kk][tx * 4 + j];
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc[i][j] += a[i] * b[j];
+    }
+    __syncthreads();
+  }
+
+  if (p.epilogue != Epilogue::kReduceAux) {
+    T* out = static_cast<T*>(p.out);
+    const T* out_scale = p.epilogue == Epilogue::kStore ? static_cast<const T*>(p.out_scale) : nullptr;
+    const T* base = p.epilogue == Epilogue::kStore ? static_cast<const T*>(p.base) : nullptr;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int64_t m = m0 + ty * 4 + i;
+      if (m >= p.M) continue;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int64_t n = n0 + tx * 4 + j;
+        if (n >= p.N) continue;
+        AccT v = acc[i][j];
+        if (out_scale != nullptr) v *= to_acc(out_scale[n]);
+        if (base != nullptr) v += to_acc(base[m * p.stride_bm + n * p.stride_bn]);
+        out[m * p.stride_om + n * p.stride_on] = from_acc<T>(v);
+      }
+    }
+  }
+  if (p.epilogue == Epilogue::kStore) return;
+
+  // Σ over this block's rows of acc ⊙ aux, in a fixed order.
+  const T* aux = static_cast<const T*>(p.aux);
+  AccT column[4] = {};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int64_t m = m0 + ty * 4 + i;
+    if (m >= p.M) continue;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int64_t n = n0 + tx * 4 + j;
+      if (n < p.N) column[j] += acc[i][j] * to_acc(aux[m * p.stride_am + n * p.stride_an]);
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < 4; ++j) reduce[ty][tx * 4 + j] = column[j];
+  __syncthreads();
+  if (t < kBlockN && n0 + t < p.N) {
+    AccT sum = 0;
+    for (int row = 0; row < kThreads / 16; ++row) sum += reduce[row][t];
+    static_cast<AccT*>(p.partial)[static_cast<int64_t>(blockIdx.y) * p.N + n0 + t] = sum;
+  }
+}
+
+template <typename T>
+__global__ void generate_kernel(T* out, int64_t rows, int64_t cols, uint32_t key0, uint32_t key1,
+                                float bound, int matrix) {
+  const int64_t groups = (cols + 3) / 4;
+  const int64_t g = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (g >= rows * groups) return;
+  const int64_t row = g / groups, group = g % groups;
+  const PhiloxWords w = projection_words(matrix, static_cast<uint32_t>(row),
+                                         static_cast<uint32_t>(group), key0, key1);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int64_t col = group * 4 + i;
+    if (col < cols) out[row * cols + col] = from_acc<T>(static_cast<typename Acc<T>::type>(projection_value(w.w[i], bound)));
+  }
+}
+
+template <typename T>
+cudaError_t launch_gemm(const GemmParams& p, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>((p.N + kBlockN - 1) / kBlockN),
+                  static_cast<unsigned>((p.M + kBlockM - 1) / kBlockM));
+  gemm_kernel<T><<<grid, kThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_generate(void* out, int64_t rows, int64_t cols, uint32_t key0, uint32_t key1,
+                            float bound, int matrix, cudaStream_t stream) {
+  const int64_t groups = rows * ((cols + 3) / 4);
+  const int threads = 256;
+  const unsigned blocks = static_cast<unsigned>((groups + threads - 1) / threads);
+  generate_kernel<T><<<blocks, threads, 0, stream>>>(static_cast<T*>(out), rows, cols, key0, key1,
+                                                     bound, matrix);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t gemm(DType dtype, const GemmParams& params, cudaStream_t stream) {
+  if (params.M == 0 || params.N == 0) return cudaSuccess;
+  switch (dtype) {
+    case DType::kHalf: return launch_gemm<__half>(params, stream);
+    case DType::kBFloat16: return launch_gemm<__nv_bfloat16>(params, stream);
+    case DType::kFloat: return launch_gemm<float>(params, stream);
+    case DType::kDouble: return launch_gemm<double>(params, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t generate_projection(DType dtype, void* out, int64_t rows, int64_t cols,
+                                uint32_t key0, uint32_t key1, float bound, int matrix,
+                                cudaStream_t stream) {
+  if (rows == 0 || cols == 0) return cudaSuccess;
+  switch (dtype) {
+    case DType::kHalf: return launch_generate<__half>(out, rows, cols, key0, key1, bound, matrix, stream);
+    case DType::kBFloat16:
+      return launch_generate<__nv_bfloat16>(out, rows, cols, key0, key1, bound, matrix, stream);
+    case DType::kFloat: return launch_generate<float>(out, rows, cols, key0, key1, bound, matrix, stream);
+    case DType::kDouble: return launch_generate<double>(out, rows, cols, key0, key1, bound, matrix, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace vera

@@ -1,0 +1,59 @@
+// Launchers of the CUDA kernels: plain C++ with raw pointers and no torch
+// headers, so the .cu files compile quickly; bindings.cpp wraps them as ops.
+#pragma once
+
+#include <cuda_runtime_api.h>
+#include <stdint.h>
+
+namespace vera {
+
+enum class DType : int { kHalf, kBFloat16, kFloat, kDouble };
+
+// Token rows per thread block: the reuse factor of a generated tile, and the
+// row count behind each partial sum of the reducing epilogues.
+constexpr int kBlockM = 64;
+
+// Where a kernel takes the projection from: generated in the kernel from the
+// key (workspace == nullptr), or loaded from a materialized workspace.
+struct ProjectionSource {
+  const void* workspace;
+  int64_t stride_row, stride_col;
+  uint32_t key0, key1;
+  float bound;
+  int stream;  // 0: A, 1: B
+};
+
+enum class Epilogue : int {
+  kStore,           // out = acc * out_scale[n] + base[m, n]   (scale / base optional)
+  kStoreReduceAux,  // out = acc, and partial[m_tile, n] = Σ_rows acc * aux[m, n]
+  kReduceAux,       // partial[m_tile, n] = Σ_rows acc * aux[m, n]; nothing stored
+};
+
+// acc (M x N) = (x ⊙ x_scale) (M x K) @ T (K x N), with
+// T(k, n) = P(n, k) if transposed else P(k, n), P the projection.
+struct GemmParams {
+  const void* x;
+  int64_t stride_xm, stride_xk;
+  const void* x_scale;  // (K,) or nullptr
+  ProjectionSource proj;
+  bool transposed;
+  void* out;
+  int64_t stride_om, stride_on;
+  const void* out_scale;  // (N,) or nullptr
+  const void* base;       // (M, N) or nullptr
+  int64_t stride_bm, stride_bn;
+  const void* aux;  // (M, N) for the reducing epilogues
+  int64_t stride_am, stride_an;
+  void* partial;  // (ceil(M / kBlockM), N), float (double for kDouble)
+  int64_t M, N, K;
+  Epilogue epilogue;
+};
+
+cudaError_t gemm(DType dtype, const GemmParams& params, cudaStream_t stream);
+
+// Writes projection `matrix` (rows x cols, contiguous) in `dtype`.
+cudaError_t generate_projection(DType dtype, void* out, int64_t rows, int64_t cols,
+                                uint32_t key0, uint32_t key1, float bound, int matrix,
+                                cudaStream_t stream);
+
+}  // namespace vera

@@ -1,0 +1,110 @@
+"""The ``cuda`` backend: loads the CUDA C++ extension (csrc/) and registers it.
+
+The extension is ``vera_kernels/_C.so`` when setup.py built it ahead of time;
+otherwise it is JIT-built from csrc/ on first use (torch.utils.cpp_extension,
+cached under TORCH_EXTENSIONS_DIR), which needs a source checkout and nvcc.
+Its ops live in the ``vera_kernels_cuda`` torch library (see csrc/bindings.cpp).
+"""
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from . import strategy
+from .ops import Backend, register_backend
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+CSRC = PACKAGE_DIR.parent / "csrc"
+SOURCES = [CSRC / "bindings.cpp", CSRC / "vera_kernels.cu"]
+BLOCK_M = 64  # kBlockM in csrc/vera_kernels.h
+
+_load_error: Optional[str] = None
+_loaded = False
+
+
+def prebuilt_library() -> Optional[Path]:
+    """The extension setup.py built, if any."""
+    found = sorted(PACKAGE_DIR.glob("_C*.so")) + sorted(PACKAGE_DIR.glob("_C*.pyd"))
+    return found[0] if found else None
+
+
+def _jit_build_possible() -> Optional[str]:
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    if CUDA_HOME is None:
+        return "no prebuilt extension and no CUDA toolkit (nvcc) to JIT-build one: set CUDA_HOME"
+    if not all(path.exists() for path in SOURCES):
+        return f"no prebuilt extension and no sources at {CSRC} to JIT-build one"
+    return None
+
+
+def load() -> None:
+    """Make ``torch.ops.vera_kernels_cuda`` available (prebuilt, else JIT-built); idempotent."""
+    global _loaded, _load_error
+    if _loaded:
+        return
+    if _load_error is not None:
+        raise RuntimeError(_load_error)
+    library = prebuilt_library()
+    try:
+        if library is not None:
+            torch.ops.load_library(str(library))
+        else:
+            reason = _jit_build_possible()
+            if reason is not None:
+                raise RuntimeError(reason)
+            from torch.utils.cpp_extension import load as jit_load
+
+            jit_load(
+                name="vera_kernels_cuda",
+                sources=[str(p) for p in SOURCES],
+                extra_include_paths=[str(CSRC)],
+                extra_cflags=["-O3"],
+                extra_cuda_cflags=["-O3"],
+                is_python_module=False,
+            )
+    except Exception as error:
+        _load_error = f"the CUDA extension could not be loaded: {error}"
+        raise RuntimeError(_load_error) from error
+    _loaded = True
+
+
+def _unavailable_on(device: torch.device) -> Optional[str]:
+    if device.type != "cuda":
+        return "the cuda backend runs on CUDA tensors only"
+    if not torch.cuda.is_available():
+        return "no CUDA device is available"
+    if _load_error is not None:
+        return _load_error
+    return None if prebuilt_library() is not None else _jit_build_possible()
+
+
+def _generate(tokens: int) -> bool:
+    return strategy.strategy_for(tokens, BLOCK_M) == "generate"
+
+
+def forward(x, lambda_d, lambda_b, key, base):
+    load()
+    return torch.ops.vera_kernels_cuda.forward(x, lambda_d, lambda_b, *key, base, _generate(x.shape[0]))
+
+
+def backward(grad, h, lambda_d, lambda_b, key, in_features, need_dx, need_dd, need_db):
+    load()
+    grads = torch.ops.vera_kernels_cuda.backward(
+        grad, h, lambda_d, lambda_b, *key, in_features, _generate(h.shape[0]),
+        need_dx, need_dd, need_db,
+    )
+    return tuple(g if need else None for g, need in zip(grads, (need_dx, need_dd, need_db)))
+
+
+register_backend(
+    Backend(
+        name="cuda",
+        forward=forward,
+        backward=backward,
+        unavailable_on=_unavailable_on,
+        priority=20,
+        auto_devices=("cuda",),
+    )
+)
