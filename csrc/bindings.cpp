@@ -1,8 +1,10 @@
 // torch bindings of the CUDA kernels: the `vera_kernels_cuda` op library.
 //
-//   forward(x, lambda_d, lambda_b, key0, key1, base?, generate) -> (y, h)
+//   forward(x, lambda_d, lambda_b, key0, key1, base?, generate, proj_a?, proj_b?) -> (y, h)
 //   backward(grad, h, lambda_d, lambda_b, key0, key1, in_features, generate,
-//            need_dx, need_dd, need_db) -> (dx, dd, db)   (empty when not needed)
+//            need_dx, need_dd, need_db, proj_a?, proj_b?) -> (dx, dd, db)
+//            (a gradient not asked for comes back empty)
+// proj_a (r x in) / proj_b (out x r), when given, replace the seed's matrices.
 //   projection(matrix, rows, cols, key0, key1, like) -> Tensor
 //
 // The composition mirrors vera_kernels/triton/backend.py; the kernels are in
@@ -72,19 +74,28 @@ Tensor materialize(int64_t matrix, int64_t rows, int64_t cols, uint32_t key0, ui
   return out;
 }
 
-// A projection as a kernel source. The workspace (kept alive by the caller)
-// is generated once per launch unless the kernels generate tiles themselves.
+// A projection as a kernel source. The workspace (kept alive here) is the
+// given matrix, or generated once per launch unless the kernels generate
+// tiles themselves.
 struct Projection {
   Tensor workspace;
   vera::ProjectionSource source;
 };
 
 Projection projection(int matrix, int64_t rows, int64_t cols, uint32_t key0, uint32_t key1,
-                      bool generate, const Tensor& like) {
+                      bool generate, const Tensor& like, const std::optional<Tensor>& given) {
   Projection p;
   p.source = {nullptr, 0, 0, key0, key1, bound_for(cols), matrix};
-  if (!generate) {
+  if (given.has_value()) {
+    check_input(*given, matrix == kMatrixA ? "proj_a" : "proj_b", like, 2);
+    TORCH_CHECK(given->size(0) == rows && given->size(1) == cols, "vera_kernels cuda backend: ",
+                matrix == kMatrixA ? "proj_a" : "proj_b", " must have shape (", rows, ", ", cols,
+                "), got ", given->sizes());
+    p.workspace = *given;
+  } else if (!generate) {
     p.workspace = materialize(matrix, rows, cols, key0, key1, like);
+  }
+  if (p.workspace.defined()) {
     p.source.workspace = p.workspace.data_ptr();
     p.source.stride_row = p.workspace.stride(0);
     p.source.stride_col = p.workspace.stride(1);
@@ -132,7 +143,9 @@ void run(const Tensor& like, const vera::GemmParams& p, const char* what) {
 
 std::tuple<Tensor, Tensor> vera_forward(const Tensor& x_in, const Tensor& lambda_d_in,
                                         const Tensor& lambda_b_in, int64_t key0, int64_t key1,
-                                        const std::optional<Tensor>& base, bool generate) {
+                                        const std::optional<Tensor>& base, bool generate,
+                                        const std::optional<Tensor>& proj_a,
+                                        const std::optional<Tensor>& proj_b) {
   TORCH_CHECK(x_in.is_cuda() && x_in.dim() == 2,
               "vera_kernels cuda backend: x must be a 2-D CUDA tensor");
   check_input(lambda_d_in, "lambda_d", x_in, 1);
@@ -142,8 +155,8 @@ std::tuple<Tensor, Tensor> vera_forward(const Tensor& x_in, const Tensor& lambda
   const uint32_t k0 = key_word(key0, "key0"), k1 = key_word(key1, "key1");
   const int64_t m = x_in.size(0), in = x_in.size(1), r = lambda_d.size(0), out = lambda_b.size(0);
 
-  const Projection a = projection(kMatrixA, r, in, k0, k1, generate, x_in);
-  const Projection b = projection(kMatrixB, out, r, k0, k1, generate, x_in);
+  const Projection a = projection(kMatrixA, r, in, k0, k1, generate, x_in, proj_a);
+  const Projection b = projection(kMatrixB, out, r, k0, k1, generate, x_in, proj_b);
 
   Tensor h = at::empty({m, r}, x_in.options());
   vera::GemmParams p = gemm_params(x_in, nullptr, a, /*transposed=*/true, r);
@@ -168,7 +181,9 @@ std::tuple<Tensor, Tensor, Tensor> vera_backward(const Tensor& grad, const Tenso
                                                  const Tensor& lambda_d_in,
                                                  const Tensor& lambda_b_in, int64_t key0,
                                                  int64_t key1, int64_t in_features, bool generate,
-                                                 bool need_dx, bool need_dd, bool need_db) {
+                                                 bool need_dx, bool need_dd, bool need_db,
+                                                 const std::optional<Tensor>& proj_a,
+                                                 const std::optional<Tensor>& proj_b) {
   TORCH_CHECK(h.is_cuda() && h.dim() == 2, "vera_kernels cuda backend: h must be a 2-D CUDA tensor");
   check_input(grad, "grad", h, 2);
   check_input(lambda_d_in, "lambda_d", h, 1);
@@ -177,7 +192,7 @@ std::tuple<Tensor, Tensor, Tensor> vera_backward(const Tensor& grad, const Tenso
   const Tensor lambda_d = lambda_d_in.contiguous(), lambda_b = lambda_b_in.contiguous();
   const uint32_t k0 = key_word(key0, "key0"), k1 = key_word(key1, "key1");
   const int64_t m = h.size(0), r = lambda_d.size(0), out = lambda_b.size(0);
-  const Projection b = projection(kMatrixB, out, r, k0, k1, generate, h);
+  const Projection b = projection(kMatrixB, out, r, k0, k1, generate, h, proj_b);
 
   Tensor dx = h.new_empty({0}), dd = h.new_empty({0}), db = h.new_empty({0});
   if (need_dx || need_dd) {
@@ -194,7 +209,7 @@ std::tuple<Tensor, Tensor, Tensor> vera_backward(const Tensor& grad, const Tenso
     run(h, p, "backward u = (g b) B");
     if (need_dd) dd = partial.sum(0).to(lambda_d.scalar_type());
     if (need_dx) {
-      const Projection a = projection(kMatrixA, r, in_features, k0, k1, generate, h);
+      const Projection a = projection(kMatrixA, r, in_features, k0, k1, generate, h, proj_a);
       dx = at::empty({m, in_features}, h.options());
       p = gemm_params(u, &lambda_d, a, /*transposed=*/false, in_features);
       set_out(p, dx);
@@ -227,11 +242,11 @@ Tensor vera_projection(int64_t matrix, int64_t rows, int64_t cols, int64_t key0,
 TORCH_LIBRARY(vera_kernels_cuda, m) {
   m.def(
       "forward(Tensor x, Tensor lambda_d, Tensor lambda_b, int key0, int key1, Tensor? base, "
-      "bool generate) -> (Tensor, Tensor)");
+      "bool generate, Tensor? proj_a=None, Tensor? proj_b=None) -> (Tensor, Tensor)");
   m.def(
       "backward(Tensor grad, Tensor h, Tensor lambda_d, Tensor lambda_b, int key0, int key1, "
-      "int in_features, bool generate, bool need_dx, bool need_dd, bool need_db) "
-      "-> (Tensor, Tensor, Tensor)");
+      "int in_features, bool generate, bool need_dx, bool need_dd, bool need_db, "
+      "Tensor? proj_a=None, Tensor? proj_b=None) -> (Tensor, Tensor, Tensor)");
   m.def("projection(int matrix, int rows, int cols, int key0, int key1, Tensor like) -> Tensor");
 }
 

@@ -76,8 +76,8 @@ def test_prebuilt_extension_loads_and_registers_ops():
     cuda_backend.load()
     schemas = {name: str(getattr(torch.ops.vera_kernels_cuda, name).default._schema)
                for name in ("forward", "backward", "projection")}
-    assert "Tensor? base, bool generate) -> (Tensor, Tensor)" in schemas["forward"]
-    assert "bool need_db) -> (Tensor, Tensor, Tensor)" in schemas["backward"]
+    assert "bool generate, Tensor? proj_a=None, Tensor? proj_b=None) -> (Tensor, Tensor)" in schemas["forward"]
+    assert "Tensor? proj_b=None) -> (Tensor, Tensor, Tensor)" in schemas["backward"]
     # Kernels are registered for CUDA only: CPU tensors find no kernel.
     with pytest.raises(NotImplementedError):
         torch.ops.vera_kernels_cuda.projection(0, 2, 3, 0, 0, torch.empty(0))

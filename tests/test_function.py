@@ -5,7 +5,7 @@ import torch
 
 import vera_kernels as vk
 from vera_kernels import ops
-from vera_kernels.reference import vera_linear_reference
+from vera_kernels.reference import vera_linear_reference, vera_linear_with_projections
 from helpers import DEVICES, EPS, assert_close_scaled, backend_device_params, vera_inputs
 
 # Odd on purpose: not multiples of any block size, not powers of two.
@@ -208,3 +208,44 @@ def test_device_mismatch_is_an_error():
     x, d, b, _ = vera_inputs((4,), 8, 5, 4, dtype=torch.float32, device="cpu", with_base=False)
     with pytest.raises(ValueError, match="lambda_d is on cuda"):
         vk.vera_linear(x, d.cuda(), b, 0)
+
+
+def _explicit_projections(n_in, n_out, r, dtype, device):
+    """Arbitrary (non-spec) A and B as PEFT keeps them: slices of larger shared matrices."""
+    gen = torch.Generator().manual_seed(11)
+    big_a = torch.randn(r, n_in + 7, generator=gen, dtype=torch.float64).to(dtype).to(device)
+    big_b = torch.randn(n_out + 5, r, generator=gen, dtype=torch.float64).to(dtype).to(device)
+    return big_a[:, :n_in], big_b[:n_out, :]  # non-contiguous views
+
+
+@pytest.mark.parametrize("backend,device", backend_device_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_explicit_projections_match_reference(backend, device, dtype):
+    inputs = vera_inputs((3, 5), 27, 19, 6, dtype=dtype, device=device)
+    proj = _explicit_projections(27, 19, 6, dtype, device)
+
+    def ours(x, d, b, seed, base):
+        return vk.vera_linear(x, d, b, None, base, backend=backend, projections=proj)
+
+    def oracle(x, d, b, seed, base):
+        return vera_linear_with_projections(x, d, b, proj[0].double(), proj[1].double(), base)
+
+    got = _run(ours, *inputs)
+    expected = _run(oracle, *(t.double() for t in inputs))
+    for name, g, e in zip(["y", "dx", "dd", "db", "dbase"], got, expected):
+        tol = _tol(dtype, OUTPUT_TOL_EPS if name == "y" else GRAD_TOL_EPS)
+        assert_close_scaled(g, e, tol, f"{backend} explicit {name}")
+
+
+@pytest.mark.parametrize(
+    "projections,error,match",
+    [
+        ((torch.randn(4, 8), torch.randn(6, 4)), ValueError, r"projections must have shapes \(4, 8\) and \(5, 4\)"),
+        ((torch.randn(4, 8),), TypeError, "projections must be a pair"),
+        ((torch.randn(4, 8).double(), torch.randn(5, 4)), TypeError, r"projections\[0\] has dtype torch.float64"),
+    ],
+)
+def test_bad_explicit_projections(projections, error, match):
+    x, d, b, _ = vera_inputs((2,), 8, 5, 4, dtype=torch.float32, device="cpu", with_base=False)
+    with pytest.raises(error, match=match):
+        vk.vera_linear(x, d, b, None, projections=projections)

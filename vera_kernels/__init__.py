@@ -8,8 +8,16 @@ from . import torch_backend  # noqa: F401  (registers the "torch" backend)
 from . import triton as _triton_backend  # noqa: F401  (registers "triton"; kernels load lazily)
 from . import cuda as _cuda_backend  # noqa: F401  (registers "cuda"; the extension loads lazily)
 from .function import vera_linear
-from .model import apply_vera, load_vera_state_dict, vera_state_dict
+from .model import (
+    apply_vera,
+    disable_vera,
+    load_vera_state_dict,
+    merge_vera,
+    unmerge_vera,
+    vera_state_dict,
+)
 from .module import VeRALinear
+from .peft_interop import from_peft, save_peft_adapter
 from .ops import available_backends
 from .projection import projection
 
@@ -23,4 +31,9 @@ __all__ = [
     "vera_state_dict",
     "load_vera_state_dict",
     "available_backends",
+    "disable_vera",
+    "merge_vera",
+    "unmerge_vera",
+    "from_peft",
+    "save_peft_adapter",
 ]

@@ -84,16 +84,20 @@ def _generate(tokens: int) -> bool:
     return strategy.strategy_for(tokens, BLOCK_M) == "generate"
 
 
-def forward(x, lambda_d, lambda_b, key, base):
+def forward(x, lambda_d, lambda_b, key, base, explicit):
     load()
-    return torch.ops.vera_kernels_cuda.forward(x, lambda_d, lambda_b, *key, base, _generate(x.shape[0]))
+    proj_a, proj_b = explicit if explicit is not None else (None, None)
+    return torch.ops.vera_kernels_cuda.forward(
+        x, lambda_d, lambda_b, *key, base, _generate(x.shape[0]), proj_a, proj_b
+    )
 
 
-def backward(grad, h, lambda_d, lambda_b, key, in_features, need_dx, need_dd, need_db):
+def backward(grad, h, lambda_d, lambda_b, key, in_features, explicit, need_dx, need_dd, need_db):
     load()
+    proj_a, proj_b = explicit if explicit is not None else (None, None)
     grads = torch.ops.vera_kernels_cuda.backward(
         grad, h, lambda_d, lambda_b, *key, in_features, _generate(h.shape[0]),
-        need_dx, need_dd, need_db,
+        need_dx, need_dd, need_db, proj_a, proj_b,
     )
     return tuple(g if need else None for g, need in zip(grads, (need_dx, need_dd, need_db)))
 

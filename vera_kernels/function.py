@@ -19,9 +19,11 @@ __all__ = ["vera_linear"]
 
 
 def _setup_context(ctx, inputs, output):
-    x, lambda_d, lambda_b, key0, key1, base, backend = inputs
+    x, lambda_d, lambda_b, key0, key1, base, backend, proj_a, proj_b = inputs
     _, h = output
-    ctx.save_for_backward(h, lambda_d, lambda_b)
+    # proj_a / proj_b (explicit mode only) are frozen inputs: saving them keeps
+    # a reference, no copy.
+    ctx.save_for_backward(h, lambda_d, lambda_b, proj_a, proj_b)
     ctx.key = (key0, key1)
     ctx.in_features = x.shape[1]
     ctx.backend = backend
@@ -29,13 +31,13 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_y, _grad_h):
-    h, lambda_d, lambda_b = ctx.saved_tensors
-    need_x, need_d, need_b, _, _, need_base, _ = ctx.needs_input_grad
+    h, lambda_d, lambda_b, proj_a, proj_b = ctx.saved_tensors
+    need_x, need_d, need_b, _, _, need_base = ctx.needs_input_grad[:6]
     dx = dd = db = None
     if need_x or need_d or need_b:
         dx, dd, db = torch.ops.vera_kernels.vera_backward(
             grad_y, h, lambda_d, lambda_b, *ctx.key, ctx.in_features, ctx.backend,
-            need_x, need_d, need_b,
+            need_x, need_d, need_b, proj_a, proj_b,
         )
     return (
         dx if need_x else None,
@@ -44,6 +46,8 @@ def _backward(ctx, grad_y, _grad_h):
         None,
         None,
         grad_y if need_base else None,
+        None,
+        None,
         None,
     )
 
@@ -74,10 +78,11 @@ def vera_linear(
     x: Tensor,
     lambda_d: Tensor,
     lambda_b: Tensor,
-    seed: int,
+    seed: Optional[int],
     base_output: Optional[Tensor] = None,
     *,
     backend: Optional[str] = None,
+    projections: Optional[tuple[Tensor, Tensor]] = None,
 ) -> Tensor:
     """VeRA's adapter path: ``base_output + lambda_b * (B @ (lambda_d * (A @ x)))`` per token.
 
@@ -94,6 +99,9 @@ def vera_linear(
         backend: ``"torch"``, ``"triton"`` or ``"cuda"``; ``None`` picks the
             fastest usable one for x's device (``VERA_KERNELS_BACKEND``
             overrides the choice).
+        projections: explicit ``(A, B)`` of shapes (r, in) and (out, r) in x's
+            dtype, used instead of the seed's (e.g. PEFT's stored, sliced
+            ``vera_A`` / ``vera_B``); ``seed`` may then be None. Frozen.
 
     Returns:
         ``(..., out)`` tensor in x's dtype, differentiable in x, lambda_d,
@@ -110,8 +118,9 @@ def vera_linear(
     _check_tensor("lambda_b", lambda_b, dims=1)
     if base_output is not None:
         _check_tensor("base_output", base_output)
-    x, lambda_d, lambda_b, base_output = _autocast(
-        [x, lambda_d, lambda_b, base_output], x.device.type
+    proj_a, proj_b = _check_projections(projections)
+    x, lambda_d, lambda_b, base_output, proj_a, proj_b = _autocast(
+        [x, lambda_d, lambda_b, base_output, proj_a, proj_b], x.device.type
     )
 
     if x.dim() == 0 or x.shape[-1] == 0:
@@ -121,7 +130,9 @@ def vera_linear(
             f"lambda_d and lambda_b must be non-empty, got r={lambda_d.shape[0]}, "
             f"out={lambda_b.shape[0]}"
         )
-    for name, t in (("lambda_d", lambda_d), ("lambda_b", lambda_b), ("base_output", base_output)):
+    named = (("lambda_d", lambda_d), ("lambda_b", lambda_b), ("base_output", base_output),
+             ("projections[0]", proj_a), ("projections[1]", proj_b))
+    for name, t in named:
         if t is None:
             continue
         if t.dtype != x.dtype:
@@ -135,10 +146,32 @@ def vera_linear(
             f"base_output must have shape {out_shape} (x's leading dims, len(lambda_b)), "
             f"got {tuple(base_output.shape)}"
         )
-    key0, key1 = split_seed(seed)
+    if proj_a is None:
+        key0, key1 = split_seed(seed)
+    else:
+        r_in = (lambda_d.shape[0], x.shape[-1])
+        if tuple(proj_a.shape) != r_in or tuple(proj_b.shape) != (out_features, r_in[0]):
+            raise ValueError(
+                f"projections must have shapes {r_in} and {(out_features, r_in[0])} "
+                f"((r, in) and (out, r)), got {tuple(proj_a.shape)} and {tuple(proj_b.shape)}"
+            )
+        key0 = key1 = 0  # unused: the matrices are given
     name = ops.resolve_backend(backend, x.device)
 
     x2d = x.reshape(-1, x.shape[-1])
     base2d = base_output.reshape(-1, out_features) if base_output is not None else None
-    y, _ = torch.ops.vera_kernels.vera_forward(x2d, lambda_d, lambda_b, key0, key1, base2d, name)
+    y, _ = torch.ops.vera_kernels.vera_forward(
+        x2d, lambda_d, lambda_b, key0, key1, base2d, name, proj_a, proj_b
+    )
     return y.reshape(out_shape)
+
+
+def _check_projections(projections) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    if projections is None:
+        return None, None
+    if not isinstance(projections, (tuple, list)) or len(projections) != 2:
+        raise TypeError("projections must be a pair (A, B) of tensors")
+    for i, t in enumerate(projections):
+        _check_tensor(f"projections[{i}]", t, dims=2)
+    # Frozen by definition: no gradient flows into them.
+    return projections[0].detach(), projections[1].detach()

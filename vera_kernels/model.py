@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 from typing import Iterator, Union
 
@@ -9,9 +10,18 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from .module import VeRALinear
+from .module import VeRALinear, is_conv1d
 
-__all__ = ["apply_vera", "unwrap", "vera_layers", "vera_state_dict", "load_vera_state_dict"]
+__all__ = [
+    "apply_vera",
+    "unwrap",
+    "vera_layers",
+    "vera_state_dict",
+    "load_vera_state_dict",
+    "disable_vera",
+    "merge_vera",
+    "unmerge_vera",
+]
 
 CONFIG_KEY = "vera_config"
 
@@ -65,7 +75,7 @@ def apply_vera(
     seed: int = 0,
     d_initial: float = 0.1,
 ) -> nn.Module:
-    """Replace the matching ``nn.Linear`` submodules by ``VeRALinear`` and freeze the rest.
+    """Replace the matching ``nn.Linear`` (or ``Conv1D``) submodules by ``VeRALinear``; freeze the rest.
 
     Args:
         model: modified in place (and returned).
@@ -87,9 +97,10 @@ def apply_vera(
     for name, module in model.named_modules():
         if not name or name.startswith(inside_vera) or not _matches(name, target_modules):
             continue
-        if not isinstance(module, (nn.Linear, VeRALinear)):
+        if not isinstance(module, (nn.Linear, VeRALinear)) and not is_conv1d(module):
             raise TypeError(
-                f"target module {name!r} is a {type(module).__name__}; VeRA supports nn.Linear"
+                f"target module {name!r} is a {type(module).__name__}; "
+                "VeRA supports nn.Linear and transformers' Conv1D"
             )
         matched.append((name, module))
     if not matched:
@@ -109,9 +120,48 @@ def apply_vera(
     return model
 
 
+@contextlib.contextmanager
+def disable_vera(model: nn.Module):
+    """Within the block, every VeRA layer computes its base layer alone (e.g. a DPO reference).
+
+    Merged layers are unmerged for the duration and merged again afterwards.
+    """
+    layers = [layer for _, layer in vera_layers(model)]
+    merged = [layer for layer in layers if layer.merged]
+    for layer in merged:
+        layer.unmerge()
+    previous = [layer.disabled for layer in layers]
+    for layer in layers:
+        layer.disabled = True
+    try:
+        yield model
+    finally:
+        for layer, was in zip(layers, previous):
+            layer.disabled = was
+        for layer in merged:
+            layer.merge()
+
+
+def merge_vera(model: nn.Module) -> nn.Module:
+    """Fold every VeRA layer's adapter into its base weight (see ``VeRALinear.merge``)."""
+    for _, layer in vera_layers(model):
+        if not layer.merged:
+            layer.merge()
+    return model
+
+
+def unmerge_vera(model: nn.Module) -> nn.Module:
+    """Undo ``merge_vera``."""
+    for _, layer in vera_layers(model):
+        if layer.merged:
+            layer.unmerge()
+    return model
+
+
 def _layer_config(layer: VeRALinear) -> dict:
     return {
-        "seed": layer.seed,
+        # Explicit projections belong to the model, not to the adapter file.
+        "seed": layer.seed if layer.projections is None else None,
         "r": layer.r,
         "in_features": layer.in_features,
         "out_features": layer.out_features,

@@ -1,8 +1,9 @@
-"""``VeRALinear``: a frozen ``nn.Linear`` plus VeRA's two trainable vectors, a drop-in for it."""
+"""``VeRALinear``: a frozen linear layer plus VeRA's two trainable vectors, a drop-in for it."""
 
 from __future__ import annotations
 
 import warnings
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
@@ -10,7 +11,42 @@ from torch import Tensor, nn
 from .function import vera_linear
 from .projection import cached_projection, split_seed
 
-__all__ = ["VeRALinear"]
+__all__ = ["VeRALinear", "SharedProjections", "is_conv1d"]
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' GPT-2 style ``Conv1D``: a linear layer with weight stored (in, out)."""
+    return type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None \
+        and module.weight.dim() == 2
+
+
+def _base_shape(base: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of an nn.Linear or a Conv1D."""
+    if isinstance(base, nn.Linear):
+        return base.in_features, base.out_features
+    if is_conv1d(base):
+        return base.weight.shape[0], base.weight.shape[1]
+    raise TypeError(f"VeRA wraps nn.Linear or transformers' Conv1D, got {type(base).__name__}")
+
+
+class SharedProjections(nn.Module):
+    """Explicit A (r x max_in) and B (max_out x r) that several layers share.
+
+    Each layer uses the top-left block it needs (``A[:, :in]``, ``B[:out]``),
+    as PEFT lays out its stored ``vera_A`` / ``vera_B``. One instance is
+    registered in every layer that uses it, so ``.to()`` converts it once and
+    the layers keep sharing it. Its buffers are not persistent: they belong to
+    the model they were taken from (see ``save_peft_adapter`` to export them).
+    """
+
+    def __init__(self, proj_a: Tensor, proj_b: Tensor):
+        super().__init__()
+        self.register_buffer("vera_A", proj_a, persistent=False)
+        self.register_buffer("vera_B", proj_b, persistent=False)
+
+    def for_layer(self, in_features: int, out_features: int, dtype: torch.dtype):
+        a, b = self.vera_A[:, :in_features], self.vera_B[:out_features, :]
+        return a.to(dtype), b.to(dtype)
 
 
 def _check_positive(name: str, value) -> None:
@@ -21,11 +57,11 @@ def _check_positive(name: str, value) -> None:
 class VeRALinear(nn.Module):
     """``y = base_layer(x) + vera_lambda_b * (B @ (vera_lambda_d * (A @ x)))``.
 
-    ``base_layer`` is a frozen ``nn.Linear``; A (r x in) and B (out x r) are the
-    spec projections for ``seed``, regenerated rather than stored, so the module
-    holds nothing beyond the base layer and ``r + out_features`` trainable
-    numbers. With ``vera_lambda_b = 0`` (its initial value) the module computes
-    exactly what the base layer does.
+    ``base_layer`` is a frozen ``nn.Linear`` (or transformers' ``Conv1D``); A
+    (r x in) and B (out x r) are the spec projections for ``seed``, regenerated
+    rather than stored, so the module holds nothing beyond the base layer and
+    ``r + out_features`` trainable numbers. With ``vera_lambda_b = 0`` (its
+    initial value) the module computes exactly what the base layer does.
 
     Args:
         in_features, out_features, bias, device, dtype: as for ``nn.Linear``.
@@ -36,6 +72,11 @@ class VeRALinear(nn.Module):
     Attributes:
         backend: the ``vera_linear`` backend this layer uses; ``None`` (the
             default) picks the fastest one for the input's device.
+        vera_dropout: applied to the adapter's input (``nn.Identity`` unless
+            converted from a PEFT layer with dropout).
+        projections: ``None`` (A and B from the seed) or a ``SharedProjections``
+            (explicit matrices, e.g. a converted PEFT model's).
+        disabled: while True the layer computes the base layer alone.
     """
 
     def __init__(
@@ -57,65 +98,85 @@ class VeRALinear(nn.Module):
         self._attach(base, r, seed, d_initial)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, r: int, *, seed: int = 0, d_initial: float = 0.1):
-        """Wrap an existing ``nn.Linear`` (kept as ``base_layer``, frozen, not copied)."""
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
+    def from_linear(cls, linear: nn.Module, r: int, *, seed: int = 0, d_initial: float = 0.1):
+        """Wrap an existing ``nn.Linear`` or ``Conv1D`` (kept as ``base_layer``, frozen, not copied)."""
+        if not (isinstance(linear, nn.Linear) or is_conv1d(linear)):
+            raise TypeError(
+                f"from_linear expects an nn.Linear (or transformers' Conv1D), got {type(linear).__name__}"
+            )
         module = cls.__new__(cls)
         nn.Module.__init__(module)
         module._attach(linear, r, seed, d_initial)
         return module
 
-    def _attach(self, base: nn.Linear, r: int, seed: int, d_initial: float) -> None:
+    def _attach(self, base: nn.Module, r: int, seed: int, d_initial: float) -> None:
         _check_positive("r", r)
         split_seed(seed)
+        in_features, out_features = _base_shape(base)
         base.requires_grad_(False)
         self.base_layer = base
+        self._in_features, self._out_features = in_features, out_features
+        self.fan_in_fan_out = is_conv1d(base)  # weight stored (in, out)
         self.r = r
         self.seed = seed
         self.merged = False
+        self.disabled = False
         self.backend = None
+        self.vera_dropout: nn.Module = nn.Identity()
+        self.projections: Optional[SharedProjections] = None
         weight = base.weight
         self.vera_lambda_d = nn.Parameter(
             torch.full((r,), float(d_initial), device=weight.device, dtype=weight.dtype)
         )
         self.vera_lambda_b = nn.Parameter(
-            torch.zeros(base.out_features, device=weight.device, dtype=weight.dtype)
+            torch.zeros(out_features, device=weight.device, dtype=weight.dtype)
         )
 
     @property
     def in_features(self) -> int:
-        return self.base_layer.in_features
+        return self._in_features
 
     @property
     def out_features(self) -> int:
-        return self.base_layer.out_features
+        return self._out_features
+
+    def _projection_pair(self, dtype: torch.dtype):
+        """Explicit (A, B) in ``dtype``, or None when they come from the seed."""
+        if self.projections is None:
+            return None
+        return self.projections.for_layer(self.in_features, self.out_features, dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         if not isinstance(x, Tensor) or x.dim() == 0 or x.shape[-1] != self.in_features:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"expected input of shape (..., {self.in_features}), got {shape}")
         base = self.base_layer(x)
-        if self.merged:
+        if self.merged or self.disabled:
             return base
         # The vectors may be kept in a wider dtype than the activations.
         return vera_linear(
-            x,
+            self.vera_dropout(x),
             self.vera_lambda_d.to(x.dtype),
             self.vera_lambda_b.to(x.dtype),
             self.seed,
             base,
             backend=self.backend,
+            projections=self._projection_pair(x.dtype),
         )
 
     @torch.no_grad()
     def delta_weight(self) -> Tensor:
-        """The adapter as a dense (out x in) float32 matrix: ``diag(b) B diag(d) A``."""
-        device = self.base_layer.weight.device
-        proj_a = cached_projection("A", self.r, self.in_features, self.seed, torch.float32, device)
-        proj_b = cached_projection("B", self.out_features, self.r, self.seed, torch.float32, device)
+        """The adapter as a dense float32 matrix ``diag(b) B diag(d) A``, laid out like the base weight."""
+        explicit = self._projection_pair(torch.float32)
+        if explicit is not None:
+            proj_a, proj_b = explicit
+        else:
+            device = self.base_layer.weight.device
+            proj_a = cached_projection("A", self.r, self.in_features, self.seed, torch.float32, device)
+            proj_b = cached_projection("B", self.out_features, self.r, self.seed, torch.float32, device)
         scaled_b = proj_b * self.vera_lambda_b.float()[:, None] * self.vera_lambda_d.float()
-        return scaled_b @ proj_a
+        delta = scaled_b @ proj_a  # (out, in)
+        return delta.T if self.fan_in_fan_out else delta
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -149,7 +210,8 @@ class VeRALinear(nn.Module):
         self.merged = bool(state["merged"])
 
     def extra_repr(self) -> str:
+        source = "explicit projections" if self.projections is not None else f"seed={self.seed}"
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
-            f"seed={self.seed}, merged={self.merged}"
+            f"{source}, merged={self.merged}"
         )

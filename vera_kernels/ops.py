@@ -5,7 +5,9 @@ and also returns ``h = x @ A.T`` (tokens x r), the only activation backward need
 ``vera_kernels::vera_backward`` turns the upstream gradient and ``h`` into
 dx, dd and db (DESIGN.md §1). Both take 2-D ``x`` / ``grad`` and the Philox key
 ``(seed & 0xFFFFFFFF, seed >> 32)``: a torch.library int is int64, too small
-for a 64-bit seed.
+for a 64-bit seed. Given ``proj_a`` (r x in) and ``proj_b`` (out x r), they use
+those matrices instead of the seed's (explicit-projection mode, e.g. PEFT's
+stored projections).
 
 A backend is a pair of plain functions registered with :func:`register_backend`;
 the ops look it up by name, so adding one touches neither the autograd glue
@@ -33,10 +35,11 @@ __all__ = [
 
 BACKEND_ENV_VAR = "VERA_KERNELS_BACKEND"
 
-# forward(x2d, lambda_d, lambda_b, key, base2d | None) -> (y2d, h)
-ForwardFn = Callable[[Tensor, Tensor, Tensor, tuple, Optional[Tensor]], tuple]
-# backward(grad2d, h, lambda_d, lambda_b, key, in_features, need_dx, need_dd, need_db)
-#   -> (dx | None, dd | None, db | None)
+# forward(x2d, lambda_d, lambda_b, key, base2d | None, projections) -> (y2d, h)
+ForwardFn = Callable[..., tuple]
+# backward(grad2d, h, lambda_d, lambda_b, key, in_features, projections,
+#          need_dx, need_dd, need_db) -> (dx | None, dd | None, db | None)
+# projections: None (generate from key) or (A, B) in the compute dtype.
 BackwardFn = Callable[..., tuple]
 
 
@@ -152,14 +155,22 @@ def vera_forward(
     key1: int,
     base: Optional[Tensor],
     backend: str,
+    proj_a: Optional[Tensor] = None,
+    proj_b: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
     """(y, h) for 2-D ``x``; see the module docstring."""
     with _no_autocast(x):
-        return _backend_for(x, backend).forward(x, lambda_d, lambda_b, (key0, key1), base)
+        return _backend_for(x, backend).forward(
+            x, lambda_d, lambda_b, (key0, key1), base, _explicit(proj_a, proj_b)
+        )
+
+
+def _explicit(proj_a: Optional[Tensor], proj_b: Optional[Tensor]) -> Optional[tuple]:
+    return None if proj_a is None else (proj_a, proj_b)
 
 
 @vera_forward.register_fake
-def _(x, lambda_d, lambda_b, key0, key1, base, backend):
+def _(x, lambda_d, lambda_b, key0, key1, base, backend, proj_a=None, proj_b=None):
     tokens = x.shape[0]
     return x.new_empty(tokens, lambda_b.shape[0]), x.new_empty(tokens, lambda_d.shape[0])
 
@@ -177,17 +188,21 @@ def vera_backward(
     need_dx: bool,
     need_dd: bool,
     need_db: bool,
+    proj_a: Optional[Tensor] = None,
+    proj_b: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dx, dd, db); a gradient that was not asked for comes back as an empty tensor."""
     with _no_autocast(h):
         grads = _backend_for(h, backend).backward(
-            grad, h, lambda_d, lambda_b, (key0, key1), in_features, need_dx, need_dd, need_db
+            grad, h, lambda_d, lambda_b, (key0, key1), in_features,
+            _explicit(proj_a, proj_b), need_dx, need_dd, need_db,
         )
     return tuple(g if g is not None else h.new_empty(0) for g in grads)
 
 
 @vera_backward.register_fake
-def _(grad, h, lambda_d, lambda_b, key0, key1, in_features, backend, need_dx, need_dd, need_db):
+def _(grad, h, lambda_d, lambda_b, key0, key1, in_features, backend, need_dx, need_dd, need_db,
+      proj_a=None, proj_b=None):
     tokens = h.shape[0]
     return (
         h.new_empty(tokens, in_features) if need_dx else h.new_empty(0),

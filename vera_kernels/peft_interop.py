@@ -1,0 +1,132 @@
+"""Switch between PEFT's VeRA and ours without retraining.
+
+* ``from_peft``: PEFT VeRA layers (nn.Linear or transformers' Conv1D, active
+  adapter) become ``VeRALinear`` layers in explicit-projection mode: PEFT drew
+  A and B from ``torch.Generator``, not from our spec, so the converted layers
+  keep PEFT's stored ``vera_A`` / ``vera_B`` (shared, sliced per layer as PEFT
+  slices them) together with the trained vectors, dropout and base layer.
+* ``save_peft_adapter``: writes PEFT's adapter format (adapter_config.json +
+  adapter_model.safetensors, ``save_projection=True``) so that
+  ``PeftModel.from_pretrained`` reproduces our layers' outputs.
+
+PEFT keeps one A (r x max_in) for all layers and slices ``A[:, :in]``; our
+spec scales each layer's A by ``sqrt(6 / in)`` of that layer instead. The
+export therefore writes A for the largest ``in`` and folds the ratio of the
+scales into each layer's ``lambda_d`` (exact up to float32 rounding). B needs
+nothing: its scale depends on r only, and a smaller B is the top rows of a
+larger one.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Union
+
+import torch
+from torch import nn
+
+from .model import vera_layers
+from .module import SharedProjections, VeRALinear, is_conv1d
+from .projection import projection, projection_bound
+
+__all__ = ["from_peft", "save_peft_adapter"]
+
+
+def from_peft(peft_model: nn.Module) -> nn.Module:
+    """Replace every PEFT VeRA layer of ``peft_model`` by a ``VeRALinear``, in place.
+
+    Returns the underlying model (``peft_model.get_base_model()``), whose
+    outputs and gradients are PEFT's. The lambda parameters are PEFT's own
+    tensors (moved, not copied); A and B stay PEFT's stored projections.
+
+    Raises:
+        ValueError: no VeRA layer found, a layer with several active adapters,
+            or a merged layer (unmerge it in PEFT first).
+    """
+    from peft.tuners.vera.layer import VeraLayer
+
+    model = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
+    shared: dict = {}
+    found = [(n, m) for n, m in model.named_modules() if isinstance(m, VeraLayer)]
+    if not found:
+        raise ValueError("from_peft: the model has no PEFT VeRA layers")
+    for name, layer in found:
+        adapters = list(layer.active_adapters)
+        if len(adapters) != 1:
+            raise ValueError(f"from_peft: layer {name!r} has active adapters {adapters}; need one")
+        if layer.merged:
+            raise ValueError(f"from_peft: layer {name!r} is merged; unmerge it in PEFT first")
+        adapter = adapters[0]
+        proj_a, proj_b = layer.vera_A[adapter], layer.vera_B[adapter]
+        key = (proj_a.data_ptr(), proj_b.data_ptr())
+        if key not in shared:
+            shared[key] = SharedProjections(proj_a, proj_b)
+        lambda_d = layer.vera_lambda_d[adapter]
+        ours = VeRALinear.from_linear(layer.get_base_layer(), lambda_d.shape[0])
+        ours.vera_lambda_d = lambda_d
+        ours.vera_lambda_b = layer.vera_lambda_b[adapter]
+        ours.vera_dropout = layer.vera_dropout[adapter]
+        ours.projections = shared[key]
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, ours)
+    return model
+
+
+def save_peft_adapter(model: nn.Module, path: Union[str, os.PathLike]) -> None:
+    """Write the VeRA layers of ``model`` as a PEFT adapter directory at ``path``.
+
+    Load it with ``PeftModel.from_pretrained(base_model, path)``, where
+    ``base_model`` is the model without VeRA layers. All layers must share r
+    (and, for seeded layers, the seed), as PEFT requires.
+    """
+    from peft import VeraConfig
+    from safetensors.torch import save_file
+
+    layers = list(vera_layers(model))
+    if not layers:
+        raise ValueError("save_peft_adapter: the model has no VeRA layers")
+    ranks = {layer.r for _, layer in layers}
+    if len(ranks) != 1:
+        raise ValueError(f"save_peft_adapter: PEFT needs one r for all layers, got {sorted(ranks)}")
+    r = ranks.pop()
+    pairs = {id(layer.projections): layer.projections for _, layer in layers}
+    if len(pairs) != 1:
+        raise ValueError("save_peft_adapter: layers mix seeded and explicit projections, or "
+                         "several explicit pairs; PEFT stores one pair for all layers")
+    shared = pairs.popitem()[1]
+    if shared is not None:
+        proj_a, proj_b = shared.vera_A.float(), shared.vera_B.float()
+        scales = {name: 1.0 for name, _ in layers}
+    else:
+        seeds = {layer.seed for _, layer in layers}
+        if len(seeds) != 1:
+            raise ValueError(f"save_peft_adapter: PEFT needs one seed for all layers, got {sorted(seeds)}")
+        seed = seeds.pop()
+        max_in = max(layer.in_features for _, layer in layers)
+        max_out = max(layer.out_features for _, layer in layers)
+        proj_a = projection("A", r, max_in, seed)
+        proj_b = projection("B", max_out, r, seed)
+        scales = {
+            name: projection_bound(layer.in_features) / projection_bound(max_in)
+            for name, layer in layers
+        }
+    tensors = {}
+    for name, layer in layers:
+        prefix = f"base_model.model.{name}"
+        d = layer.vera_lambda_d.detach().double() * scales[name]
+        tensors[f"{prefix}.vera_lambda_d"] = d.to(layer.vera_lambda_d.dtype).cpu().contiguous()
+        tensors[f"{prefix}.vera_lambda_b"] = layer.vera_lambda_b.detach().cpu().contiguous()
+    tensors["base_model.vera_A"] = proj_a.detach().cpu().contiguous()
+    tensors["base_model.vera_B"] = proj_b.detach().cpu().contiguous()
+
+    dropouts = {layer.vera_dropout.p for _, layer in layers if isinstance(layer.vera_dropout, nn.Dropout)}
+    config = VeraConfig(
+        r=r,
+        target_modules=[name for name, _ in layers],
+        save_projection=True,
+        vera_dropout=max(dropouts) if dropouts else 0.0,
+        fan_in_fan_out=all(is_conv1d(layer.base_layer) for _, layer in layers),
+    )
+    os.makedirs(path, exist_ok=True)
+    config.save_pretrained(str(path))
+    save_file(tensors, os.path.join(str(path), "adapter_model.safetensors"))
