@@ -147,28 +147,13 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(const GemmParams p) {
     __syncthreads();
   }
 
-  if (p.epilogue != Epilogue::kReduceAux) {
-    T* out = static_cast<T*>(p.out);
-    const T* out_scale = p.epilogue == Epilogue::kStore ? static_cast<const T*>(p.out_scale) : nullptr;
-    const T* base = p.epilogue == Epilogue::kStore ? static_cast<const T*>(p.base) : nullptr;
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int64_t m = m0 + ty * 4 + i;
-      if (m >= p.M) continue;
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const int64_t n = n0 + tx * 4 + j;
-        if (n >= p.N) continue;
-        AccT v = acc[i][j];
-        if (out_scale != nullptr) v *= to_acc(out_scale[n]);
-        if (base != nullptr) v += to_acc(base[m * p.stride_bm + n * p.stride_bn]);
-        out[m * p.stride_om + n * p.stride_on] = from_acc<T>(v);
-      }
-    }
-  }
-  if (p.epilogue == Epilogue::kStore) return;
-
-  // Σ over this block's rows of acc ⊙ aux, in a fixed order.
+  // One pass over this thread's outputs: store them, and/or sum acc ⊙ aux
+  // over its rows for the block's partial row.
+  const bool store = p.epilogue != Epilogue::kReduceAux;
+  const bool reduces = p.epilogue != Epilogue::kStore;
+  T* out = static_cast<T*>(p.out);
+  const T* out_scale = static_cast<const T*>(p.out_scale);
+  const T* base = static_cast<const T*>(p.base);
   const T* aux = static_cast<const T*>(p.aux);
   AccT column[4] = {};
 #pragma unroll
@@ -178,9 +163,19 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(const GemmParams p) {
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       const int64_t n = n0 + tx * 4 + j;
-      if (n < p.N) column[j] += acc[i][j] * to_acc(aux[m * p.stride_am + n * p.stride_an]);
+      if (n >= p.N) continue;
+      if (reduces) column[j] += acc[i][j] * to_acc(aux[m * p.stride_am + n * p.stride_an]);
+      if (store) {
+        AccT v = acc[i][j];
+        if (out_scale != nullptr) v *= to_acc(out_scale[n]);
+        if (base != nullptr) v += to_acc(base[m * p.stride_bm + n * p.stride_bn]);
+        out[m * p.stride_om + n * p.stride_on] = from_acc<T>(v);
+      }
     }
   }
+  if (!reduces) return;
+
+  // The block's partial row: Σ over its 16 row groups, in a fixed order.
 #pragma unroll
   for (int j = 0; j < 4; ++j) reduce[ty][tx * 4 + j] = column[j];
   __syncthreads();

@@ -25,7 +25,7 @@ struct ProjectionSource {
 
 enum class Epilogue : int {
   kStore,           // out = acc * out_scale[n] + base[m, n]   (scale / base optional)
-  kStoreReduceAux,  // out = acc, and partial[m_tile, n] = Σ_rows acc * aux[m, n]
+  kStoreReduceAux,  // both: store as kStore, and reduce as kReduceAux
   kReduceAux,       // partial[m_tile, n] = Σ_rows acc * aux[m, n]; nothing stored
 };
 

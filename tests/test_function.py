@@ -61,12 +61,16 @@ def test_matches_reference(backend, device, lead, n_in, n_out, r, dtype):
 
 
 @pytest.mark.parametrize("backend,device", backend_device_params())
-def test_gradcheck_float64(backend, device):
+@pytest.mark.parametrize("explicit", [False, True], ids=["seeded", "explicit"])
+def test_gradcheck_float64(backend, device, explicit):
     x, d, b, base = (
         t.requires_grad_(True)
         for t in vera_inputs((2, 3), 37, 53, 5, dtype=torch.float64, device=device)
     )
-    fn = lambda x, d, b, base: vk.vera_linear(x, d, b, SEED, base, backend=backend)  # noqa: E731
+    proj = _explicit_projections(37, 53, 5, torch.float64, device) if explicit else None
+    fn = lambda x, d, b, base: vk.vera_linear(  # noqa: E731
+        x, d, b, SEED, base, backend=backend, projections=proj
+    )
     # fast_mode checks random Jacobian-vector products rather than every
     # column: as strict per direction, and affordable in the Triton interpreter.
     assert torch.autograd.gradcheck(fn, (x, d, b, base), eps=1e-6, atol=1e-7, fast_mode=True)

@@ -1,10 +1,10 @@
 """The ``triton`` backend: composes the fused kernels into VeRA's forward and backward.
 
-forward:  h = shrink(x, Aᵀ)                      (saved for backward)
-          y = expand(h ⊙ d, Bᵀ) ⊙ b + base
-backward: u, dd = shrink(g ⊙ b, B), Σ u ⊙ h       (only if dx or dd is needed)
-          dx = expand(u ⊙ d, A)
-          db = Σ_tokens g ⊙ expand(h ⊙ d, Bᵀ)      (z never stored)
+forward:  h = x Aᵀ                              (saved for backward)
+          y = ((d ⊙ h) Bᵀ) ⊙ b + base
+backward: u = (b ⊙ g) B, dd = Σ_tokens u ⊙ h      (only if dx or dd is needed)
+          dx = (d ⊙ u) A
+          db = Σ_tokens g ⊙ ((d ⊙ h) Bᵀ)          (z never stored)
 
 Which projection strategy a launch uses: ``vera_kernels.strategy``.
 """
@@ -36,8 +36,8 @@ def forward(x, lambda_d, lambda_b, key, base, explicit):
     given_a, given_b = explicit if explicit is not None else (None, None)
     proj_a = _projection("A", r, in_features, key, x, strategy, given_a)
     proj_b = _projection("B", out_features, r, key, x, strategy, given_b)
-    h, _ = kernels.shrink(x, proj_a, stored_kr=False)
-    y = kernels.expand(h, lambda_d, proj_b, stored_rn=False, base=base, col_scale=lambda_b)
+    h = kernels.gemm(x, proj_a, transposed=True)
+    y = kernels.gemm(h, proj_b, transposed=True, x_scale=lambda_d, out_scale=lambda_b, base=base)
     return y, h
 
 
@@ -48,15 +48,16 @@ def backward(grad, h, lambda_d, lambda_b, key, in_features, explicit, need_dx, n
     proj_b = _projection("B", out_features, r, key, h, strategy, given_b)
     dx = dd = db = None
     if need_dx or need_dd:
-        u, dd_partial = kernels.shrink(
-            grad, proj_b, stored_kr=True, x_scale=lambda_b, h_for_dd=h if need_dd else None
-        )
+        u = kernels.gemm(grad, proj_b, transposed=False, x_scale=lambda_b,
+                         reduce_with=h if need_dd else None)
         if need_dd:
+            u, dd_partial = u
             dd = dd_partial.sum(0).to(lambda_d.dtype)
         if need_dx:
             proj_a = _projection("A", r, in_features, key, h, strategy, given_a)
-            dx = kernels.expand(u, lambda_d, proj_a, stored_rn=True)
+            dx = kernels.gemm(u, proj_a, transposed=False, x_scale=lambda_d)
     if need_db:
-        db = kernels.expand(h, lambda_d, proj_b, stored_rn=False, reduce_with=grad)
-        db = db.sum(0).to(lambda_b.dtype)
+        db_partial = kernels.gemm(h, proj_b, transposed=True, x_scale=lambda_d,
+                                  reduce_with=grad, store=False)
+        db = db_partial.sum(0).to(lambda_b.dtype)
     return dx, dd, db

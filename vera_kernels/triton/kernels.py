@@ -1,22 +1,22 @@
-"""The two fused kernel shapes VeRA needs, with their launchers.
+"""The fused kernel behind every VeRA product, and its launcher.
 
-Every product in VeRA's forward and backward is one of two shapes (the names
-follow vLLM's LoRA kernels):
+All five products of VeRA's forward and backward are one shape,
+``acc (M x N) = (x ⊙ x_scale) (M x K) @ T (K x N)`` with T a spec projection or
+its transpose, followed by one of three epilogues:
 
-* **shrink**: ``out (M x R) = x (M x K) @ Q (K x R)``, a wide contraction into
-  the rank-r bottleneck. Forward ``h = x Aᵀ`` (Q = Aᵀ) and backward
-  ``u = g (b ⊙ B)`` (Q = B with rows scaled by b, applied to g's columns), the
-  latter with an epilogue that also reduces ``dd = Σ_tokens u ⊙ h``.
-* **expand**: ``out (M x N) = (v ⊙ d) (M x R) @ P (R x N)``, from the
-  bottleneck back out. Forward ``y = base + b ⊙ ((d ⊙ h) Bᵀ)`` (P = Bᵀ) and
-  backward ``dx = (d ⊙ u) A`` (P = A), or with an epilogue that reduces
-  ``db = Σ_tokens g ⊙ z`` instead of storing ``z = (d ⊙ h) Bᵀ``.
+    forward   h  = x Aᵀ                    "shrink" into the rank-r bottleneck
+              y  = ((d ⊙ h) Bᵀ) ⊙ b + base  "expand" back out
+    backward  u  = (b ⊙ g) B,  dd = Σ_tokens u ⊙ h    (store + reduce)
+              dx = (d ⊙ u) A
+              db = Σ_tokens g ⊙ ((d ⊙ h) Bᵀ)          (reduce only)
 
-So no tokens x out tensor is ever written besides y: z is recomputed tile by
-tile and consumed in registers.
+(shrink / expand are vLLM's LoRA kernel names for the two directions.) So no
+tokens x out tensor is ever written besides y: z = (d ⊙ h) Bᵀ is recomputed
+tile by tile and consumed in registers. csrc/vera_kernels.cu is the same
+kernel in CUDA C++.
 
-Where Q and P come from (``GENERATE``)
---------------------------------------
+Where T comes from (``GENERATE``)
+---------------------------------
 Philox4x32-10 costs ~25 integer ops per generated element (DESIGN.md §5).
 A program that owns BLOCK_M token rows generates each projection tile once and
 reuses it for those BLOCK_M rows, so generation costs
@@ -29,12 +29,13 @@ dominant for thousands of tokens at r = 256.
 Hence two strategies, chosen per launch by the caller (``backend.py``):
 
 * ``GENERATE=True``: tiles generated in registers from the seed; reuse factor
-  = BLOCK_M rows (a meta-parameter). No projection ever touches memory. Best
-  when tokens are few (decoding, small batches).
+  = BLOCK_M rows (a meta-parameter, set by the launcher). No projection ever
+  touches memory. Best when tokens are few (decoding, small batches).
 * ``GENERATE=False``: the same tile generator first writes A and B once per
   launch into a small workspace (r · (in + out) elements, L2-resident), and
-  the kernels load tiles from it; reuse factor = all tokens of the launch.
+  the kernel loads tiles from it; reuse factor = all tokens of the launch.
   The same path serves explicitly given projections (e.g. PEFT's stored ones).
+  (``vera_kernels.strategy`` picks per launch.)
 
 Token reductions (dd, db) are deterministic: each program writes its own
 fp32 partial row, summed afterwards in a fixed order; no atomics.
@@ -90,95 +91,39 @@ def _fetch_tile(
     return tile
 
 
+# Epilogues (the EPILOGUE meta-parameter; the kernel compares the literals).
+STORE = 0  # out = acc ⊙ out_scale + base (both optional)
+STORE_AND_REDUCE = 1  # out = acc; partial[pid_m, :] = Σ_rows acc ⊙ aux
+REDUCE = 2  # partial[pid_m, :] = Σ_rows acc ⊙ aux; nothing stored
+
+
 @triton.jit(do_not_specialize=["seed"])
-def _shrink_kernel(
-    # out = x @ Q, Q (K x R) a projection or its transpose
+def _vera_gemm_kernel(
+    # acc = (x ⊙ x_scale) @ T, T (K x N): T(k, n) = P(n, k) if TRANSPOSED else P(k, n)
     x_ptr, stride_xm, stride_xk,
-    out_ptr, stride_om, stride_or,
-    # projection workspace when not GENERATE; stored as (R, K) or (K, R), see Q_IS_STORED_KR
+    x_scale_ptr,  # (K,) when SCALE_X
+    # projection P when not GENERATE (a workspace or explicit matrix)
     proj_ptr, stride_pr, stride_pc,
-    # b (K,): scales x's columns (u = (g ⊙ b) B) when SCALE_X
-    x_scale_ptr,
-    # dd epilogue: partial[pid_m, :] = Σ_rows out ⊙ h
-    h_ptr, stride_hm, stride_hr, partial_ptr,
-    M, K, R,
-    M_BUCKET,  # next power of two of M: the autotuning key, unused otherwise
-    seed, bound,
-    STREAM: tl.constexpr,
-    Q_IS_STORED_KR: tl.constexpr,  # projection is (K x R) as stored (B for u); else (R x K) (A for h)
-    SCALE_X: tl.constexpr,
-    REDUCE_WITH_H: tl.constexpr,
-    GENERATE: tl.constexpr,
-    DTYPE: tl.constexpr,
-    ACC_DTYPE: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,  # token rows sharing each generated tile: the reuse factor
-    BLOCK_K: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-):
-    pid_m = tl.program_id(0)
-    pid_r = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    mask_m = offs_m < M
-    rows = offs_m.to(tl.int64)
-    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC_DTYPE)
-    for k_start in range(0, K, BLOCK_K):
-        offs_k = k_start + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < K
-        x = tl.load(
-            x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-            mask=mask_m[:, None] & mask_k[None, :],
-            other=0.0,
-        )
-        if SCALE_X:
-            scale = tl.load(x_scale_ptr + offs_k, mask=mask_k, other=0.0)
-            x = (x.to(ACC_DTYPE) * scale.to(ACC_DTYPE)[None, :]).to(DTYPE)
-        if Q_IS_STORED_KR:
-            q = _fetch_tile(proj_ptr, stride_pr, stride_pc, K, R, seed, bound, k_start,
-                            pid_r * BLOCK_R, STREAM, BLOCK_K, BLOCK_R, GENERATE, DTYPE)
-        else:
-            q = tl.trans(_fetch_tile(proj_ptr, stride_pr, stride_pc, R, K, seed, bound,
-                                     pid_r * BLOCK_R, k_start, STREAM, BLOCK_R, BLOCK_K,
-                                     GENERATE, DTYPE))
-        acc = tl.dot(x.to(DTYPE), q, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-    mask = mask_m[:, None] & (offs_r[None, :] < R)
-    tl.store(out_ptr + rows[:, None] * stride_om + offs_r[None, :] * stride_or,
-             acc.to(DTYPE), mask=mask)
-    if REDUCE_WITH_H:
-        h = tl.load(h_ptr + rows[:, None] * stride_hm + offs_r[None, :] * stride_hr,
-                    mask=mask, other=0.0)
-        partial = tl.sum(acc * h.to(ACC_DTYPE), axis=0)
-        tl.store(partial_ptr + pid_m * R + offs_r, partial, mask=offs_r < R)
-
-
-@triton.jit(do_not_specialize=["seed"])
-def _expand_kernel(
-    # out = ((v ⊙ d) @ P) ⊙ col_scale + base, P (R x N) a projection or its transpose
-    v_ptr, stride_vm, stride_vr,
-    d_ptr,
     out_ptr, stride_om, stride_on,
-    base_ptr, stride_bm, stride_bn,
-    col_scale_ptr,
-    # db epilogue: partial[pid_m, :] = Σ_rows g ⊙ ((v ⊙ d) @ P), nothing stored to out
-    g_ptr, stride_gm, stride_gn, partial_ptr,
-    # projection workspace when not GENERATE; stored as (R, N) or (N, R), see P_IS_STORED_RN
-    proj_ptr, stride_pr, stride_pc,
-    M, N, R,
+    out_scale_ptr,  # (N,) when SCALE_OUT
+    base_ptr, stride_bm, stride_bn,  # (M, N) when HAS_BASE
+    aux_ptr, stride_am, stride_an, partial_ptr,  # reducing epilogues
+    M, N, K,
     M_BUCKET,  # next power of two of M: the autotuning key, unused otherwise
     seed, bound,
     STREAM: tl.constexpr,
-    P_IS_STORED_RN: tl.constexpr,  # projection is (R x N) as stored (A for dx); else (N x R) (B for y)
+    TRANSPOSED: tl.constexpr,
+    SCALE_X: tl.constexpr,
+    SCALE_OUT: tl.constexpr,
     HAS_BASE: tl.constexpr,
-    HAS_COL_SCALE: tl.constexpr,
-    REDUCE_WITH_G: tl.constexpr,
+    EPILOGUE: tl.constexpr,
     GENERATE: tl.constexpr,
     DTYPE: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,  # token rows sharing each generated tile: the reuse factor
     BLOCK_N: tl.constexpr,
-    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -188,30 +133,31 @@ def _expand_kernel(
     mask_n = offs_n < N
     rows = offs_m.to(tl.int64)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
-    for r_start in range(0, R, BLOCK_R):
-        offs_r = r_start + tl.arange(0, BLOCK_R)
-        mask_r = offs_r < R
-        v = tl.load(v_ptr + rows[:, None] * stride_vm + offs_r[None, :] * stride_vr,
-                    mask=mask_m[:, None] & mask_r[None, :], other=0.0)
-        d = tl.load(d_ptr + offs_r, mask=mask_r, other=0.0)
-        vd = (v.to(ACC_DTYPE) * d.to(ACC_DTYPE)[None, :]).to(DTYPE)
-        if P_IS_STORED_RN:
-            p = _fetch_tile(proj_ptr, stride_pr, stride_pc, R, N, seed, bound, r_start,
-                            pid_n * BLOCK_N, STREAM, BLOCK_R, BLOCK_N, GENERATE, DTYPE)
-        else:
-            p = tl.trans(_fetch_tile(proj_ptr, stride_pr, stride_pc, N, R, seed, bound,
-                                     pid_n * BLOCK_N, r_start, STREAM, BLOCK_N, BLOCK_R,
+    for k_start in range(0, K, BLOCK_K):
+        offs_k = k_start + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        if SCALE_X:
+            scale = tl.load(x_scale_ptr + offs_k, mask=mask_k, other=0.0)
+            x = (x.to(ACC_DTYPE) * scale.to(ACC_DTYPE)[None, :]).to(DTYPE)
+        if TRANSPOSED:
+            t = tl.trans(_fetch_tile(proj_ptr, stride_pr, stride_pc, N, K, seed, bound,
+                                     pid_n * BLOCK_N, k_start, STREAM, BLOCK_N, BLOCK_K,
                                      GENERATE, DTYPE))
-        acc = tl.dot(vd, p, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+        else:
+            t = _fetch_tile(proj_ptr, stride_pr, stride_pc, K, N, seed, bound, k_start,
+                            pid_n * BLOCK_N, STREAM, BLOCK_K, BLOCK_N, GENERATE, DTYPE)
+        acc = tl.dot(x.to(DTYPE), t, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
     mask = mask_m[:, None] & mask_n[None, :]
-    if REDUCE_WITH_G:
-        g = tl.load(g_ptr + rows[:, None] * stride_gm + offs_n[None, :] * stride_gn,
-                    mask=mask, other=0.0)
-        partial = tl.sum(acc * g.to(ACC_DTYPE), axis=0)
+    if EPILOGUE != 0:  # STORE_AND_REDUCE or REDUCE: sum over this program's rows
+        aux = tl.load(aux_ptr + rows[:, None] * stride_am + offs_n[None, :] * stride_an,
+                      mask=mask, other=0.0)
+        partial = tl.sum(acc * aux.to(ACC_DTYPE), axis=0)
         tl.store(partial_ptr + pid_m * N + offs_n, partial, mask=mask_n)
-    else:
-        if HAS_COL_SCALE:
-            scale = tl.load(col_scale_ptr + offs_n, mask=mask_n, other=0.0)
+    if EPILOGUE != 2:  # STORE or STORE_AND_REDUCE
+        if SCALE_OUT:
+            scale = tl.load(out_scale_ptr + offs_n, mask=mask_n, other=0.0)
             acc = acc * scale.to(ACC_DTYPE)[None, :]
         if HAS_BASE:
             base = tl.load(base_ptr + rows[:, None] * stride_bm + offs_n[None, :] * stride_bn,
@@ -230,34 +176,24 @@ def _expand_kernel(
 BLOCK_M = 16 if INTERPRETING else 64
 
 
-def _configs(second: str, third: str):
+def _configs():
     if INTERPRETING:  # autotune cannot run in the interpreter; small blocks keep it fast
-        return [triton.Config({second: 16, third: 16}, num_warps=1)]
+        return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 16}, num_warps=1)]
     return [
-        triton.Config({second: s, third: t}, num_warps=w, num_stages=st)
-        for s, t, w, st in [
-            (64, 32, 4, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3),
-            (32, 64, 4, 4), (256, 32, 8, 3), (64, 128, 8, 3),
+        triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=st)
+        for n, k, w, st in [
+            (32, 64, 4, 3), (32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 8, 3),
+            (64, 32, 4, 4), (128, 32, 8, 3), (128, 64, 8, 3), (256, 32, 8, 3),
         ]
     ]
 
 
-def _autotuned(kernel, second: str, third: str, flags: list):
-    if INTERPRETING:
-        return kernel
-    # M enters the key only through its power-of-two bucket, so a new token
-    # count does not retune. Tensor dtypes join the key automatically.
-    key = ["M_BUCKET", "R", *flags]
-    return triton.autotune(_configs(second, third), key=key)(kernel)
-
-
-_shrink = _autotuned(
-    _shrink_kernel, "BLOCK_K", "BLOCK_R", ["K", "Q_IS_STORED_KR", "SCALE_X", "REDUCE_WITH_H", "GENERATE"]
-)
-_expand = _autotuned(
-    _expand_kernel, "BLOCK_N", "BLOCK_R",
-    ["N", "P_IS_STORED_RN", "HAS_BASE", "HAS_COL_SCALE", "REDUCE_WITH_G", "GENERATE"],
-)
+# M enters the autotuning key only through its power-of-two bucket, so a new
+# token count does not retune. Tensor dtypes join the key automatically.
+_vera_gemm = _vera_gemm_kernel if INTERPRETING else triton.autotune(
+    _configs(),
+    key=["M_BUCKET", "N", "K", "TRANSPOSED", "SCALE_X", "SCALE_OUT", "HAS_BASE", "EPILOGUE", "GENERATE"],
+)(_vera_gemm_kernel)
 
 
 @dataclass(frozen=True)
@@ -280,14 +216,6 @@ class Projection:
     workspace: Optional[torch.Tensor] = None
 
 
-def _meta(dtype: torch.dtype) -> dict:
-    return dict(
-        DTYPE=_TORCH_TO_TL[dtype],
-        ACC_DTYPE=tl.float64 if dtype == torch.float64 else tl.float32,
-        INPUT_PRECISION=_input_precision(dtype),
-    )
-
-
 def _input_precision(dtype: torch.dtype) -> str:
     # fp32 follows torch's matmul precision setting, like torch.mm does.
     if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
@@ -295,94 +223,61 @@ def _input_precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
-def _source_args(proj: Projection, like: torch.Tensor) -> tuple:
-    ws = proj.workspace
-    if ws is None:  # pointer unused when generating
-        return (like, 0, 0)
-    return (ws, ws.stride(0), ws.stride(1))
+def _strides(t: Optional[torch.Tensor], dummy: torch.Tensor) -> tuple:
+    # Pointer and strides of an optional operand; unused ones point at dummy.
+    return (t, t.stride(0), t.stride(1)) if t is not None else (dummy, 0, 0)
 
 
-def _fixed_blocks(*names: str) -> dict:
-    # Interpreter runs are not autotuned: small fixed blocks keep them fast.
-    return {name: 16 for name in names} if INTERPRETING else {}
-
-
-def _partial_buffer(m: int, width: int, dtype: torch.dtype, device) -> torch.Tensor:
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
-    return torch.empty(triton.cdiv(m, BLOCK_M), width, dtype=acc, device=device)
-
-
-def shrink(
+def gemm(
     x: torch.Tensor,
     proj: Projection,
     *,
-    stored_kr: bool,
+    transposed: bool,
     x_scale: Optional[torch.Tensor] = None,
-    h_for_dd: Optional[torch.Tensor] = None,
+    out_scale: Optional[torch.Tensor] = None,
+    base: Optional[torch.Tensor] = None,
+    reduce_with: Optional[torch.Tensor] = None,
+    store: bool = True,
 ):
-    """``x (M x K) @ Q`` with Q = proj (``stored_kr``, proj is K x R) or projᵀ (proj is R x K).
+    """``(x ⊙ x_scale) @ T`` with T = projᵀ (``transposed``) or proj, and its epilogue.
 
-    ``x_scale`` (K,) scales x's columns first. With ``h_for_dd`` (M x R) also
-    returns per-tile partial sums of ``out ⊙ h`` over rows (sum them over dim 0).
-    Returns ``(out, partials or None)``; out has x's dtype.
+    Args:
+        x: (M, K) in the compute dtype, any strides.
+        x_scale: (K,) scaling x's columns. out_scale: (N,) scaling the result's
+            columns; base: (M, N) added to it.
+        reduce_with: (M, N); also compute per-BLOCK_M-tile partial sums over
+            rows of ``acc ⊙ reduce_with`` (sum them over dim 0).
+        store: write the result (False only together with ``reduce_with``).
+
+    Returns:
+        ``out``, ``partials`` or ``(out, partials)``.
     """
     m, k = x.shape
-    r = proj.cols if stored_kr else proj.rows
-    out = torch.empty(m, r, dtype=x.dtype, device=x.device)
-    partial = _partial_buffer(m, r, x.dtype, x.device) if h_for_dd is not None else None
-    h = h_for_dd if h_for_dd is not None else out
-    grid = lambda meta: (triton.cdiv(m, BLOCK_M), triton.cdiv(r, meta["BLOCK_R"]))  # noqa: E731
-    _shrink[grid](
-        x, x.stride(0), x.stride(1),
-        out, out.stride(0), out.stride(1),
-        *_source_args(proj, x),
-        x_scale if x_scale is not None else x,
-        h, h.stride(0), h.stride(1), partial if partial is not None else out,
-        m, k, r, triton.next_power_of_2(m), proj.seed, proj.bound,
-        STREAM=proj.stream, Q_IS_STORED_KR=stored_kr, SCALE_X=x_scale is not None,
-        REDUCE_WITH_H=h_for_dd is not None, GENERATE=proj.workspace is None,
-        BLOCK_M=BLOCK_M, **_meta(x.dtype), **_fixed_blocks("BLOCK_K", "BLOCK_R"),
-    )
-    return out, partial
-
-
-def expand(
-    v: torch.Tensor,
-    d: torch.Tensor,
-    proj: Projection,
-    *,
-    stored_rn: bool,
-    base: Optional[torch.Tensor] = None,
-    col_scale: Optional[torch.Tensor] = None,
-    reduce_with: Optional[torch.Tensor] = None,
-):
-    """``((v ⊙ d) (M x R) @ P) ⊙ col_scale + base`` with P = proj (``stored_rn``) or projᵀ.
-
-    With ``reduce_with`` (g, M x N) nothing is stored; returns per-tile partial
-    sums of ``g ⊙ ((v ⊙ d) @ P)`` over rows instead (sum them over dim 0).
-    """
-    m, r = v.shape
-    n = proj.cols if stored_rn else proj.rows
+    n = proj.rows if transposed else proj.cols
+    dtype = x.dtype
+    out = torch.empty(m, n, dtype=dtype, device=x.device) if store else None
+    partial = None
     if reduce_with is not None:
-        out = _partial_buffer(m, n, v.dtype, v.device)
-        g = reduce_with
-    else:
-        out = torch.empty(m, n, dtype=v.dtype, device=v.device)
-        g = out
-    base_t = base if base is not None else out
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        partial = torch.empty(triton.cdiv(m, BLOCK_M), n, dtype=acc, device=x.device)
+    epilogue = STORE if reduce_with is None else (STORE_AND_REDUCE if store else REDUCE)
     grid = lambda meta: (triton.cdiv(m, BLOCK_M), triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
-    _expand[grid](
-        v, v.stride(0), v.stride(1),
-        d,
-        out, out.stride(0), out.stride(1),
-        base_t, base_t.stride(0), base_t.stride(1),
-        col_scale if col_scale is not None else d,
-        g, g.stride(0), g.stride(1), out,
-        *_source_args(proj, v),
-        m, n, r, triton.next_power_of_2(m), proj.seed, proj.bound,
-        STREAM=proj.stream, P_IS_STORED_RN=stored_rn, HAS_BASE=base is not None,
-        HAS_COL_SCALE=col_scale is not None, REDUCE_WITH_G=reduce_with is not None,
-        GENERATE=proj.workspace is None,
-        BLOCK_M=BLOCK_M, **_meta(v.dtype), **_fixed_blocks("BLOCK_N", "BLOCK_R"),
+    _vera_gemm[grid](
+        x, x.stride(0), x.stride(1),
+        x_scale if x_scale is not None else x,
+        *_strides(proj.workspace, x),
+        *_strides(out, x),
+        out_scale if out_scale is not None else x,
+        *_strides(base, x),
+        *_strides(reduce_with, x), partial if partial is not None else x,
+        m, n, k, triton.next_power_of_2(m), proj.seed, proj.bound,
+        STREAM=proj.stream, TRANSPOSED=transposed, SCALE_X=x_scale is not None,
+        SCALE_OUT=out_scale is not None, HAS_BASE=base is not None, EPILOGUE=epilogue,
+        GENERATE=proj.workspace is None, DTYPE=_TORCH_TO_TL[dtype],
+        ACC_DTYPE=tl.float64 if dtype == torch.float64 else tl.float32,
+        INPUT_PRECISION=_input_precision(dtype), BLOCK_M=BLOCK_M,
+        **({"BLOCK_N": 16, "BLOCK_K": 16} if INTERPRETING else {}),
     )
-    return out
+    if partial is None:
+        return out
+    return (out, partial) if store else partial
