@@ -1,6 +1,7 @@
 // torch bindings of the CUDA kernels: the `vera_kernels_cuda` op library.
 //
-//   forward(x, lambda_d, lambda_b, key0, key1, base?, generate, proj_a?, proj_b?) -> (y, h)
+//   forward(x, lambda_d, lambda_b, key0, key1, base?, generate, proj_a?, proj_b?, into_base)
+//           -> (y, h)   (y is base itself when into_base)
 //   backward(grad, h, lambda_d, lambda_b, key0, key1, in_features, generate,
 //            need_dx, need_dd, need_db, proj_a?, proj_b?) -> (dx, dd, db)
 //            (a gradient not asked for comes back empty)
@@ -145,7 +146,7 @@ std::tuple<Tensor, Tensor> vera_forward(const Tensor& x_in, const Tensor& lambda
                                         const Tensor& lambda_b_in, int64_t key0, int64_t key1,
                                         const std::optional<Tensor>& base, bool generate,
                                         const std::optional<Tensor>& proj_a,
-                                        const std::optional<Tensor>& proj_b) {
+                                        const std::optional<Tensor>& proj_b, bool into_base) {
   TORCH_CHECK(x_in.is_cuda() && x_in.dim() == 2,
               "vera_kernels cuda backend: x must be a 2-D CUDA tensor");
   check_input(lambda_d_in, "lambda_d", x_in, 1);
@@ -163,7 +164,9 @@ std::tuple<Tensor, Tensor> vera_forward(const Tensor& x_in, const Tensor& lambda
   set_out(p, h);
   run(x_in, p, "forward h = x A^T");
 
-  Tensor y = at::empty({m, out}, x_in.options());
+  TORCH_CHECK(!into_base || base.has_value(), "vera_kernels cuda backend: into_base needs a base");
+  // In place, each element of base is read and then written by the same thread.
+  Tensor y = into_base ? *base : at::empty({m, out}, x_in.options());
   p = gemm_params(h, &lambda_d, b, /*transposed=*/true, out);
   set_out(p, y);
   p.out_scale = lambda_b.data_ptr();
@@ -242,7 +245,8 @@ Tensor vera_projection(int64_t matrix, int64_t rows, int64_t cols, int64_t key0,
 TORCH_LIBRARY(vera_kernels_cuda, m) {
   m.def(
       "forward(Tensor x, Tensor lambda_d, Tensor lambda_b, int key0, int key1, Tensor? base, "
-      "bool generate, Tensor? proj_a=None, Tensor? proj_b=None) -> (Tensor, Tensor)");
+      "bool generate, Tensor? proj_a=None, Tensor? proj_b=None, bool into_base=False) "
+      "-> (Tensor, Tensor)");
   m.def(
       "backward(Tensor grad, Tensor h, Tensor lambda_d, Tensor lambda_b, int key0, int key1, "
       "int in_features, bool generate, bool need_dx, bool need_dd, bool need_db, "

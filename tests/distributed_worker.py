@@ -42,11 +42,12 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
         opt.step()
 
 
-def run(rank: int, port: int, mode: str, out_dir: str) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
+def run(rank: int, mode: str, out_dir: str) -> None:
+    # Rendezvous through a file (no port to race for); gloo's traffic stays on loopback.
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     dist.init_process_group(
-        "gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60)
+        "gloo", init_method=f"file://{os.path.join(out_dir, 'rendezvous')}", rank=rank,
+        world_size=WORLD, timeout=datetime.timedelta(seconds=60),
     )
     try:
         model = build_model()

@@ -76,7 +76,7 @@ def test_prebuilt_extension_loads_and_registers_ops():
     cuda_backend.load()
     schemas = {name: str(getattr(torch.ops.vera_kernels_cuda, name).default._schema)
                for name in ("forward", "backward", "projection")}
-    assert "bool generate, Tensor? proj_a=None, Tensor? proj_b=None) -> (Tensor, Tensor)" in schemas["forward"]
+    assert "Tensor? proj_b=None, bool into_base=False) -> (Tensor, Tensor)" in schemas["forward"]
     assert "Tensor? proj_b=None) -> (Tensor, Tensor, Tensor)" in schemas["backward"]
     # Kernels are registered for CUDA only: CPU tensors find no kernel.
     with pytest.raises(NotImplementedError):

@@ -3,10 +3,9 @@
 Only the vectors travel between ranks (A and B follow from the seed), so
 training must give every rank the same vectors, equal to single-process
 training on the concatenated batches, and the adapter checkpoint must load
-into a plain model.
+into a plain model. Rendezvous through a file; gloo on loopback only.
 """
 
-import socket
 import time
 
 import pytest
@@ -22,15 +21,9 @@ pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distribut
 TIMEOUT_S = 180
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run_ranks(mode: str, out_dir) -> list:
     ctx = mp.start_processes(
-        run, args=(_free_port(), mode, str(out_dir)), nprocs=WORLD, join=False, start_method="spawn"
+        run, args=(mode, str(out_dir)), nprocs=WORLD, join=False, start_method="spawn"
     )
     deadline = time.monotonic() + TIMEOUT_S
     try:

@@ -253,3 +253,22 @@ def test_bad_explicit_projections(projections, error, match):
     x, d, b, _ = vera_inputs((2,), 8, 5, 4, dtype=torch.float32, device="cpu", with_base=False)
     with pytest.raises(error, match=match):
         vk.vera_linear(x, d, b, None, projections=projections)
+
+
+@pytest.mark.parametrize("backend,device", backend_device_params())
+def test_into_base_writes_in_place_only_without_autograd(backend, device):
+    x, d, b, base = vera_inputs((4, 3), 21, 13, 5, dtype=torch.float32, device=device)
+    expected = vera_linear_reference(x.double(), d.double(), b.double(), SEED, base.double())
+    tol = _tol(torch.float32, OUTPUT_TOL_EPS)
+
+    buffer = base.clone()
+    with torch.no_grad():
+        y = vk.vera_linear(x, d, b, SEED, buffer, backend=backend, into_base=True)
+    assert y is buffer
+    assert_close_scaled(buffer, expected, tol)
+
+    # Autograd needs the graph: a new tensor, and the buffer is left alone.
+    buffer = base.clone()
+    y = vk.vera_linear(x, d.requires_grad_(True), b, SEED, buffer, backend=backend, into_base=True)
+    assert y.data_ptr() != buffer.data_ptr() and torch.equal(buffer, base)
+    assert_close_scaled(y.detach(), expected, tol)

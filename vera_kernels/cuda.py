@@ -84,11 +84,11 @@ def _generate(tokens: int) -> bool:
     return strategy.strategy_for(tokens, BLOCK_M) == "generate"
 
 
-def forward(x, lambda_d, lambda_b, key, base, explicit):
+def forward(x, lambda_d, lambda_b, key, base, explicit, into_base=False):
     load()
     proj_a, proj_b = explicit if explicit is not None else (None, None)
     return torch.ops.vera_kernels_cuda.forward(
-        x, lambda_d, lambda_b, *key, base, _generate(x.shape[0]), proj_a, proj_b
+        x, lambda_d, lambda_b, *key, base, _generate(x.shape[0]), proj_a, proj_b, into_base
     )
 
 

@@ -83,6 +83,7 @@ def vera_linear(
     *,
     backend: Optional[str] = None,
     projections: Optional[tuple[Tensor, Tensor]] = None,
+    into_base: bool = False,
 ) -> Tensor:
     """VeRA's adapter path: ``base_output + lambda_b * (B @ (lambda_d * (A @ x)))`` per token.
 
@@ -102,6 +103,10 @@ def vera_linear(
         projections: explicit ``(A, B)`` of shapes (r, in) and (out, r) in x's
             dtype, used instead of the seed's (e.g. PEFT's stored, sliced
             ``vera_A`` / ``vera_B``); ``seed`` may then be None. Frozen.
+        into_base: write the result into ``base_output``'s buffer and return
+            it, saving a tokens x out allocation, whenever autograd does not
+            need the graph (no grad mode, or nothing requires grad) and
+            base_output is contiguous; otherwise a new tensor as usual.
 
     Returns:
         ``(..., out)`` tensor in x's dtype, differentiable in x, lambda_d,
@@ -160,6 +165,14 @@ def vera_linear(
 
     x2d = x.reshape(-1, x.shape[-1])
     base2d = base_output.reshape(-1, out_features) if base_output is not None else None
+    if into_base and base_output is not None and base_output.is_contiguous() and not (
+        torch.is_grad_enabled()
+        and any(t is not None and t.requires_grad for t in (x, lambda_d, lambda_b, base_output))
+    ):
+        torch.ops.vera_kernels.vera_forward_into_base(
+            x2d, lambda_d, lambda_b, key0, key1, base2d, name, proj_a, proj_b
+        )
+        return base_output
     y, _ = torch.ops.vera_kernels.vera_forward(
         x2d, lambda_d, lambda_b, key0, key1, base2d, name, proj_a, proj_b
     )

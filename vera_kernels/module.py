@@ -162,6 +162,7 @@ class VeRALinear(nn.Module):
             base,
             backend=self.backend,
             projections=self._projection_pair(x.dtype),
+            into_base=True,  # base is this call's own temporary
         )
 
     @torch.no_grad()

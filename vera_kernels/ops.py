@@ -18,7 +18,7 @@ trace the ops without graph breaks.
 # No `from __future__ import annotations`: torch.library reads these signatures at runtime.
 import os
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 from torch import Tensor
@@ -35,7 +35,8 @@ __all__ = [
 
 BACKEND_ENV_VAR = "VERA_KERNELS_BACKEND"
 
-# forward(x2d, lambda_d, lambda_b, key, base2d | None, projections) -> (y2d, h)
+# forward(x2d, lambda_d, lambda_b, key, base2d | None, projections, into_base=False)
+#   -> (y2d, h); with into_base, y2d is base2d, written in place.
 ForwardFn = Callable[..., tuple]
 # backward(grad2d, h, lambda_d, lambda_b, key, in_features, projections,
 #          need_dx, need_dd, need_db) -> (dx | None, dd | None, db | None)
@@ -93,24 +94,25 @@ def resolve_backend(requested: Optional[str], device: torch.device) -> str:
     """
     name = requested or os.environ.get(BACKEND_ENV_VAR) or None
     if name is None:
-        usable = [
-            b
-            for b in _BACKENDS.values()
-            if (b.auto_devices is None or device.type in b.auto_devices)
-            and b.unavailable_on(device) is None
-        ]
-        if not usable:
-            raise RuntimeError(f"no vera_kernels backend can run on {device}")
-        return min(usable, key=lambda b: b.priority).name
+        for b in _by_priority():
+            if (b.auto_devices is None or device.type in b.auto_devices) and (
+                b.unavailable_on(device) is None
+            ):
+                return b.name
+        raise RuntimeError(f"no vera_kernels backend can run on {device}")
     reason = get_backend(name).unavailable_on(device)
     if reason is not None:
         raise RuntimeError(f"vera_kernels backend {name!r} cannot run on {device}: {reason}")
     return name
 
 
+def _by_priority() -> list[Backend]:
+    return sorted(_BACKENDS.values(), key=lambda b: b.priority)
+
+
 def registered_backends() -> list[str]:
     """Every registered backend, usable here or not, fastest first."""
-    return [b.name for b in sorted(_BACKENDS.values(), key=lambda b: b.priority)]
+    return [b.name for b in _by_priority()]
 
 
 def _present_devices() -> list[torch.device]:
@@ -120,17 +122,16 @@ def _present_devices() -> list[torch.device]:
     return devices
 
 
-def available_backends(device: Optional[torch.device | str] = None) -> list[str]:
+def available_backends(device: Optional[Union[torch.device, str]] = None) -> list[str]:
     """Names of the backends usable now, fastest first.
 
     With ``device``, those that run on it; otherwise those that run on any
     device this machine has (the CPU, and the current GPU if any).
     """
     devices = [torch.device(device)] if device is not None else _present_devices()
-    usable = [
-        b for b in _BACKENDS.values() if any(b.unavailable_on(dev) is None for dev in devices)
+    return [
+        b.name for b in _by_priority() if any(b.unavailable_on(dev) is None for dev in devices)
     ]
-    return [b.name for b in sorted(usable, key=lambda b: b.priority)]
 
 
 def _backend_for(x: Tensor, name: str) -> Backend:
@@ -173,6 +174,25 @@ def _explicit(proj_a: Optional[Tensor], proj_b: Optional[Tensor]) -> Optional[tu
 def _(x, lambda_d, lambda_b, key0, key1, base, backend, proj_a=None, proj_b=None):
     tokens = x.shape[0]
     return x.new_empty(tokens, lambda_b.shape[0]), x.new_empty(tokens, lambda_d.shape[0])
+
+
+@torch.library.custom_op("vera_kernels::vera_forward_into_base", mutates_args=("base",))
+def vera_forward_into_base(
+    x: Tensor,
+    lambda_d: Tensor,
+    lambda_b: Tensor,
+    key0: int,
+    key1: int,
+    base: Tensor,
+    backend: str,
+    proj_a: Optional[Tensor] = None,
+    proj_b: Optional[Tensor] = None,
+) -> None:
+    """``base += b * ((d * (x @ A.T)) @ B.T)`` in place: the forward without autograd."""
+    with _no_autocast(x):
+        _backend_for(x, backend).forward(
+            x, lambda_d, lambda_b, (key0, key1), base, _explicit(proj_a, proj_b), True
+        )
 
 
 @torch.library.custom_op("vera_kernels::vera_backward", mutates_args=())

@@ -46,11 +46,17 @@ def _scaled(matrix: Tensor, rows: Optional[Tensor], cols: Optional[Tensor]) -> T
     return acc.to(matrix.dtype)
 
 
-def forward(x: Tensor, lambda_d: Tensor, lambda_b: Tensor, key, base: Optional[Tensor], explicit):
+def forward(x: Tensor, lambda_d: Tensor, lambda_b: Tensor, key, base: Optional[Tensor], explicit,
+            into_base: bool = False):
     proj_a, proj_b = _projections(key, x.shape[1], lambda_b.shape[0], lambda_d.shape[0], x, explicit)
     h = x @ proj_a.T
     w = _scaled(proj_b, lambda_b, lambda_d)  # (out, r): b_o * B[o, i] * d_i
-    y = h @ w.T if base is None else torch.addmm(base, h, w.T)
+    if base is None:
+        y = h @ w.T
+    elif into_base:
+        y = base.addmm_(h, w.T)
+    else:
+        y = torch.addmm(base, h, w.T)
     return y, h
 
 

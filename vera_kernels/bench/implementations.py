@@ -16,6 +16,7 @@ from torch import nn
 
 from ..module import VeRALinear
 from ..reference import vera_linear_with_projections, vera_projections
+from ..strategy import strategy_for
 
 PROJECTION_STRATEGY = {
     "unfused": "stored A, B",
@@ -101,22 +102,32 @@ def make_layer(name: str, case: Case) -> nn.Module:
     return layer
 
 
+def _fused_block_m(name: str) -> Optional[int]:
+    """Rows per generated tile of a fused backend; None for the others."""
+    if name == "ours-triton":
+        from ..triton.kernels import BLOCK_M
+
+        return BLOCK_M
+    if name == "ours-cuda":
+        from ..cuda import BLOCK_M
+
+        return BLOCK_M
+    return None
+
+
 def strategy(name: str, case: Case) -> str:
     """How implementation ``name`` obtains A and B for ``case``."""
-    if name == "ours-triton":
-        from ..triton.backend import strategy_for
-
-        return f"{strategy_for(case.tokens)} (Philox in-kernel)"
-    return PROJECTION_STRATEGY.get(name, "-")
+    block_m = _fused_block_m(name)
+    if block_m is None:
+        return PROJECTION_STRATEGY.get(name, "-")
+    return f"{strategy_for(case.tokens, block_m)} (Philox in-kernel)"
 
 
 def generation_int_ops(name: str, case: Case) -> int:
     """Integer ops spent on Philox per forward (DESIGN.md §5: ~25 per element)."""
-    if name != "ours-triton":
+    block_m = _fused_block_m(name)
+    if block_m is None:
         return 0  # generated once and kept (cached / stored)
-    from ..triton.backend import strategy_for
-    from ..triton.kernels import BLOCK_M
-
     elements = case.r * (case.in_features + case.out_features)
-    passes = 1 if strategy_for(case.tokens) == "workspace" else -(-case.tokens // BLOCK_M)
+    passes = 1 if strategy_for(case.tokens, block_m) == "workspace" else -(-case.tokens // block_m)
     return 25 * elements * passes

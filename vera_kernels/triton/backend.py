@@ -30,14 +30,15 @@ def _projection(matrix: str, rows: int, cols: int, key, like: torch.Tensor, stra
     return kernels.Projection(MATRICES[matrix], rows, cols, seed, projection_bound(cols), workspace)
 
 
-def forward(x, lambda_d, lambda_b, key, base, explicit):
+def forward(x, lambda_d, lambda_b, key, base, explicit, into_base=False):
     strategy = strategy_for(x.shape[0])
     r, in_features, out_features = lambda_d.shape[0], x.shape[1], lambda_b.shape[0]
     given_a, given_b = explicit if explicit is not None else (None, None)
     proj_a = _projection("A", r, in_features, key, x, strategy, given_a)
     proj_b = _projection("B", out_features, r, key, x, strategy, given_b)
     h = kernels.gemm(x, proj_a, transposed=True)
-    y = kernels.gemm(h, proj_b, transposed=True, x_scale=lambda_d, out_scale=lambda_b, base=base)
+    y = kernels.gemm(h, proj_b, transposed=True, x_scale=lambda_d, out_scale=lambda_b, base=base,
+                     out=base if into_base else None)
     return y, h
 
 

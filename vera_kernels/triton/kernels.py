@@ -238,6 +238,7 @@ def gemm(
     base: Optional[torch.Tensor] = None,
     reduce_with: Optional[torch.Tensor] = None,
     store: bool = True,
+    out: Optional[torch.Tensor] = None,
 ):
     """``(x ⊙ x_scale) @ T`` with T = projᵀ (``transposed``) or proj, and its epilogue.
 
@@ -248,6 +249,8 @@ def gemm(
         reduce_with: (M, N); also compute per-BLOCK_M-tile partial sums over
             rows of ``acc ⊙ reduce_with`` (sum them over dim 0).
         store: write the result (False only together with ``reduce_with``).
+        out: (M, N) to write the result into (may be ``base`` itself: each
+            element is read and written by the same program); new otherwise.
 
     Returns:
         ``out``, ``partials`` or ``(out, partials)``.
@@ -255,7 +258,8 @@ def gemm(
     m, k = x.shape
     n = proj.rows if transposed else proj.cols
     dtype = x.dtype
-    out = torch.empty(m, n, dtype=dtype, device=x.device) if store else None
+    if out is None and store:
+        out = torch.empty(m, n, dtype=dtype, device=x.device)
     partial = None
     if reduce_with is not None:
         acc = torch.float64 if dtype == torch.float64 else torch.float32
