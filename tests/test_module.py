@@ -207,10 +207,11 @@ def test_state_dict_mismatch_is_an_error():
         vk.load_vera_state_dict(_model(), {"weight": torch.zeros(1)})
 
 
-def test_torch_compile_fullgraph_matches_eager():
-    model = vk.apply_vera(_model(), ["q_proj", "mlp.2"], r=4, seed=5)
+@pytest.mark.parametrize("device", DEVICES)  # on CUDA: through the Triton backend
+def test_torch_compile_fullgraph_matches_eager(device):
+    model = vk.apply_vera(_model(), ["q_proj", "mlp.2"], r=4, seed=5).to(device)
     _randomize_vectors(model)
-    x = torch.randn(6, 12)
+    x = torch.randn(6, 12, device=device)
     eager_y = model(x)
     eager_y.square().sum().backward()
     eager_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}

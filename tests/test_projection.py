@@ -111,3 +111,24 @@ def test_bad_arguments(kwargs, error, match):
     dtype = args.pop("dtype", torch.float32)
     with pytest.raises(error, match=match):
         vk.projection(args["matrix"], args["rows"], args["cols"], args["seed"], dtype=dtype)
+
+
+def test_temporaries_stay_bounded(monkeypatch):
+    # Every Philox call works on at most _CHUNK_GROUPS counters (or one row's
+    # groups, if a single row has more), whatever the matrix size.
+    monkeypatch.setattr(proj_mod, "_CHUNK_GROUPS", 1000)
+    sizes = []
+    real = proj_mod.philox4x32_10
+
+    def recording(counter, key):
+        sizes.append(torch.broadcast_shapes(*(c.shape for c in counter)).numel())
+        return real(counter, key)
+
+    monkeypatch.setattr(proj_mod, "philox4x32_10", recording)
+    full = vk.projection("A", 300, 64, 9)  # 16 groups a row: 62 rows a chunk
+    assert max(sizes) <= 1000 and len(sizes) == -(-300 // (1000 // 16))
+    sizes.clear()
+    vk.projection("B", 3, 8192, 9)  # 2048 groups a row > 1000: one row a chunk
+    assert sizes == [2048, 2048, 2048]
+    monkeypatch.setattr(proj_mod, "_CHUNK_GROUPS", 1 << 20)
+    assert torch.equal(vk.projection("A", 300, 64, 9), full)
