@@ -28,9 +28,9 @@ def cuda_build():
         return [], {}
     try:
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
-    except ImportError:
+    except ImportError as error:
         if mode == "1":
-            raise RuntimeError("VERA_KERNELS_BUILD_CUDA=1 needs torch installed before the build")
+            raise RuntimeError("VERA_KERNELS_BUILD_CUDA=1 needs torch installed before the build") from error
         return [], {}
     if CUDA_HOME is None:
         if mode == "1":
@@ -46,7 +46,7 @@ def cuda_build():
                 super().build_extension(ext)
             except Exception as error:  # noqa: BLE001  (compiler errors come in many types)
                 warnings.warn(f"vera_kernels: CUDA extension not built ({error}); "
-                              "set VERA_KERNELS_BUILD_CUDA=1 to make this an error")
+                              "set VERA_KERNELS_BUILD_CUDA=1 to make this an error", stacklevel=2)
 
     ext = CUDAExtension(
         "vera_kernels._C",

@@ -22,7 +22,6 @@ from __future__ import annotations
 import os
 from typing import Union
 
-import torch
 from torch import nn
 
 from .model import vera_layers

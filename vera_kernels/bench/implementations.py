@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass
+from typing import Optional
+
 import torch
 from torch import nn
 
