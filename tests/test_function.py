@@ -272,3 +272,27 @@ def test_into_base_writes_in_place_only_without_autograd(backend, device):
     y = vk.vera_linear(x, d.requires_grad_(True), b, SEED, buffer, backend=backend, into_base=True)
     assert y.data_ptr() != buffer.data_ptr() and torch.equal(buffer, base)
     assert_close_scaled(y.detach(), expected, tol)
+
+
+def test_custom_ops_pass_opcheck():
+    # The ops torch.compile traces: schema, fake kernels, autograd registration
+    # and AOT dispatch, as torch.library checks them.
+    x, d, b, base = vera_inputs((5,), 9, 7, 3, dtype=torch.float32, device="cpu")
+    for t in (x, d, b, base):
+        t.requires_grad_(True)
+    proj = _explicit_projections(9, 7, 3, torch.float32, "cpu")
+    for explicit in (None, proj):
+        pa, pb = explicit if explicit is not None else (None, None)
+        torch.library.opcheck(
+            torch.ops.vera_kernels.vera_forward.default, (x, d, b, 1, 2, base, "torch", pa, pb)
+        )
+        h = torch.randn(5, 3)
+        grad = torch.randn(5, 7)
+        torch.library.opcheck(
+            torch.ops.vera_kernels.vera_backward.default,
+            (grad, h, d.detach(), b.detach(), 1, 2, 9, "torch", True, True, True, pa, pb),
+        )
+        torch.library.opcheck(
+            torch.ops.vera_kernels.vera_forward_into_base.default,
+            (x.detach(), d.detach(), b.detach(), 1, 2, base.detach().clone(), "torch", pa, pb),
+        )

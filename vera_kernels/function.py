@@ -1,8 +1,11 @@
 """Autograd for the VeRA op, and ``vera_linear``, the checked functional entry point.
 
 Forward saves only ``h`` (tokens x r) and the two vectors; backward hands
-them to ``vera_kernels::vera_backward`` of the same backend. The gradient of
-``base_output`` is the upstream gradient itself.
+them to the same backend's backward. The gradient of ``base_output`` is the
+upstream gradient itself. Under torch.compile the custom ops of ``ops.py``
+(with the autograd registered here) are traced; in eager mode an
+``autograd.Function`` calls the same backend functions directly, which costs
+a fraction of the dispatch overhead.
 """
 
 from __future__ import annotations
@@ -18,24 +21,22 @@ from .projection import SUPPORTED_DTYPES, split_seed
 __all__ = ["vera_linear"]
 
 
-def _setup_context(ctx, inputs, output):
-    x, lambda_d, lambda_b, key0, key1, base, backend, proj_a, proj_b = inputs
-    _, h = output
+def _save(ctx, x, lambda_d, lambda_b, key0, key1, backend, proj_a, proj_b, h) -> None:
     # proj_a / proj_b (explicit mode only) are frozen inputs: saving them keeps
     # a reference, no copy.
     ctx.save_for_backward(h, lambda_d, lambda_b, proj_a, proj_b)
     ctx.key = (key0, key1)
     ctx.in_features = x.shape[1]
     ctx.backend = backend
-    ctx.mark_non_differentiable(h)
 
 
-def _backward(ctx, grad_y, _grad_h):
+def _input_grads(ctx, grad_y, backward) -> tuple:
+    """Gradients for (x, lambda_d, lambda_b, key0, key1, base, backend, proj_a, proj_b)."""
     h, lambda_d, lambda_b, proj_a, proj_b = ctx.saved_tensors
     need_x, need_d, need_b, _, _, need_base = ctx.needs_input_grad[:6]
     dx = dd = db = None
     if need_x or need_d or need_b:
-        dx, dd, db = torch.ops.vera_kernels.vera_backward(
+        dx, dd, db = backward(
             grad_y, h, lambda_d, lambda_b, *ctx.key, ctx.in_features, ctx.backend,
             need_x, need_d, need_b, proj_a, proj_b,
         )
@@ -52,9 +53,32 @@ def _backward(ctx, grad_y, _grad_h):
     )
 
 
+# Autograd of the custom op, for graphs torch.compile traces.
+def _setup_context(ctx, inputs, output):
+    x, lambda_d, lambda_b, key0, key1, _, backend, proj_a, proj_b = inputs
+    _save(ctx, x, lambda_d, lambda_b, key0, key1, backend, proj_a, proj_b, output[1])
+    ctx.mark_non_differentiable(output[1])
+
+
 torch.library.register_autograd(
-    "vera_kernels::vera_forward", _backward, setup_context=_setup_context
+    "vera_kernels::vera_forward",
+    lambda ctx, grad_y, _grad_h: _input_grads(ctx, grad_y, torch.ops.vera_kernels.vera_backward),
+    setup_context=_setup_context,
 )
+
+
+class _VeRAFunction(torch.autograd.Function):
+    """The eager path: the same backend calls and saved state, without torch.library dispatch."""
+
+    @staticmethod
+    def forward(ctx, x, lambda_d, lambda_b, key0, key1, base, backend, proj_a, proj_b):
+        y, h = ops.run_forward(x, lambda_d, lambda_b, key0, key1, base, backend, proj_a, proj_b)
+        _save(ctx, x, lambda_d, lambda_b, key0, key1, backend, proj_a, proj_b, h)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        return _input_grads(ctx, grad_y, ops.run_backward)
 
 
 def _check_tensor(name: str, t, dims: Optional[int] = None) -> None:
@@ -165,17 +189,21 @@ def vera_linear(
 
     x2d = x.reshape(-1, x.shape[-1])
     base2d = base_output.reshape(-1, out_features) if base_output is not None else None
+    args = (x2d, lambda_d, lambda_b, key0, key1, base2d, name, proj_a, proj_b)
+    compiling = torch.compiler.is_compiling()
     if into_base and base_output is not None and base_output.is_contiguous() and not (
         torch.is_grad_enabled()
         and any(t is not None and t.requires_grad for t in (x, lambda_d, lambda_b, base_output))
     ):
-        torch.ops.vera_kernels.vera_forward_into_base(
-            x2d, lambda_d, lambda_b, key0, key1, base2d, name, proj_a, proj_b
-        )
+        if compiling:
+            torch.ops.vera_kernels.vera_forward_into_base(*args)
+        else:
+            ops.run_forward(*args, into_base=True)
         return base_output
-    y, _ = torch.ops.vera_kernels.vera_forward(
-        x2d, lambda_d, lambda_b, key0, key1, base2d, name, proj_a, proj_b
-    )
+    if compiling:
+        y, _ = torch.ops.vera_kernels.vera_forward(*args)
+    else:
+        y = _VeRAFunction.apply(*args)
     return y.reshape(out_shape)
 
 

@@ -147,6 +147,34 @@ def _no_autocast(x: Tensor):
     return torch.autocast(x.device.type, enabled=False)
 
 
+def _explicit(proj_a: Optional[Tensor], proj_b: Optional[Tensor]) -> Optional[tuple]:
+    return None if proj_a is None else (proj_a, proj_b)
+
+
+def run_forward(x, lambda_d, lambda_b, key0, key1, base, backend, proj_a=None, proj_b=None,
+                into_base=False) -> tuple:
+    """(y, h) from the named backend; the body of the forward ops, and the eager path."""
+    with _no_autocast(x):
+        return _backend_for(x, backend).forward(
+            x, lambda_d, lambda_b, (key0, key1), base, _explicit(proj_a, proj_b), into_base
+        )
+
+
+def run_backward(grad, h, lambda_d, lambda_b, key0, key1, in_features, backend,
+                 need_dx, need_dd, need_db, proj_a=None, proj_b=None) -> tuple:
+    """(dx, dd, db), None where not needed; the body of the backward op, and the eager path."""
+    with _no_autocast(h):
+        return _backend_for(h, backend).backward(
+            grad, h, lambda_d, lambda_b, (key0, key1), in_features,
+            _explicit(proj_a, proj_b), need_dx, need_dd, need_db,
+        )
+
+
+# The custom ops: what torch.compile traces (function.py calls them while
+# compiling and the plain functions above in eager mode, where torch.library
+# dispatch would only add overhead).
+
+
 @torch.library.custom_op("vera_kernels::vera_forward", mutates_args=())
 def vera_forward(
     x: Tensor,
@@ -160,14 +188,7 @@ def vera_forward(
     proj_b: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
     """(y, h) for 2-D ``x``; see the module docstring."""
-    with _no_autocast(x):
-        return _backend_for(x, backend).forward(
-            x, lambda_d, lambda_b, (key0, key1), base, _explicit(proj_a, proj_b)
-        )
-
-
-def _explicit(proj_a: Optional[Tensor], proj_b: Optional[Tensor]) -> Optional[tuple]:
-    return None if proj_a is None else (proj_a, proj_b)
+    return run_forward(x, lambda_d, lambda_b, key0, key1, base, backend, proj_a, proj_b)
 
 
 @vera_forward.register_fake
@@ -189,10 +210,7 @@ def vera_forward_into_base(
     proj_b: Optional[Tensor] = None,
 ) -> None:
     """``base += b * ((d * (x @ A.T)) @ B.T)`` in place: the forward without autograd."""
-    with _no_autocast(x):
-        _backend_for(x, backend).forward(
-            x, lambda_d, lambda_b, (key0, key1), base, _explicit(proj_a, proj_b), True
-        )
+    run_forward(x, lambda_d, lambda_b, key0, key1, base, backend, proj_a, proj_b, into_base=True)
 
 
 @torch.library.custom_op("vera_kernels::vera_backward", mutates_args=())
@@ -212,11 +230,8 @@ def vera_backward(
     proj_b: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dx, dd, db); a gradient that was not asked for comes back as an empty tensor."""
-    with _no_autocast(h):
-        grads = _backend_for(h, backend).backward(
-            grad, h, lambda_d, lambda_b, (key0, key1), in_features,
-            _explicit(proj_a, proj_b), need_dx, need_dd, need_db,
-        )
+    grads = run_backward(grad, h, lambda_d, lambda_b, key0, key1, in_features, backend,
+                         need_dx, need_dd, need_db, proj_a, proj_b)
     return tuple(g if g is not None else h.new_empty(0) for g in grads)
 
 
