@@ -16,6 +16,12 @@ from typing import Callable
 import torch
 
 
+# do_bench budget per measurement (ms): the default GPU preset has ~50 cases
+# x 5-6 implementations x 3 modes x 2 rounds, and should finish in minutes.
+GPU_WARMUP_MS = 10
+GPU_REP_MS = 50
+
+
 @dataclass
 class Timing:
     """Milliseconds: the median and the 20% / 80% quantiles."""
@@ -48,7 +54,9 @@ def time_interleaved(fns: dict, device: torch.device, *, reps: int, warmup: int 
         order = list(fns)
         for round_index in range(2):  # second round in reverse order
             for name in order if round_index == 0 else reversed(order):
-                rounds[name].append(triton.testing.do_bench(fns[name], quantiles=[0.5, 0.2, 0.8]))
+                rounds[name].append(triton.testing.do_bench(
+                    fns[name], warmup=GPU_WARMUP_MS, rep=GPU_REP_MS, quantiles=[0.5, 0.2, 0.8]
+                ))
         return {
             name: Timing(
                 statistics.fmean(q[0] for q in qs), min(q[1] for q in qs), max(q[2] for q in qs)

@@ -22,20 +22,20 @@ def strategy_for(tokens: int) -> str:
     return strategy.strategy_for(tokens, kernels.BLOCK_M)
 
 
-def _projection(matrix: str, rows: int, cols: int, key, like: torch.Tensor, strategy: str, given):
+def _projection(matrix: str, rows: int, cols: int, key, like: torch.Tensor, mode: str, given):
     seed = key[0] | (key[1] << 32)
     workspace = given  # explicit projections: tiles are loaded from them
-    if workspace is None and strategy == "workspace":
+    if workspace is None and mode == "workspace":
         workspace = generate_projection(matrix, rows, cols, seed, dtype=like.dtype, device=like.device)
     return kernels.Projection(MATRICES[matrix], rows, cols, seed, projection_bound(cols), workspace)
 
 
 def forward(x, lambda_d, lambda_b, key, base, explicit, into_base=False):
-    strategy = strategy_for(x.shape[0])
+    mode = strategy_for(x.shape[0])
     r, in_features, out_features = lambda_d.shape[0], x.shape[1], lambda_b.shape[0]
     given_a, given_b = explicit if explicit is not None else (None, None)
-    proj_a = _projection("A", r, in_features, key, x, strategy, given_a)
-    proj_b = _projection("B", out_features, r, key, x, strategy, given_b)
+    proj_a = _projection("A", r, in_features, key, x, mode, given_a)
+    proj_b = _projection("B", out_features, r, key, x, mode, given_b)
     h = kernels.gemm(x, proj_a, transposed=True)
     y = kernels.gemm(h, proj_b, transposed=True, x_scale=lambda_d, out_scale=lambda_b, base=base,
                      out=base if into_base else None)
@@ -43,19 +43,19 @@ def forward(x, lambda_d, lambda_b, key, base, explicit, into_base=False):
 
 
 def backward(grad, h, lambda_d, lambda_b, key, in_features, explicit, need_dx, need_dd, need_db):
-    strategy = strategy_for(h.shape[0])
+    mode = strategy_for(h.shape[0])
     r, out_features = lambda_d.shape[0], lambda_b.shape[0]
     given_a, given_b = explicit if explicit is not None else (None, None)
-    proj_b = _projection("B", out_features, r, key, h, strategy, given_b)
+    proj_b = _projection("B", out_features, r, key, h, mode, given_b)
     dx = dd = db = None
     if need_dx or need_dd:
-        u = kernels.gemm(grad, proj_b, transposed=False, x_scale=lambda_b,
-                         reduce_with=h if need_dd else None)
+        result = kernels.gemm(grad, proj_b, transposed=False, x_scale=lambda_b,
+                              reduce_with=h if need_dd else None)
+        u, dd_partial = result if need_dd else (result, None)
         if need_dd:
-            u, dd_partial = u
             dd = dd_partial.sum(0).to(lambda_d.dtype)
         if need_dx:
-            proj_a = _projection("A", r, in_features, key, h, strategy, given_a)
+            proj_a = _projection("A", r, in_features, key, h, mode, given_a)
             dx = kernels.gemm(u, proj_a, transposed=False, x_scale=lambda_d)
     if need_db:
         db_partial = kernels.gemm(h, proj_b, transposed=True, x_scale=lambda_d,
