@@ -8,7 +8,6 @@ from typing import Iterator, Union
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor, distribute_tensor
 
 from .module import VeRALinear, is_conv1d
 
@@ -55,14 +54,26 @@ def vera_layers(model: nn.Module) -> Iterator[tuple[str, VeRALinear]]:
             yield name, module
 
 
+def _is_dtensor(t: torch.Tensor) -> bool:
+    # FSDP2 shards parameters as DTensors. Imported on demand: the module costs
+    # ~0.4 s to import, and only sharded models need it.
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
 def _full(t: torch.Tensor) -> torch.Tensor:
-    # FSDP2 shards parameters as DTensors; the adapter file holds whole vectors.
-    return t.full_tensor() if isinstance(t, DTensor) else t
+    # The adapter file holds whole vectors.
+    return t.full_tensor() if _is_dtensor(t) else t
 
 
 def _copy_into(param: torch.Tensor, value: torch.Tensor) -> None:
     value = value.to(device=param.device, dtype=param.dtype)
-    if isinstance(param, DTensor):
+    if _is_dtensor(param):
+        from torch.distributed.tensor import distribute_tensor
+
         value = distribute_tensor(value, param.device_mesh, param.placements)
     param.copy_(value)
 
