@@ -222,3 +222,10 @@ def test_torch_compile_fullgraph_matches_eager(device):
     assert_close_scaled(y, eager_y, 1e-5)
     for name, grad in eager_grads.items():
         assert_close_scaled(dict(model.named_parameters())[name].grad, grad, 1e-5, name)
+
+
+def test_state_dict_sees_through_compile_wrapper():
+    model = vk.apply_vera(_model(), ["q_proj"], r=4, seed=5)
+    compiled = torch.compile(model)  # names get an "_orig_mod." prefix on the wrapper
+    assert vk.vera_state_dict(compiled).keys() == vk.vera_state_dict(model).keys()
+    vk.load_vera_state_dict(compiled, vk.vera_state_dict(model))
