@@ -189,10 +189,13 @@ def _configs():
 
 
 # M enters the autotuning key only through its power-of-two bucket, so a new
-# token count does not retune. Tensor dtypes join the key automatically.
+# token count does not retune. Tensor dtypes join the key automatically. The
+# tuner runs each config several times: restoring out_ptr keeps an in-place
+# launch (out is base) from adding the adapter more than once.
 _vera_gemm = _vera_gemm_kernel if INTERPRETING else triton.autotune(
     _configs(),
     key=["M_BUCKET", "N", "K", "TRANSPOSED", "SCALE_X", "SCALE_OUT", "HAS_BASE", "EPILOGUE", "GENERATE"],
+    restore_value=["out_ptr"],
 )(_vera_gemm_kernel)
 
 
