@@ -6,6 +6,7 @@ cached under TORCH_EXTENSIONS_DIR), which needs a source checkout and nvcc.
 Its ops live in the ``vera_kernels_cuda`` torch library (see csrc/bindings.cpp).
 """
 
+import functools
 from pathlib import Path
 from typing import Optional
 
@@ -23,8 +24,9 @@ _load_error: Optional[str] = None
 _loaded = False
 
 
+@functools.lru_cache(maxsize=1)
 def prebuilt_library() -> Optional[Path]:
-    """The extension setup.py built, if any."""
+    """The extension setup.py built, if any (looked up once: backend choice runs per call)."""
     found = sorted(PACKAGE_DIR.glob("_C*.so")) + sorted(PACKAGE_DIR.glob("_C*.pyd"))
     return found[0] if found else None
 
@@ -77,6 +79,8 @@ def _unavailable_on(device: torch.device) -> Optional[str]:
         return "no CUDA device is available"
     if _load_error is not None:
         return _load_error
+    if _loaded:
+        return None
     return None if prebuilt_library() is not None else _jit_build_possible()
 
 
@@ -84,17 +88,17 @@ def _generate(tokens: int) -> bool:
     return strategy.strategy_for(tokens, BLOCK_M) == "generate"
 
 
-def forward(x, lambda_d, lambda_b, key, base, explicit, into_base=False):
+def forward(x, lambda_d, lambda_b, key, base, given, into_base=False):
     load()
-    proj_a, proj_b = explicit if explicit is not None else (None, None)
+    proj_a, proj_b = given
     return torch.ops.vera_kernels_cuda.forward(
         x, lambda_d, lambda_b, *key, base, _generate(x.shape[0]), proj_a, proj_b, into_base
     )
 
 
-def backward(grad, h, lambda_d, lambda_b, key, in_features, explicit, need_dx, need_dd, need_db):
+def backward(grad, h, lambda_d, lambda_b, key, in_features, given, need_dx, need_dd, need_db):
     load()
-    proj_a, proj_b = explicit if explicit is not None else (None, None)
+    proj_a, proj_b = given
     grads = torch.ops.vera_kernels_cuda.backward(
         grad, h, lambda_d, lambda_b, *key, in_features, _generate(h.shape[0]),
         need_dx, need_dd, need_db, proj_a, proj_b,

@@ -40,7 +40,7 @@ BACKEND_ENV_VAR = "VERA_KERNELS_BACKEND"
 ForwardFn = Callable[..., tuple]
 # backward(grad2d, h, lambda_d, lambda_b, key, in_features, projections,
 #          need_dx, need_dd, need_db) -> (dx | None, dd | None, db | None)
-# projections: None (generate from key) or (A, B) in the compute dtype.
+# projections: (A, B) in the compute dtype, or (None, None) to use the key's.
 BackwardFn = Callable[..., tuple]
 
 
@@ -147,16 +147,12 @@ def _no_autocast(x: Tensor):
     return torch.autocast(x.device.type, enabled=False)
 
 
-def _explicit(proj_a: Optional[Tensor], proj_b: Optional[Tensor]) -> Optional[tuple]:
-    return None if proj_a is None else (proj_a, proj_b)
-
-
 def run_forward(x, lambda_d, lambda_b, key0, key1, base, backend, proj_a=None, proj_b=None,
                 into_base=False) -> tuple:
     """(y, h) from the named backend; the body of the forward ops, and the eager path."""
     with _no_autocast(x):
         return _backend_for(x, backend).forward(
-            x, lambda_d, lambda_b, (key0, key1), base, _explicit(proj_a, proj_b), into_base
+            x, lambda_d, lambda_b, (key0, key1), base, (proj_a, proj_b), into_base
         )
 
 
@@ -166,7 +162,7 @@ def run_backward(grad, h, lambda_d, lambda_b, key0, key1, in_features, backend,
     with _no_autocast(h):
         return _backend_for(h, backend).backward(
             grad, h, lambda_d, lambda_b, (key0, key1), in_features,
-            _explicit(proj_a, proj_b), need_dx, need_dd, need_db,
+            (proj_a, proj_b), need_dx, need_dd, need_db,
         )
 
 

@@ -22,6 +22,7 @@ __all__ = [
     "MATRICES",
     "philox4x32_10",
     "split_seed",
+    "join_key",
     "projection_bound",
     "projection",
     "cached_projection",
@@ -80,6 +81,11 @@ def split_seed(seed: int) -> tuple[int, int]:
     if not 0 <= seed < 1 << 64:
         raise ValueError(f"seed must be in [0, 2**64), got {seed}")
     return seed & _MASK32, seed >> 32
+
+
+def join_key(key: tuple[int, int]) -> int:
+    """The seed back from its Philox key: the inverse of ``split_seed``."""
+    return key[0] | (key[1] << 32)
 
 
 def projection_bound(fan: int) -> float:

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .ops import Backend, register_backend
-from .projection import cached_projection
+from .projection import cached_projection, join_key
 
 
 def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -27,10 +27,10 @@ def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _projections(key, in_features: int, out_features: int, r: int, like: Tensor, explicit):
-    if explicit is not None:
-        return explicit
-    seed = key[0] | (key[1] << 32)
+def _projections(key, in_features: int, out_features: int, r: int, like: Tensor, given):
+    if given[0] is not None:
+        return given
+    seed = join_key(key)
     proj_a = cached_projection("A", r, in_features, seed, like.dtype, like.device)
     proj_b = cached_projection("B", out_features, r, seed, like.dtype, like.device)
     return proj_a, proj_b
@@ -46,9 +46,9 @@ def _scaled(matrix: Tensor, rows: Optional[Tensor], cols: Optional[Tensor]) -> T
     return acc.to(matrix.dtype)
 
 
-def forward(x: Tensor, lambda_d: Tensor, lambda_b: Tensor, key, base: Optional[Tensor], explicit,
+def forward(x: Tensor, lambda_d: Tensor, lambda_b: Tensor, key, base: Optional[Tensor], given,
             into_base: bool = False):
-    proj_a, proj_b = _projections(key, x.shape[1], lambda_b.shape[0], lambda_d.shape[0], x, explicit)
+    proj_a, proj_b = _projections(key, x.shape[1], lambda_b.shape[0], lambda_d.shape[0], x, given)
     h = x @ proj_a.T
     w = _scaled(proj_b, lambda_b, lambda_d)  # (out, r): b_o * B[o, i] * d_i
     if base is None:
@@ -61,8 +61,8 @@ def forward(x: Tensor, lambda_d: Tensor, lambda_b: Tensor, key, base: Optional[T
 
 
 def backward(grad: Tensor, h: Tensor, lambda_d: Tensor, lambda_b: Tensor, key, in_features: int,
-             explicit, need_dx: bool, need_dd: bool, need_db: bool):
-    proj_a, proj_b = _projections(key, in_features, lambda_b.shape[0], lambda_d.shape[0], h, explicit)
+             given, need_dx: bool, need_dd: bool, need_db: bool):
+    proj_a, proj_b = _projections(key, in_features, lambda_b.shape[0], lambda_d.shape[0], h, given)
     dx = dd = db = None
     if need_dd or need_db:
         acc = _accumulate_dtype(h.dtype)

@@ -12,7 +12,7 @@ Which projection strategy a launch uses: ``vera_kernels.strategy``.
 import torch
 
 from .. import strategy
-from ..projection import MATRICES, projection_bound
+from ..projection import MATRICES, join_key, projection_bound
 from . import kernels
 from .philox import generate_projection
 
@@ -23,17 +23,17 @@ def strategy_for(tokens: int) -> str:
 
 
 def _projection(matrix: str, rows: int, cols: int, key, like: torch.Tensor, mode: str, given):
-    seed = key[0] | (key[1] << 32)
+    seed = join_key(key)
     workspace = given  # explicit projections: tiles are loaded from them
     if workspace is None and mode == "workspace":
         workspace = generate_projection(matrix, rows, cols, seed, dtype=like.dtype, device=like.device)
     return kernels.Projection(MATRICES[matrix], rows, cols, seed, projection_bound(cols), workspace)
 
 
-def forward(x, lambda_d, lambda_b, key, base, explicit, into_base=False):
+def forward(x, lambda_d, lambda_b, key, base, given, into_base=False):
     mode = strategy_for(x.shape[0])
     r, in_features, out_features = lambda_d.shape[0], x.shape[1], lambda_b.shape[0]
-    given_a, given_b = explicit if explicit is not None else (None, None)
+    given_a, given_b = given
     proj_a = _projection("A", r, in_features, key, x, mode, given_a)
     proj_b = _projection("B", out_features, r, key, x, mode, given_b)
     h = kernels.gemm(x, proj_a, transposed=True)
@@ -42,10 +42,10 @@ def forward(x, lambda_d, lambda_b, key, base, explicit, into_base=False):
     return y, h
 
 
-def backward(grad, h, lambda_d, lambda_b, key, in_features, explicit, need_dx, need_dd, need_db):
+def backward(grad, h, lambda_d, lambda_b, key, in_features, given, need_dx, need_dd, need_db):
     mode = strategy_for(h.shape[0])
     r, out_features = lambda_d.shape[0], lambda_b.shape[0]
-    given_a, given_b = explicit if explicit is not None else (None, None)
+    given_a, given_b = given
     proj_b = _projection("B", out_features, r, key, h, mode, given_b)
     dx = dd = db = None
     if need_dx or need_dd:
