@@ -9,7 +9,7 @@ from typing import Iterator, Union
 import torch
 from torch import nn
 
-from .module import VeRALinear, is_conv1d
+from .module import VeRALinear, is_adaptable
 
 __all__ = [
     "apply_vera",
@@ -45,6 +45,12 @@ def unwrap(model: nn.Module) -> nn.Module:
             model = model._orig_mod  # torch.compile's OptimizedModule
         else:
             return model
+
+
+def replace_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` where the submodule called ``name`` (dotted path) was."""
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), child, module)
 
 
 def vera_layers(model: nn.Module) -> Iterator[tuple[str, VeRALinear]]:
@@ -108,7 +114,7 @@ def apply_vera(
     for name, module in model.named_modules():
         if not name or name.startswith(inside_vera) or not _matches(name, target_modules):
             continue
-        if not isinstance(module, (nn.Linear, VeRALinear)) and not is_conv1d(module):
+        if not (is_adaptable(module) or isinstance(module, VeRALinear)):
             raise TypeError(
                 f"target module {name!r} is a {type(module).__name__}; "
                 "VeRA supports nn.Linear and transformers' Conv1D"
@@ -120,9 +126,7 @@ def apply_vera(
     for name, module in matched:
         if isinstance(module, VeRALinear):
             continue  # already adapted
-        parent_name, _, child = name.rpartition(".")
-        adapted = VeRALinear.from_linear(module, r, seed=seed, d_initial=d_initial)
-        setattr(model.get_submodule(parent_name), child, adapted)
+        replace_submodule(model, name, VeRALinear.from_linear(module, r, seed=seed, d_initial=d_initial))
 
     model.requires_grad_(False)
     for _, layer in vera_layers(model):

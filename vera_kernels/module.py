@@ -11,13 +11,18 @@ from torch import Tensor, nn
 from .function import vera_linear
 from .projection import cached_projection, split_seed
 
-__all__ = ["VeRALinear", "SharedProjections", "is_conv1d"]
+__all__ = ["VeRALinear", "SharedProjections", "is_conv1d", "is_adaptable"]
 
 
 def is_conv1d(module: nn.Module) -> bool:
     """transformers' GPT-2 style ``Conv1D``: a linear layer with weight stored (in, out)."""
     return type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None \
         and module.weight.dim() == 2
+
+
+def is_adaptable(module: nn.Module) -> bool:
+    """Whether VeRA can wrap ``module``: an nn.Linear or a transformers Conv1D."""
+    return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
 def _base_shape(base: nn.Module) -> tuple[int, int]:
@@ -100,7 +105,7 @@ class VeRALinear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Module, r: int, *, seed: int = 0, d_initial: float = 0.1):
         """Wrap an existing ``nn.Linear`` or ``Conv1D`` (kept as ``base_layer``, frozen, not copied)."""
-        if not (isinstance(linear, nn.Linear) or is_conv1d(linear)):
+        if not is_adaptable(linear):
             raise TypeError(
                 f"from_linear expects an nn.Linear (or transformers' Conv1D), got {type(linear).__name__}"
             )

@@ -24,7 +24,7 @@ from typing import Union
 
 from torch import nn
 
-from .model import vera_layers
+from .model import replace_submodule, vera_layers
 from .module import SharedProjections, VeRALinear, is_conv1d
 from .projection import projection, projection_bound
 
@@ -66,8 +66,7 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
         ours.vera_lambda_b = layer.vera_lambda_b[adapter]
         ours.vera_dropout = layer.vera_dropout[adapter]
         ours.projections = shared[key]
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, ours)
+        replace_submodule(model, name, ours)
     return model
 
 
