@@ -9,6 +9,7 @@ rank, never sent). Rank 0 saves the adapter, which loads into a plain model.
 """
 
 import argparse
+import io
 import os
 
 import torch
@@ -35,8 +36,12 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=256)
     parser.add_argument("--batch", type=int, default=64, help="tokens per rank and step")
     parser.add_argument("--r", type=int, default=32)
-    parser.add_argument("--out", default="vera_adapter_ddp.pt")
+    parser.add_argument("--out", help="where rank 0 saves the adapter (default: not saved, only "
+                        "round-tripped in memory)")
     args = parser.parse_args()
+    if "RANK" not in os.environ:
+        raise SystemExit("train_ddp.py runs one process per rank under torchrun, e.g.\n"
+                         "    torchrun --nproc_per_node 2 examples/train_ddp.py")
 
     use_cuda = torch.cuda.is_available()
     dist.init_process_group("nccl" if use_cuda else "gloo")
@@ -73,13 +78,17 @@ def main() -> None:
 
     state = vk.vera_state_dict(ddp)
     if rank == 0:
-        torch.save(state, args.out)
+        file = args.out or io.BytesIO()
+        torch.save(state, file)
+        if not args.out:
+            file.seek(0)
         plain = vk.apply_vera(build_model(args.width), TARGETS, r=args.r, seed=42)
-        vk.load_vera_state_dict(plain, torch.load(args.out, weights_only=True))
+        vk.load_vera_state_dict(plain, torch.load(file, weights_only=True))
         probe = torch.randn(4, args.width)
         with torch.no_grad():
             diff = (plain(probe) - model.cpu()(probe)).abs().max().item()
-        print(f"saved {args.out}; reloaded in one process, max output difference {diff:.2e}")
+        where = f"saved {args.out}" if args.out else "saved in memory"
+        print(f"{where}; reloaded in one process, max output difference {diff:.2e}")
     dist.destroy_process_group()
 
 

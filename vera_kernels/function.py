@@ -30,6 +30,41 @@ def _save(ctx, x, lambda_d, lambda_b, key0, key1, backend, proj_a, proj_b, h) ->
     ctx.backend = backend
 
 
+DOUBLE_BACKWARD_ERROR = (
+    "vera_kernels: double backward through vera_linear is not supported: its backward "
+    "saves only h = x A^T, so the gradients are not differentiable functions of x. "
+    "Compute the second derivative with the unfused reference "
+    "(vera_kernels.reference.vera_linear_reference) instead."
+)
+
+
+class _NoDoubleBackward(torch.autograd.Function):
+    """Identity on the gradients that raises a clear error if anything differentiates them."""
+
+    @staticmethod
+    def forward(ctx, count, *tensors):
+        # The first `count` tensors pass through; the rest only connect the
+        # node to the graph (the gradients depend on them).
+        return tensors[:count]
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(DOUBLE_BACKWARD_ERROR)
+
+
+def _guard_double_backward(grads: tuple, *inputs) -> tuple:
+    # With create_graph=True autograd records the backward itself. Ours is
+    # not differentiable (terms through h = A x would be silently missing), so
+    # the gradients are routed through a node whose backward raises.
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling() or not any(
+        isinstance(t, Tensor) and t.requires_grad for t in inputs
+    ):
+        return grads
+    present = [g for g in grads if g is not None]
+    guarded = iter(_NoDoubleBackward.apply(len(present), *present, *inputs))
+    return tuple(None if g is None else next(guarded) for g in grads)
+
+
 def _input_grads(ctx, grad_y, backward) -> tuple:
     """Gradients for (x, lambda_d, lambda_b, key0, key1, base, backend, proj_a, proj_b)."""
     h, lambda_d, lambda_b, proj_a, proj_b = ctx.saved_tensors
@@ -40,6 +75,7 @@ def _input_grads(ctx, grad_y, backward) -> tuple:
             grad_y, h, lambda_d, lambda_b, *ctx.key, ctx.in_features, ctx.backend,
             need_x, need_d, need_b, proj_a, proj_b,
         )
+        dx, dd, db = _guard_double_backward((dx, dd, db), grad_y, lambda_d, lambda_b)
     return (
         dx if need_x else None,
         dd if need_d else None,
@@ -92,7 +128,8 @@ def _check_tensor(name: str, t, dims: Optional[int] = None) -> None:
 
 def _autocast(tensors: list[Optional[Tensor]], device_type: str) -> list[Optional[Tensor]]:
     """Cast to the autocast dtype when autocast is on for ``device_type`` (as nn.Linear would)."""
-    if not torch.is_autocast_enabled(device_type):
+    # Devices without autocast (meta, ...) would make the query itself raise.
+    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
     return [t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t for t in tensors]
@@ -199,6 +236,9 @@ def vera_linear(
             torch.ops.vera_kernels.vera_forward_into_base(*args)
         else:
             ops.run_forward(*args, into_base=True)
+            # A fused kernel's write is invisible to autograd: bump the
+            # version so a graph that saved base_output refuses to use it.
+            torch.autograd.graph.increment_version(base_output)
         return base_output
     if compiling:
         y, _ = torch.ops.vera_kernels.vera_forward(*args)

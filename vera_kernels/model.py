@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import re
-from typing import Iterator, Union
+import warnings
+from collections.abc import Mapping
+from typing import Iterator, Optional, Union
 
 import torch
 from torch import nn
 
 from .module import VeRALinear, is_adaptable
+from .projection import check_seed
 
 __all__ = [
     "apply_vera",
@@ -122,6 +125,7 @@ def apply_vera(
         matched.append((name, module))
     if not matched:
         raise ValueError(f"target_modules {target_modules!r} matched no nn.Linear in the model")
+    _check_same_adapter(model, r, check_seed(seed))
 
     for name, module in matched:
         if isinstance(module, VeRALinear):
@@ -133,6 +137,17 @@ def apply_vera(
         layer.vera_lambda_d.requires_grad_(True)
         layer.vera_lambda_b.requires_grad_(True)
     return model
+
+
+def _check_same_adapter(model: nn.Module, r: int, seed: int) -> None:
+    # One model, one r and one seed: applying VeRA again must not mix them.
+    for name, layer in vera_layers(model):
+        if layer.r != r or (layer.projections is None and layer.seed != seed):
+            raise ValueError(
+                f"apply_vera(r={r}, seed={seed}): the model already has VeRA layer {name!r} with "
+                f"r={layer.r}, seed={layer.seed}; one model shares one r and seed "
+                "(unload the existing layers first, or apply with the same r and seed)"
+            )
 
 
 @contextlib.contextmanager
@@ -205,16 +220,21 @@ def vera_state_dict(model: nn.Module) -> dict:
     return state
 
 
-def load_vera_state_dict(model: nn.Module, state_dict: dict) -> None:
-    """Copy the vectors of ``vera_state_dict`` output into ``model``'s VeRA layers.
+def _vector_problem(value, expected: torch.Tensor) -> Optional[str]:
+    if not isinstance(value, torch.Tensor):
+        return f"expected a tensor, got {type(value).__name__}"
+    if not value.is_floating_point():
+        return f"expected a floating-point tensor, got {value.dtype}"
+    if tuple(value.shape) != tuple(expected.shape):
+        return f"expected shape {tuple(expected.shape)}, got {tuple(value.shape)}"
+    return None
 
-    Raises ValueError, naming the layer, when the model's VeRA layers differ
-    from the saved ones (missing or extra layers, other seed, r or shape).
-    """
-    if CONFIG_KEY not in state_dict:
-        raise ValueError(f"not a vera_state_dict: no {CONFIG_KEY!r} entry")
+
+def _check_vera_state_dict(layers: dict, state_dict, strict: bool) -> None:
+    """Raise ValueError naming the first problem of ``state_dict`` for ``layers``; copy nothing."""
+    if not isinstance(state_dict, Mapping) or not isinstance(state_dict.get(CONFIG_KEY), Mapping):
+        raise ValueError(f"not a vera_state_dict: no {CONFIG_KEY!r} mapping")
     saved = state_dict[CONFIG_KEY]
-    layers = dict(vera_layers(model))
     missing, unexpected = sorted(set(layers) - set(saved)), sorted(set(saved) - set(layers))
     if missing or unexpected:
         raise ValueError(
@@ -226,7 +246,39 @@ def load_vera_state_dict(model: nn.Module, state_dict: dict) -> None:
             raise ValueError(
                 f"VeRA layer {name!r}: state dict has {saved[name]}, model has {_layer_config(layer)}"
             )
+        for vector in ("vera_lambda_d", "vera_lambda_b"):
+            key = f"{name}.{vector}"
+            if key not in state_dict:
+                raise ValueError(f"state dict has no {key!r}")
+            problem = _vector_problem(state_dict[key], getattr(layer, vector))
+            if problem is not None:
+                raise ValueError(f"state dict entry {key!r}: {problem}")
+    known = {CONFIG_KEY} | {f"{n}.{v}" for n in layers for v in ("vera_lambda_d", "vera_lambda_b")}
+    unknown = sorted(str(k) for k in state_dict if k not in known)
+    if unknown and strict:
+        raise ValueError(f"state dict has unknown keys {unknown} (strict=False loads without them)")
+    if unknown:
+        warnings.warn(f"load_vera_state_dict: ignoring unknown keys {unknown}", stacklevel=3)
+
+
+def load_vera_state_dict(model: nn.Module, state_dict: dict, *, strict: bool = True) -> None:
+    """Copy the vectors of ``vera_state_dict`` output into ``model``'s VeRA layers.
+
+    Atomic: every layer, key, tensor type and exact shape (and each layer's
+    seed, r and shape) is checked before anything is copied; on any problem
+    a ValueError names it and the model is left untouched. Unknown keys are
+    an error, or a warning with ``strict=False``. Merged layers stay merged,
+    with the loaded vectors: the old adapter is taken out of the base weight
+    and the new one folded in, so the base weight never drifts.
+    """
+    layers = dict(vera_layers(model))
+    _check_vera_state_dict(layers, state_dict, strict)
     with torch.no_grad():
         for name, layer in layers.items():
+            merged = layer.merged
+            if merged:
+                layer.unmerge()
             _copy_into(layer.vera_lambda_d, state_dict[f"{name}.vera_lambda_d"])
             _copy_into(layer.vera_lambda_b, state_dict[f"{name}.vera_lambda_b"])
+            if merged:
+                layer.merge()

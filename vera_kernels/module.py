@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from .function import vera_linear
-from .projection import cached_projection, split_seed
+from .projection import cached_projection, check_seed
 
 __all__ = ["VeRALinear", "SharedProjections", "is_conv1d", "is_adaptable"]
 
@@ -116,7 +116,7 @@ class VeRALinear(nn.Module):
 
     def _attach(self, base: nn.Module, r: int, seed: int, d_initial: float) -> None:
         _check_positive("r", r)
-        split_seed(seed)
+        seed = check_seed(seed)
         in_features, out_features = _base_shape(base)
         base.requires_grad_(False)
         self.base_layer = base
@@ -158,6 +158,10 @@ class VeRALinear(nn.Module):
         base = self.base_layer(x)
         if self.merged or self.disabled:
             return base
+        # The adapter is added into base's buffer (it is this call's own
+        # temporary) unless a forward hook may have kept a reference to it:
+        # hooks must see the base layer's output, in every grad mode.
+        hooked = bool(self.base_layer._forward_hooks or nn.modules.module._global_forward_hooks)
         # The vectors may be kept in a wider dtype than the activations.
         return vera_linear(
             self.vera_dropout(x),
@@ -167,53 +171,110 @@ class VeRALinear(nn.Module):
             base,
             backend=self.backend,
             projections=self._projection_pair(x.dtype),
-            into_base=True,  # base is this call's own temporary
+            into_base=not hooked,
         )
+
+    def _merge_dtype(self) -> torch.dtype:
+        # float32 at least, float64 for a float64 weight: merging must not
+        # lose more than the weight's own rounding.
+        return torch.promote_types(self.base_layer.weight.dtype, torch.float32)
 
     @torch.no_grad()
     def delta_weight(self) -> Tensor:
-        """The adapter as a dense float32 matrix ``diag(b) B diag(d) A``, laid out like the base weight."""
-        explicit = self._projection_pair(torch.float32)
+        """The adapter as a dense matrix ``diag(b) B diag(d) A`` (float32, or float64 for a
+        float64 base), laid out like the base weight."""
+        dtype = self._merge_dtype()
+        explicit = self._projection_pair(dtype)
         if explicit is not None:
             proj_a, proj_b = explicit
         else:
             device = self.base_layer.weight.device
-            proj_a = cached_projection("A", self.r, self.in_features, self.seed, torch.float32, device)
-            proj_b = cached_projection("B", self.out_features, self.r, self.seed, torch.float32, device)
-        scaled_b = proj_b * self.vera_lambda_b.float()[:, None] * self.vera_lambda_d.float()
+            proj_a = cached_projection("A", self.r, self.in_features, self.seed, dtype, device)
+            proj_b = cached_projection("B", self.out_features, self.r, self.seed, dtype, device)
+        scaled_b = proj_b * self.vera_lambda_b.to(dtype)[:, None] * self.vera_lambda_d.to(dtype)
         delta = scaled_b @ proj_a  # (out, in)
         return delta.T if self.fan_in_fan_out else delta
 
     @torch.no_grad()
+    def _fold(self, sign: int) -> None:
+        weight = self.base_layer.weight
+        weight.copy_((weight.to(self._merge_dtype()) + sign * self.delta_weight()).to(weight.dtype))
+
     def merge(self) -> None:
         """Fold the adapter into ``base_layer.weight``; forward then runs the base layer only."""
         if self.merged:
             warnings.warn("VeRALinear.merge(): already merged, nothing done", stacklevel=2)
             return
-        weight = self.base_layer.weight
-        weight.copy_((weight.float() + self.delta_weight()).to(weight.dtype))
+        self._fold(+1)
         self.merged = True
 
-    @torch.no_grad()
     def unmerge(self) -> None:
         """Take the adapter back out of ``base_layer.weight`` (exact up to the weight's rounding)."""
         if not self.merged:
             warnings.warn("VeRALinear.unmerge(): not merged, nothing done", stacklevel=2)
             return
-        weight = self.base_layer.weight
-        weight.copy_((weight.float() - self.delta_weight()).to(weight.dtype))
+        self._fold(-1)
         self.merged = False
 
     def get_extra_state(self) -> dict:
         # The seed is part of the module's state: the projections follow from it.
         return {"seed": self.seed, "r": self.r, "merged": self.merged}
 
-    def set_extra_state(self, state: dict) -> None:
+    def _extra_state_problem(self, state) -> Optional[str]:
+        """Why ``state`` cannot be this layer's extra state, or None."""
+        if not isinstance(state, dict) or not {"seed", "r", "merged"} <= set(state):
+            return f"expected a dict with seed, r and merged, got {state!r}"
         if state["r"] != self.r:
-            raise ValueError(f"state has r={state['r']} but this VeRALinear has r={self.r}")
-        split_seed(state["seed"])
-        self.seed = state["seed"]
+            return f"state has r={state['r']} but this VeRALinear has r={self.r}"
+        try:
+            check_seed(state["seed"])
+        except (TypeError, ValueError) as error:
+            return str(error)
+        return None
+
+    def set_extra_state(self, state: dict) -> None:
+        problem = self._extra_state_problem(state)
+        if problem is not None:
+            raise ValueError(problem)
+        self.seed = check_seed(state["seed"])
         self.merged = bool(state["merged"])
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # Validate this layer's own entries first, so that a failed load
+        # changes neither its vectors nor its seed, r or merged flag.
+        problems = []
+        extra_key = prefix + "_extra_state"
+        if extra_key in state_dict:
+            problem = self._extra_state_problem(state_dict[extra_key])
+            if problem is not None:
+                problems.append(f"{extra_key}: {problem}")
+        for name in ("vera_lambda_d", "vera_lambda_b"):
+            key, param = prefix + name, getattr(self, name)
+            if key in state_dict:
+                value = state_dict[key]
+                if not isinstance(value, Tensor) or value.shape != param.shape:
+                    found = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+                    problems.append(f"{key}: expected a tensor of shape {tuple(param.shape)}, "
+                                    f"got {found}")
+        if problems:
+            error_msgs.extend(problems)
+            return
+        # The merged flag describes the base weight. When the state dict
+        # brings new vectors but not that weight, the weight must follow the
+        # vectors: take the old adapter out, load, fold the new one in.
+        loads_vectors = any(prefix + n in state_dict for n in ("vera_lambda_d", "vera_lambda_b"))
+        loads_weight = prefix + "base_layer.weight" in state_dict
+        was_merged = self.merged
+        remerge = was_merged and loads_vectors and not loads_weight
+        if remerge:
+            self.unmerge()
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        if not loads_weight:  # a saved merged flag does not describe this weight
+            self.merged = was_merged and not remerge
+            if remerge:
+                self.merge()
 
     def extra_repr(self) -> str:
         source = "explicit projections" if self.projections is not None else f"seed={self.seed}"

@@ -16,6 +16,7 @@ trace the ops without graph breaks.
 """
 
 # No `from __future__ import annotations`: torch.library reads these signatures at runtime.
+import contextlib
 import os
 from dataclasses import dataclass
 from typing import Callable, Optional, Union
@@ -144,12 +145,16 @@ def _no_autocast(x: Tensor):
     # Autocast falls through custom ops but stays switched on inside them; the
     # caller has already cast the inputs, and the fp32 accumulations inside a
     # backend must not be cast back down.
+    if not torch.amp.is_autocast_available(x.device.type):
+        return contextlib.nullcontext()
     return torch.autocast(x.device.type, enabled=False)
 
 
 def run_forward(x, lambda_d, lambda_b, key0, key1, base, backend, proj_a=None, proj_b=None,
                 into_base=False) -> tuple:
     """(y, h) from the named backend; the body of the forward ops, and the eager path."""
+    # The backends index the vectors as contiguous arrays (r and out elements: a cheap copy).
+    lambda_d, lambda_b = lambda_d.contiguous(), lambda_b.contiguous()
     with _no_autocast(x):
         return _backend_for(x, backend).forward(
             x, lambda_d, lambda_b, (key0, key1), base, (proj_a, proj_b), into_base
@@ -159,6 +164,7 @@ def run_forward(x, lambda_d, lambda_b, key0, key1, base, backend, proj_a=None, p
 def run_backward(grad, h, lambda_d, lambda_b, key0, key1, in_features, backend,
                  need_dx, need_dd, need_db, proj_a=None, proj_b=None) -> tuple:
     """(dx, dd, db), None where not needed; the body of the backward op, and the eager path."""
+    lambda_d, lambda_b = lambda_d.contiguous(), lambda_b.contiguous()
     with _no_autocast(h):
         return _backend_for(h, backend).backward(
             grad, h, lambda_d, lambda_b, (key0, key1), in_features,

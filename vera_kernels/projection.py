@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 from typing import Optional, Union
 
 import torch
@@ -21,6 +22,7 @@ import torch
 __all__ = [
     "MATRICES",
     "philox4x32_10",
+    "check_seed",
     "split_seed",
     "join_key",
     "projection_bound",
@@ -74,12 +76,22 @@ def philox4x32_10(
     return c0, c1, c2, c3
 
 
-def split_seed(seed: int) -> tuple[int, int]:
-    """Validate ``seed`` and return the Philox key ``(seed & 0xFFFFFFFF, seed >> 32)``."""
-    if isinstance(seed, bool) or not isinstance(seed, int):
+def check_seed(seed) -> int:
+    """``seed`` as a Python int in [0, 2**64); any integer type (numpy's too) is accepted."""
+    if isinstance(seed, (bool, torch.Tensor)):
         raise TypeError(f"seed must be an int in [0, 2**64), got {type(seed).__name__}")
+    try:
+        seed = operator.index(seed)
+    except TypeError:
+        raise TypeError(f"seed must be an int in [0, 2**64), got {type(seed).__name__}") from None
     if not 0 <= seed < 1 << 64:
         raise ValueError(f"seed must be in [0, 2**64), got {seed}")
+    return seed
+
+
+def split_seed(seed: int) -> tuple[int, int]:
+    """Validate ``seed`` and return the Philox key ``(seed & 0xFFFFFFFF, seed >> 32)``."""
+    seed = check_seed(seed)
     return seed & _MASK32, seed >> 32
 
 
@@ -123,6 +135,7 @@ def projection(
         (about 160 MiB) whatever the size: rows are generated in chunks.
     """
     stream = _matrix_index(matrix)
+    seed = check_seed(seed)
     key = split_seed(seed)
     for name, value in (("rows", rows), ("cols", cols)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:

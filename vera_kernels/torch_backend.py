@@ -6,6 +6,10 @@
   the small projections (d and b into B's columns and rows for the forward,
   b into B and d into A for dx), and the base output is added by ``addmm``.
 * Backward needs only ``h``: db and dd come from ``P = gradᵀ h`` (out x r).
+* float16 has a narrow exponent range: there the vectors (and h, for P) are
+  scaled to unit magnitude by exact powers of two before they are folded,
+  so the fold neither underflows nor overflows where the unfused
+  computation would not (``_fold_scales``).
 
 Folding d into B rather than A keeps ``h = x Aᵀ`` itself available for dd,
 so nothing has to be divided back out.
@@ -13,6 +17,7 @@ so nothing has to be divided back out.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -36,13 +41,33 @@ def _projections(key, in_features: int, out_features: int, r: int, like: Tensor,
     return proj_a, proj_b
 
 
-def _scaled(matrix: Tensor, rows: Optional[Tensor], cols: Optional[Tensor]) -> Tensor:
-    """``rows[:, None] * matrix * cols[None, :]`` in the accumulate dtype, rounded once."""
+def _fold_scales(dtype: torch.dtype, *vectors: Tensor) -> list[float]:
+    """Per tensor, the power of two just above its largest magnitude (float16), else 1.
+
+    Folding raw vectors into a float16 matrix underflows (small vectors) or
+    overflows (large ones) where the unfused computation does not. Vectors
+    divided by these exact powers of two fold safely, and the powers are
+    applied in the matmul's fp32 epilogue (``alpha``) or to its result.
+    bfloat16 and wider have float32's exponent range and need none of this,
+    which spares them the host sync of reading the magnitudes.
+    """
+    if dtype != torch.float16 or vectors[0].device.type == "meta":
+        return [1.0] * len(vectors)
+    peaks = torch.stack([
+        v.detach().abs().max().float() if v.numel() else v.new_zeros((), dtype=torch.float32)
+        for v in vectors
+    ]).tolist()
+    return [2.0 ** math.frexp(p)[1] if math.isfinite(p) and p > 0 else 1.0 for p in peaks]
+
+
+def _scaled(matrix: Tensor, rows: Optional[Tensor], cols: Optional[Tensor],
+            scales=(1.0, 1.0)) -> Tensor:
+    """``rows[:, None] / scales[0] * matrix * cols[None, :] / scales[1]``, rounded once."""
     acc = matrix.to(_accumulate_dtype(matrix.dtype))
     if rows is not None:
-        acc = acc * rows.to(acc.dtype)[:, None]
+        acc = acc * (rows.to(acc.dtype) / scales[0])[:, None]
     if cols is not None:
-        acc = acc * cols.to(acc.dtype)
+        acc = acc * (cols.to(acc.dtype) / scales[1])
     return acc.to(matrix.dtype)
 
 
@@ -50,13 +75,17 @@ def forward(x: Tensor, lambda_d: Tensor, lambda_b: Tensor, key, base: Optional[T
             into_base: bool = False):
     proj_a, proj_b = _projections(key, x.shape[1], lambda_b.shape[0], lambda_d.shape[0], x, given)
     h = x @ proj_a.T
-    w = _scaled(proj_b, lambda_b, lambda_d)  # (out, r): b_o * B[o, i] * d_i
+    scales = _fold_scales(x.dtype, lambda_b, lambda_d)
+    w = _scaled(proj_b, lambda_b, lambda_d, scales)  # (out, r): b_o * B[o, i] * d_i / scale
+    scale = scales[0] * scales[1]
     if base is None:
-        y = h @ w.T
+        y = torch.mm(h, w.T)
+        if scale != 1.0:
+            y.mul_(scale)  # exact: a power of two
     elif into_base:
-        y = base.addmm_(h, w.T)
+        y = base.addmm_(h, w.T, alpha=scale)
     else:
-        y = torch.addmm(base, h, w.T)
+        y = torch.addmm(base, h, w.T, alpha=scale)
     return y, h
 
 
@@ -64,15 +93,21 @@ def backward(grad: Tensor, h: Tensor, lambda_d: Tensor, lambda_b: Tensor, key, i
              given, need_dx: bool, need_dd: bool, need_db: bool):
     proj_a, proj_b = _projections(key, in_features, lambda_b.shape[0], lambda_d.shape[0], h, given)
     dx = dd = db = None
+    scale_b, scale_d, scale_h = _fold_scales(h.dtype, lambda_b, lambda_d, h)
     if need_dd or need_db:
         acc = _accumulate_dtype(h.dtype)
-        # P ⊙ B with P = gradᵀ h: db_o = Σ_i (P⊙B)[o,i] d_i, dd_i = Σ_o (P⊙B)[o,i] b_o
-        pb = (grad.T @ h).to(acc) * proj_b.to(acc)
+        # P ⊙ B with P = gradᵀ h: db_o = Σ_i (P⊙B)[o,i] d_i, dd_i = Σ_o (P⊙B)[o,i] b_o.
+        # P is a sum of products of two small numbers: h at unit scale keeps
+        # it out of float16's subnormal range.
+        unit_h = h / scale_h if scale_h != 1.0 else h
+        pb = (grad.T @ unit_h).to(acc) * (proj_b.to(acc) * scale_h)
         db = (pb @ lambda_d.to(acc)).to(lambda_b.dtype) if need_db else None
         dd = (lambda_b.to(acc) @ pb).to(lambda_d.dtype) if need_dd else None
     if need_dx:
-        u = grad @ _scaled(proj_b, lambda_b, None)  # (tokens, r)
-        dx = u @ _scaled(proj_a, lambda_d, None)
+        u = grad @ _scaled(proj_b, lambda_b, None, (scale_b, 1.0))  # (tokens, r), / scale_b
+        dx = u @ _scaled(proj_a, lambda_d, None, (scale_d, 1.0))
+        if scale_b * scale_d != 1.0:
+            dx.mul_(scale_b * scale_d)
     return dx, dd, db
 
 
