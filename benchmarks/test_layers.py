@@ -9,29 +9,22 @@ statistics, history (--benchmark-autosave) and comparisons (--benchmark-compare)
 import pytest
 import torch
 
-from vera_kernels import ops
-from vera_kernels.bench import implementations as impl
+from vera_kernels import backends as ops
+from vera_kernels.bench import cases, implementations as impl
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
-CASES = {
-    "cuda": [(4096, 4096, 8192, 256), (4096, 11008, 8192, 256), (11008, 4096, 8192, 256)],
-    "cpu": [(1024, 1024, 1024, 64), (1024, 2816, 1024, 256)],
-}[DEVICE.type]
+# The vera-bench preset's cases for this device, at its largest token count.
+_PRESET = cases.PRESETS[cases.preset_for(DEVICE)]
+CASES = [c for c in cases.grid(cases.preset_for(DEVICE), DEVICE, dtypes=_PRESET[3][:1])
+         if c.tokens == max(_PRESET[1]) and c.r in (64, 256)]
 IMPLS = ["base", "unfused"] + (["peft"] if impl.peft_available() else []) + [
     f"ours-{b}" for b in ops.available_backends(DEVICE) if not (DEVICE.type == "cpu" and b == "triton")
 ]
 
 
-def _case_id(case):
-    n_in, n_out, tokens, r = case
-    return f"{n_in}x{n_out}-t{tokens}-r{r}"
-
-
-@pytest.fixture(params=CASES, ids=_case_id)
+@pytest.fixture(params=CASES, ids=cases.describe)
 def case(request):
-    n_in, n_out, tokens, r = request.param
-    return impl.Case(n_in, n_out, tokens, r, DTYPE, DEVICE)
+    return request.param
 
 
 def _sync():
@@ -42,7 +35,7 @@ def _sync():
 @pytest.mark.parametrize("name", IMPLS)
 def test_forward(benchmark, case, name):
     layer = impl.make_layer(name, case)
-    x = torch.randn(case.tokens, case.in_features, device=DEVICE, dtype=DTYPE)
+    x = torch.randn(case.tokens, case.in_features, device=DEVICE, dtype=case.dtype)
 
     def run():
         with torch.no_grad():
@@ -55,8 +48,9 @@ def test_forward(benchmark, case, name):
 @pytest.mark.parametrize("name", IMPLS)
 def test_forward_backward(benchmark, case, name):
     layer = impl.make_layer(name, case)
-    x = torch.randn(case.tokens, case.in_features, device=DEVICE, dtype=DTYPE, requires_grad=True)
-    grad = torch.randn(case.tokens, case.out_features, device=DEVICE, dtype=DTYPE)
+    x = torch.randn(case.tokens, case.in_features, device=DEVICE, dtype=case.dtype,
+                    requires_grad=True)
+    grad = torch.randn(case.tokens, case.out_features, device=DEVICE, dtype=case.dtype)
     inputs = [x, *(p for p in layer.parameters() if p.requires_grad)]
 
     def run():

@@ -7,8 +7,9 @@
 //            (a gradient not asked for comes back empty)
 // proj_a (r x in) / proj_b (out x r), when given, replace the seed's matrices.
 //   projection(matrix, rows, cols, key0, key1, like) -> Tensor
+//   block_m() -> int   (kBlockM: token rows per thread block)
 //
-// The composition mirrors vera_kernels/triton/backend.py; the kernels are in
+// The composition mirrors vera_kernels/backends/triton/backend.py; the kernels are in
 // vera_kernels.cu. Everything runs on the current CUDA stream.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAStream.h>
@@ -240,9 +241,13 @@ Tensor vera_projection(int64_t matrix, int64_t rows, int64_t cols, int64_t key0,
   return materialize(matrix, rows, cols, key_word(key0, "key0"), key_word(key1, "key1"), like);
 }
 
+// The reuse factor of a generated tile, for what the Python side reports.
+int64_t block_m() { return vera::kBlockM; }
+
 }  // namespace
 
 TORCH_LIBRARY(vera_kernels_cuda, m) {
+  m.def("block_m() -> int", &block_m);
   m.def(
       "forward(Tensor x, Tensor lambda_d, Tensor lambda_b, int key0, int key1, Tensor? base, "
       "bool generate, Tensor? proj_a=None, Tensor? proj_b=None, bool into_base=False) "

@@ -1,4 +1,4 @@
-// The projection spec (DESIGN.md §2) for host and device: Philox4x32-10 and
+// The projection spec (docs/design.md) for host and device: Philox4x32-10 and
 // the mapping from a Philox word to a projection value.
 //
 // Plain C++ when not compiled by nvcc, so a host program (tests) can check it

@@ -1,5 +1,5 @@
 // CUDA kernels of the `cuda` backend: one tiled GEMM shape serves every VeRA
-// product (as the Triton kernels do, see vera_kernels/triton/kernels.py):
+// product (as the Triton kernels do, see vera_kernels/backends/triton/kernels.py):
 //
 //   forward   h  = x Aᵀ                 T = Aᵀ   (transposed)
 //             y  = (h ⊙ d) Bᵀ ⊙ b + base T = Bᵀ   (transposed)
@@ -11,7 +11,7 @@
 // Each step it fills a 16 x 64 tile of T in shared memory, generated from the
 // seed (one Philox call per four elements, reused by all 64 token rows of the
 // block) or loaded from a per-launch workspace (reuse across all tokens; the
-// host picks, see DESIGN.md §5), then every thread accumulates 4 x 4 outputs
+// host picks, see docs/design.md, cost model), then every thread accumulates 4 x 4 outputs
 // in fp32 (fp64 for double). SIMT FMAs, no tensor cores: this is the fallback
 // for machines without Triton. Token reductions are per-block partial rows
 // summed in a fixed order: deterministic, no atomics. No torch headers here.

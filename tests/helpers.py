@@ -42,7 +42,7 @@ def vera_inputs(lead, in_features, out_features, r, *, dtype, device, seed=0, wi
 
 def backend_device_params():
     """(backend, device) pairs: every backend usable on the CPU here, every registered one on CUDA."""
-    from vera_kernels import ops
+    from vera_kernels import backends as ops
 
     params = [pytest.param(name, "cpu", id=f"{name}-cpu") for name in ops.available_backends("cpu")]
     params += [

@@ -1,4 +1,4 @@
-"""An independent model of the projection spec (DESIGN.md §2) in Python ints and NumPy float32.
+"""An independent model of the projection spec (docs/design.md) in Python ints and NumPy float32.
 
 Deliberately written apart from vera_kernels.projection: the tests compare the
 two, so they must not share code.

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 import vera_kernels as vk
-from vera_kernels import cuda as cuda_backend
-from vera_kernels import ops
+from vera_kernels.backends import cuda as cuda_backend
+from vera_kernels import backends as ops
 from philox_model import KNOWN_ANSWERS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -78,6 +78,9 @@ def test_prebuilt_extension_loads_and_registers_ops():
                for name in ("forward", "backward", "projection")}
     assert "Tensor? proj_b=None, bool into_base=False) -> (Tensor, Tensor)" in schemas["forward"]
     assert "Tensor? proj_b=None) -> (Tensor, Tensor, Tensor)" in schemas["backward"]
+    # The reuse factor the benchmark reports is the header's kBlockM.
+    header = (ROOT / "csrc" / "vera_kernels.h").read_text()
+    assert f"kBlockM = {cuda_backend.BACKEND.reuse_factor};" in header
     # Kernels are registered for CUDA only: CPU tensors find no kernel.
     with pytest.raises(NotImplementedError):
         torch.ops.vera_kernels_cuda.projection(0, 2, 3, 0, 0, torch.empty(0))
@@ -88,7 +91,7 @@ def test_jit_build_without_prebuilt_extension(tmp_path):
     # In a fresh process (one library per process), with the prebuilt one hidden.
     script = (
         "import torch\n"
-        "from vera_kernels import cuda\n"
+        "from vera_kernels.backends import cuda\n"
         "cuda.prebuilt_library = lambda: None\n"
         "cuda.load()\n"
         "print(torch.ops.vera_kernels_cuda.forward.default._schema)\n"

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import vera_kernels as vk
-from vera_kernels import ops
+from vera_kernels import backends as ops
 from vera_kernels.reference import vera_linear_reference, vera_linear_with_projections
 from helpers import DEVICES, EPS, assert_close_scaled, backend_device_params, vera_inputs
 
@@ -48,7 +48,7 @@ def _run(fn, x, d, b, base, seed=SEED, **kw):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_matches_reference(backend, device, lead, n_in, n_out, r, dtype):
     if dtype == torch.bfloat16 and backend == "triton" and device == "cpu":
-        pytest.skip("the Triton interpreter computes bf16 wrongly (DESIGN.md §7); bf16 runs on GPU")
+        pytest.skip("the Triton interpreter computes bf16 wrongly (docs/design.md); bf16 runs on GPU")
     inputs = vera_inputs(lead, n_in, n_out, r, dtype=dtype, device=device)
     got = _run(vk.vera_linear, *inputs, backend=backend)
     # The oracle sees the same (already rounded) inputs, computed in float64.

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import vera_kernels as vk
-from vera_kernels import strategy as projection_strategy
+from vera_kernels.backends import strategy as projection_strategy
 from vera_kernels.reference import vera_linear_reference
 from helpers import EPS, assert_close_scaled, vera_inputs
 

@@ -10,12 +10,12 @@ import pytest
 import torch
 
 import vera_kernels as vk
-from vera_kernels import ops
+from vera_kernels import backends as ops
 from helpers import DEVICES
 
 pytest.importorskip("triton")
-from vera_kernels.triton import kernels  # noqa: E402
-from vera_kernels.triton.philox import generate_projection  # noqa: E402
+from vera_kernels.backends.triton import kernels  # noqa: E402
+from vera_kernels.backends.triton.philox import generate_projection  # noqa: E402
 
 SEED = 2**32 + 12345
 

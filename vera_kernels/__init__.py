@@ -1,12 +1,10 @@
 """vera-kernels: fused VeRA (Vector-based Random Matrix Adaptation) layers.
 
 A and B, the frozen random projections VeRA shares across layers, are
-regenerated from a seed (Philox4x32-10, see DESIGN.md §2) instead of stored.
+regenerated from a seed (Philox4x32-10, see docs/design.md) instead of stored.
 """
 
-from . import torch_backend  # noqa: F401  (registers the "torch" backend)
-from . import triton as _triton_backend  # noqa: F401  (registers "triton"; kernels load lazily)
-from . import cuda as _cuda_backend  # noqa: F401  (registers "cuda"; the extension loads lazily)
+from .backends import available_backends
 from .function import vera_linear
 from .model import (
     apply_vera,
@@ -18,7 +16,6 @@ from .model import (
 )
 from .module import VeRALinear
 from .peft_interop import from_peft, save_peft_adapter
-from .ops import available_backends
 from .projection import projection
 
 __version__ = "0.1.0"

@@ -1,4 +1,4 @@
-"""Autograd for the VeRA op, and ``vera_linear``, the checked functional entry point.
+"""Autograd for the VeRA op, and ``vera_linear``: check the call, then dispatch it.
 
 Forward saves only ``h`` (tokens x r) and the two vectors; backward hands
 them to the same backend's backward. The gradient of ``base_output`` is the
@@ -10,25 +10,16 @@ a fraction of the dispatch overhead.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
 from . import ops
-from .projection import SUPPORTED_DTYPES, split_seed
+from .backends import Grads, NeededGrads
+from .call import VeRACall, check_call
 
-__all__ = ["vera_linear"]
-
-
-def _save(ctx, x, lambda_d, lambda_b, key0, key1, backend, proj_a, proj_b, h) -> None:
-    # proj_a / proj_b (explicit mode only) are frozen inputs: saving them keeps
-    # a reference, no copy.
-    ctx.save_for_backward(h, lambda_d, lambda_b, proj_a, proj_b)
-    ctx.key = (key0, key1)
-    ctx.in_features = x.shape[1]
-    ctx.backend = backend
-
+__all__ = ["vera_linear", "DOUBLE_BACKWARD_ERROR"]
 
 DOUBLE_BACKWARD_ERROR = (
     "vera_kernels: double backward through vera_linear is not supported: its backward "
@@ -52,7 +43,7 @@ class _NoDoubleBackward(torch.autograd.Function):
         raise RuntimeError(DOUBLE_BACKWARD_ERROR)
 
 
-def _guard_double_backward(grads: tuple, *inputs) -> tuple:
+def _guard_double_backward(grads: Grads, *inputs) -> Grads:
     # With create_graph=True autograd records the backward itself. Ours is
     # not differentiable (terms through h = A x would be silently missing), so
     # the gradients are routed through a node whose backward raises.
@@ -62,77 +53,76 @@ def _guard_double_backward(grads: tuple, *inputs) -> tuple:
         return grads
     present = [g for g in grads if g is not None]
     guarded = iter(_NoDoubleBackward.apply(len(present), *present, *inputs))
-    return tuple(None if g is None else next(guarded) for g in grads)
+    return Grads(*(None if g is None else next(guarded) for g in grads))
 
 
-def _input_grads(ctx, grad_y, backward) -> tuple:
-    """Gradients for (x, lambda_d, lambda_b, key0, key1, base, backend, proj_a, proj_b)."""
-    h, lambda_d, lambda_b, proj_a, proj_b = ctx.saved_tensors
-    need_x, need_d, need_b, _, _, need_base = ctx.needs_input_grad[:6]
-    dx = dd = db = None
-    if need_x or need_d or need_b:
-        dx, dd, db = backward(
-            grad_y, h, lambda_d, lambda_b, *ctx.key, ctx.in_features, ctx.backend,
-            need_x, need_d, need_b, proj_a, proj_b,
-        )
-        dx, dd, db = _guard_double_backward((dx, dd, db), grad_y, lambda_d, lambda_b)
-    return (
-        dx if need_x else None,
-        dd if need_d else None,
-        db if need_b else None,
-        None,
-        None,
-        grad_y if need_base else None,
-        None,
-        None,
-        None,
-    )
+def _save(ctx, x, lambda_d, lambda_b, source, backend, h) -> None:
+    # An explicit source holds frozen inputs: keeping it keeps references, no copies.
+    ctx.save_for_backward(h, lambda_d, lambda_b)
+    ctx.source, ctx.backend, ctx.in_features = source, backend, x.shape[1]
+
+
+def _input_grads(ctx, grad_y: Tensor, needed: NeededGrads, backward: Callable) -> Grads:
+    """The backend's gradients for ``needed`` (through ``backward``: the op, or the eager call)."""
+    if not needed.any():
+        return Grads(None, None, None)
+    h, lambda_d, lambda_b = ctx.saved_tensors
+    grads = backward(grad_y, h, lambda_d, lambda_b, ctx.source, ctx.in_features, ctx.backend,
+                     needed)
+    return _guard_double_backward(grads, grad_y, lambda_d, lambda_b)
 
 
 # Autograd of the custom op, for graphs torch.compile traces.
 def _setup_context(ctx, inputs, output):
-    x, lambda_d, lambda_b, key0, key1, _, backend, proj_a, proj_b = inputs
-    _save(ctx, x, lambda_d, lambda_b, key0, key1, backend, proj_a, proj_b, output[1])
+    x, lambda_d, lambda_b, source, _, backend = ops.op_forward_inputs(inputs)
+    _save(ctx, x, lambda_d, lambda_b, source, backend, output[1])
     ctx.mark_non_differentiable(output[1])
 
 
-torch.library.register_autograd(
-    "vera_kernels::vera_forward",
-    lambda ctx, grad_y, _grad_h: _input_grads(ctx, grad_y, torch.ops.vera_kernels.vera_backward),
-    setup_context=_setup_context,
-)
+def _op_backward(ctx, grad_y, _grad_h):
+    needed, need_base = ops.op_needed_grads(ctx.needs_input_grad)
+    grads = _input_grads(ctx, grad_y, needed, ops.backward_op)
+    return ops.op_input_grads(grads, grad_y if need_base else None)
+
+
+torch.library.register_autograd("vera_kernels::vera_forward", _op_backward,
+                                setup_context=_setup_context)
 
 
 class _VeRAFunction(torch.autograd.Function):
     """The eager path: the same backend calls and saved state, without torch.library dispatch."""
 
     @staticmethod
-    def forward(ctx, x, lambda_d, lambda_b, key0, key1, base, backend, proj_a, proj_b):
-        y, h = ops.run_forward(x, lambda_d, lambda_b, key0, key1, base, backend, proj_a, proj_b)
-        _save(ctx, x, lambda_d, lambda_b, key0, key1, backend, proj_a, proj_b, h)
+    def forward(ctx, x, lambda_d, lambda_b, base, source, backend):
+        y, h = ops.run_forward(x, lambda_d, lambda_b, source, base, backend)
+        _save(ctx, x, lambda_d, lambda_b, source, backend, h)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        return _input_grads(ctx, grad_y, ops.run_backward)
+        need_x, need_d, need_b, need_base = ctx.needs_input_grad[:4]
+        grads = _input_grads(ctx, grad_y, NeededGrads(need_x, need_d, need_b), ops.run_backward)
+        return (*grads, grad_y if need_base else None, None, None)
 
 
-def _check_tensor(name: str, t, dims: Optional[int] = None) -> None:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if dims is not None and t.dim() != dims:
-        raise ValueError(f"{name} must be {dims}-D, got shape {tuple(t.shape)}")
-    if t.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+def _forward(call: VeRACall) -> Tensor:
+    if torch.compiler.is_compiling():
+        y, _ = ops.forward_op(call.x, call.lambda_d, call.lambda_b, call.source, call.base,
+                              call.backend)
+        return y
+    return _VeRAFunction.apply(call.x, call.lambda_d, call.lambda_b, call.base, call.source,
+                               call.backend)
 
 
-def _autocast(tensors: list[Optional[Tensor]], device_type: str) -> list[Optional[Tensor]]:
-    """Cast to the autocast dtype when autocast is on for ``device_type`` (as nn.Linear would)."""
-    # Devices without autocast (meta, ...) would make the query itself raise.
-    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
-        return tensors
-    dtype = torch.get_autocast_dtype(device_type)
-    return [t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t for t in tensors]
+def _forward_into_base(call: VeRACall) -> None:
+    args = (call.x, call.lambda_d, call.lambda_b, call.source, call.base, call.backend)
+    if torch.compiler.is_compiling():
+        ops.forward_into_base_op(*args)  # a declared mutation: functionalized when traced
+        return
+    ops.run_forward(*args, into_base=True)
+    # A fused kernel's write is invisible to autograd: bump the version so a
+    # graph that saved base_output refuses to use it.
+    torch.autograd.graph.increment_version(call.base_output)
 
 
 def vera_linear(
@@ -155,7 +145,7 @@ def vera_linear(
         x: ``(..., in)`` activations; any leading dims, any strides.
         lambda_d: ``(r,)`` trainable scaling of the r-dimensional bottleneck.
         lambda_b: ``(out,)`` trainable scaling of the output.
-        seed: int in [0, 2**64) selecting A and B.
+        seed: int in [0, 2**64) selecting A and B (any integer type).
         base_output: ``(..., out)`` added to the result (usually the frozen
             layer's output); ``None`` means zeros.
         backend: ``"torch"``, ``"triton"`` or ``"cuda"``; ``None`` picks the
@@ -167,92 +157,22 @@ def vera_linear(
         into_base: write the result into ``base_output``'s buffer and return
             it, saving a tokens x out allocation, whenever autograd does not
             need the graph (no grad mode, or nothing requires grad) and
-            base_output is contiguous; otherwise a new tensor as usual.
+            base_output is contiguous; otherwise a new tensor as usual. The
+            write bumps base_output's version counter, as any in-place op does.
 
     Returns:
         ``(..., out)`` tensor in x's dtype, differentiable in x, lambda_d,
-        lambda_b and base_output. Under ``torch.autocast`` everything is
-        computed in the autocast dtype.
+        lambda_b and base_output (once: double backward raises). Under
+        ``torch.autocast`` everything is computed in the autocast dtype.
 
     Raises:
         TypeError: non-tensors, unsupported dtypes, or x and the vectors in
             different dtypes.
         ValueError: shape or device mismatches, a bad seed or backend name.
     """
-    _check_tensor("x", x)
-    _check_tensor("lambda_d", lambda_d, dims=1)
-    _check_tensor("lambda_b", lambda_b, dims=1)
-    if base_output is not None:
-        _check_tensor("base_output", base_output)
-    proj_a, proj_b = _check_projections(projections)
-    x, lambda_d, lambda_b, base_output, proj_a, proj_b = _autocast(
-        [x, lambda_d, lambda_b, base_output, proj_a, proj_b], x.device.type
-    )
-
-    if x.dim() == 0 or x.shape[-1] == 0:
-        raise ValueError(f"x must have shape (..., in) with in >= 1, got {tuple(x.shape)}")
-    if lambda_d.shape[0] == 0 or lambda_b.shape[0] == 0:
-        raise ValueError(
-            f"lambda_d and lambda_b must be non-empty, got r={lambda_d.shape[0]}, "
-            f"out={lambda_b.shape[0]}"
-        )
-    named = (("lambda_d", lambda_d), ("lambda_b", lambda_b), ("base_output", base_output),
-             ("projections[0]", proj_a), ("projections[1]", proj_b))
-    for name, t in named:
-        if t is None:
-            continue
-        if t.dtype != x.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but x has dtype {x.dtype}; use one dtype")
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
-    out_features = lambda_b.shape[0]
-    out_shape = (*x.shape[:-1], out_features)
-    if base_output is not None and tuple(base_output.shape) != out_shape:
-        raise ValueError(
-            f"base_output must have shape {out_shape} (x's leading dims, len(lambda_b)), "
-            f"got {tuple(base_output.shape)}"
-        )
-    if proj_a is None:
-        key0, key1 = split_seed(seed)
-    else:
-        r_in = (lambda_d.shape[0], x.shape[-1])
-        if tuple(proj_a.shape) != r_in or tuple(proj_b.shape) != (out_features, r_in[0]):
-            raise ValueError(
-                f"projections must have shapes {r_in} and {(out_features, r_in[0])} "
-                f"((r, in) and (out, r)), got {tuple(proj_a.shape)} and {tuple(proj_b.shape)}"
-            )
-        key0 = key1 = 0  # unused: the matrices are given
-    name = ops.resolve_backend(backend, x.device)
-
-    x2d = x.reshape(-1, x.shape[-1])
-    base2d = base_output.reshape(-1, out_features) if base_output is not None else None
-    args = (x2d, lambda_d, lambda_b, key0, key1, base2d, name, proj_a, proj_b)
-    compiling = torch.compiler.is_compiling()
-    if into_base and base_output is not None and base_output.is_contiguous() and not (
-        torch.is_grad_enabled()
-        and any(t is not None and t.requires_grad for t in (x, lambda_d, lambda_b, base_output))
-    ):
-        if compiling:
-            torch.ops.vera_kernels.vera_forward_into_base(*args)
-        else:
-            ops.run_forward(*args, into_base=True)
-            # A fused kernel's write is invisible to autograd: bump the
-            # version so a graph that saved base_output refuses to use it.
-            torch.autograd.graph.increment_version(base_output)
-        return base_output
-    if compiling:
-        y, _ = torch.ops.vera_kernels.vera_forward(*args)
-    else:
-        y = _VeRAFunction.apply(*args)
-    return y.reshape(out_shape)
-
-
-def _check_projections(projections) -> tuple[Optional[Tensor], Optional[Tensor]]:
-    if projections is None:
-        return None, None
-    if not isinstance(projections, (tuple, list)) or len(projections) != 2:
-        raise TypeError("projections must be a pair (A, B) of tensors")
-    for i, t in enumerate(projections):
-        _check_tensor(f"projections[{i}]", t, dims=2)
-    # Frozen by definition: no gradient flows into them.
-    return projections[0].detach(), projections[1].detach()
+    call = check_call(x, lambda_d, lambda_b, seed, base_output, backend=backend,
+                      projections=projections, into_base=into_base)
+    if call.into_base:
+        _forward_into_base(call)
+        return call.base_output
+    return _forward(call).reshape(call.out_shape)

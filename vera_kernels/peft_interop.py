@@ -70,44 +70,37 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
     return model
 
 
-def save_peft_adapter(model: nn.Module, path: Union[str, os.PathLike]) -> None:
-    """Write the VeRA layers of ``model`` as a PEFT adapter directory at ``path``.
+def _one_value(layers: list, what: str, value_of) -> object:
+    """The value all layers share (PEFT stores one per adapter); ValueError otherwise."""
+    values = {value_of(layer) for _, layer in layers}
+    if len(values) != 1:
+        raise ValueError(f"save_peft_adapter: PEFT needs one {what} for all layers, "
+                         f"got {sorted(values, key=repr)}")
+    return values.pop()
 
-    Load it with ``PeftModel.from_pretrained(base_model, path)``, where
-    ``base_model`` is the model without VeRA layers. All layers must share r
-    (and, for seeded layers, the seed), as PEFT requires.
-    """
-    from peft import VeraConfig
-    from safetensors.torch import save_file
 
-    layers = list(vera_layers(model))
-    if not layers:
-        raise ValueError("save_peft_adapter: the model has no VeRA layers")
-    ranks = {layer.r for _, layer in layers}
-    if len(ranks) != 1:
-        raise ValueError(f"save_peft_adapter: PEFT needs one r for all layers, got {sorted(ranks)}")
-    r = ranks.pop()
+def _dropout_p(layer: VeRALinear) -> float:
+    return layer.vera_dropout.p if isinstance(layer.vera_dropout, nn.Dropout) else 0.0
+
+
+def _export_projections(layers: list, r: int):
+    """PEFT's (vera_A, vera_B) and each layer's factor to fold into lambda_d."""
     pairs = {id(layer.projections): layer.projections for _, layer in layers}
     if len(pairs) != 1:
         raise ValueError("save_peft_adapter: layers mix seeded and explicit projections, or "
                          "several explicit pairs; PEFT stores one pair for all layers")
     shared = pairs.popitem()[1]
     if shared is not None:
-        proj_a, proj_b = shared.vera_A.float(), shared.vera_B.float()
-        scales = {name: 1.0 for name, _ in layers}
-    else:
-        seeds = {layer.seed for _, layer in layers}
-        if len(seeds) != 1:
-            raise ValueError(f"save_peft_adapter: PEFT needs one seed for all layers, got {sorted(seeds)}")
-        seed = seeds.pop()
-        max_in = max(layer.in_features for _, layer in layers)
-        max_out = max(layer.out_features for _, layer in layers)
-        proj_a = projection("A", r, max_in, seed)
-        proj_b = projection("B", max_out, r, seed)
-        scales = {
-            name: projection_bound(layer.in_features) / projection_bound(max_in)
-            for name, layer in layers
-        }
+        return shared.vera_A.float(), shared.vera_B.float(), {name: 1.0 for name, _ in layers}
+    seed = _one_value(layers, "seed", lambda layer: layer.seed)
+    max_in = max(layer.in_features for _, layer in layers)
+    max_out = max(layer.out_features for _, layer in layers)
+    scales = {name: projection_bound(layer.in_features) / projection_bound(max_in)
+              for name, layer in layers}
+    return projection("A", r, max_in, seed), projection("B", max_out, r, seed), scales
+
+
+def _adapter_tensors(layers: list, proj_a, proj_b, scales: dict) -> dict:
     tensors = {}
     for name, layer in layers:
         prefix = f"base_model.model.{name}"
@@ -116,15 +109,33 @@ def save_peft_adapter(model: nn.Module, path: Union[str, os.PathLike]) -> None:
         tensors[f"{prefix}.vera_lambda_b"] = layer.vera_lambda_b.detach().cpu().contiguous()
     tensors["base_model.vera_A"] = proj_a.detach().cpu().contiguous()
     tensors["base_model.vera_B"] = proj_b.detach().cpu().contiguous()
+    return tensors
 
-    dropouts = {layer.vera_dropout.p for _, layer in layers if isinstance(layer.vera_dropout, nn.Dropout)}
+
+def save_peft_adapter(model: nn.Module, path: Union[str, os.PathLike]) -> None:
+    """Write the VeRA layers of ``model`` as a PEFT adapter directory at ``path``.
+
+    Load it with ``PeftModel.from_pretrained(base_model, path)``, where
+    ``base_model`` is the model without VeRA layers. All layers must share r,
+    the dropout probability and (for seeded layers) the seed, as PEFT requires.
+    """
+    from peft import VeraConfig
+    from safetensors.torch import save_file
+
+    layers = list(vera_layers(model))
+    if not layers:
+        raise ValueError("save_peft_adapter: the model has no VeRA layers")
+    r = _one_value(layers, "r", lambda layer: layer.r)
+    dropout = _one_value(layers, "dropout probability", _dropout_p)
+    proj_a, proj_b, scales = _export_projections(layers, r)
     config = VeraConfig(
         r=r,
         target_modules=[name for name, _ in layers],
         save_projection=True,
-        vera_dropout=max(dropouts) if dropouts else 0.0,
+        vera_dropout=dropout,
         fan_in_fan_out=all(is_conv1d(layer.base_layer) for _, layer in layers),
     )
     os.makedirs(path, exist_ok=True)
     config.save_pretrained(str(path))
-    save_file(tensors, os.path.join(str(path), "adapter_model.safetensors"))
+    save_file(_adapter_tensors(layers, proj_a, proj_b, scales),
+              os.path.join(str(path), "adapter_model.safetensors"))

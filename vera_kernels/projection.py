@@ -1,4 +1,4 @@
-"""The projection spec (DESIGN.md §2) in plain PyTorch integer ops.
+"""The projection spec (docs/design.md) in plain PyTorch integer ops.
 
 A and B are never stored: every backend regenerates them from the seed with
 the counter-based Philox4x32-10 generator. Element (i, j) of matrix m takes

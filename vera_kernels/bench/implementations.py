@@ -10,35 +10,16 @@
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from torch import nn
 
+from ..backends import get_backend
 from ..module import VeRALinear
 from ..reference import vera_linear_with_projections, vera_projections
-from ..strategy import strategy_for
+from .cases import Case
 
-PROJECTION_STRATEGY = {
-    "unfused": "stored A, B",
-    "peft": "stored A, B",
-    "base": "-",
-    "ours-torch": "cached A, B",
-}
-
-
-@dataclass
-class Case:
-    """One benchmark configuration."""
-
-    in_features: int
-    out_features: int
-    tokens: int
-    r: int
-    dtype: torch.dtype
-    device: torch.device
-    seed: int = 0
+PROJECTION_STRATEGY = {"unfused": "stored A, B", "peft": "stored A, B", "base": "-"}
 
 
 class UnfusedVeRA(nn.Module):
@@ -104,32 +85,19 @@ def make_layer(name: str, case: Case) -> nn.Module:
     return layer
 
 
-def _fused_block_m(name: str) -> Optional[int]:
-    """Rows per generated tile of a fused backend; None for the others."""
-    if name == "ours-triton":
-        from ..triton.kernels import BLOCK_M
-
-        return BLOCK_M
-    if name == "ours-cuda":
-        from ..cuda import BLOCK_M
-
-        return BLOCK_M
-    return None
+def _our_backend(name: str):
+    return get_backend(name.removeprefix("ours-")) if name.startswith("ours-") else None
 
 
 def strategy(name: str, case: Case) -> str:
     """How implementation ``name`` obtains A and B for ``case``."""
-    block_m = _fused_block_m(name)
-    if block_m is None:
-        return PROJECTION_STRATEGY.get(name, "-")
-    return f"{strategy_for(case.tokens, block_m)} (Philox in-kernel)"
+    backend = _our_backend(name)
+    return backend.projection_strategy(case.tokens) if backend else PROJECTION_STRATEGY[name]
 
 
 def generation_int_ops(name: str, case: Case) -> int:
-    """Integer ops spent on Philox per forward (DESIGN.md §5: ~25 per element)."""
-    block_m = _fused_block_m(name)
-    if block_m is None:
-        return 0  # generated once and kept (cached / stored)
-    elements = case.r * (case.in_features + case.out_features)
-    passes = 1 if strategy_for(case.tokens, block_m) == "workspace" else -(-case.tokens // block_m)
-    return 25 * elements * passes
+    """Integer ops spent regenerating A and B per forward (0: generated once and kept)."""
+    backend = _our_backend(name)
+    if backend is None:
+        return 0
+    return backend.generation_int_ops(case.tokens, case.r, case.in_features, case.out_features)

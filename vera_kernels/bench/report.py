@@ -54,7 +54,7 @@ def device_info(device: torch.device) -> dict:
 
 
 def roofline(case, info: dict) -> dict:
-    """DESIGN.md §5's bound for the fused forward: bytes, flops and the time they imply."""
+    """The roofline bound for the fused forward (docs/design.md): bytes, flops and the time they imply."""
     elem = torch.finfo(case.dtype).bits // 8
     bytes_moved = case.tokens * (case.in_features + 2 * case.out_features) * elem
     flops = 2 * case.tokens * case.r * (case.in_features + case.out_features)

@@ -1,4 +1,4 @@
-"""The ``cuda`` backend: loads the CUDA C++ extension (csrc/) and registers it.
+"""The ``cuda`` backend: the CUDA C++ extension (csrc/) and its loader.
 
 The extension is ``vera_kernels/_C.so`` when setup.py built it ahead of time;
 otherwise it is JIT-built from csrc/ on first use (torch.utils.cpp_extension,
@@ -12,13 +12,12 @@ from typing import Optional
 
 import torch
 
-from . import strategy
-from .ops import Backend, register_backend
+from .contract import Grads
+from .strategy import RegeneratingBackend
 
-PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parent.parent
 CSRC = PACKAGE_DIR.parent / "csrc"
 SOURCES = [CSRC / "bindings.cpp", CSRC / "vera_kernels.cu"]
-BLOCK_M = 64  # kBlockM in csrc/vera_kernels.h
 
 _load_error: Optional[str] = None
 _loaded = False
@@ -72,47 +71,43 @@ def load() -> None:
     _loaded = True
 
 
-def _unavailable_on(device: torch.device) -> Optional[str]:
-    if device.type != "cuda":
-        return "the cuda backend runs on CUDA tensors only"
-    if not torch.cuda.is_available():
-        return "no CUDA device is available"
-    if _load_error is not None:
-        return _load_error
-    if _loaded:
-        return None
-    return None if prebuilt_library() is not None else _jit_build_possible()
+class CudaBackend(RegeneratingBackend):
+    name = "cuda"
+    priority = 20
+    auto_devices = ("cuda",)
+
+    def unavailable_on(self, device: torch.device) -> Optional[str]:
+        if device.type != "cuda":
+            return "the cuda backend runs on CUDA tensors only"
+        if not torch.cuda.is_available():
+            return "no CUDA device is available"
+        if _load_error is not None:
+            return _load_error
+        if _loaded:
+            return None
+        return None if prebuilt_library() is not None else _jit_build_possible()
+
+    @property
+    def reuse_factor(self) -> int:
+        load()
+        return torch.ops.vera_kernels_cuda.block_m()  # kBlockM in csrc/vera_kernels.h
+
+    def forward(self, x, lambda_d, lambda_b, source, base, *, into_base=False):
+        load()
+        return torch.ops.vera_kernels_cuda.forward(
+            x, lambda_d, lambda_b, *source.key_words(), base, self.generates(x.shape[0]),
+            source.a, source.b, into_base,
+        )
+
+    def backward(self, grad, h, lambda_d, lambda_b, source, in_features, needed):
+        load()
+        grads = torch.ops.vera_kernels_cuda.backward(
+            grad, h, lambda_d, lambda_b, *source.key_words(), in_features,
+            self.generates(h.shape[0]), needed.x, needed.lambda_d, needed.lambda_b,
+            source.a, source.b,
+        )
+        return Grads(*(g if need else None
+                       for g, need in zip(grads, (needed.x, needed.lambda_d, needed.lambda_b))))
 
 
-def _generate(tokens: int) -> bool:
-    return strategy.strategy_for(tokens, BLOCK_M) == "generate"
-
-
-def forward(x, lambda_d, lambda_b, key, base, given, into_base=False):
-    load()
-    proj_a, proj_b = given
-    return torch.ops.vera_kernels_cuda.forward(
-        x, lambda_d, lambda_b, *key, base, _generate(x.shape[0]), proj_a, proj_b, into_base
-    )
-
-
-def backward(grad, h, lambda_d, lambda_b, key, in_features, given, need_dx, need_dd, need_db):
-    load()
-    proj_a, proj_b = given
-    grads = torch.ops.vera_kernels_cuda.backward(
-        grad, h, lambda_d, lambda_b, *key, in_features, _generate(h.shape[0]),
-        need_dx, need_dd, need_db, proj_a, proj_b,
-    )
-    return tuple(g if need else None for g, need in zip(grads, (need_dx, need_dd, need_db)))
-
-
-register_backend(
-    Backend(
-        name="cuda",
-        forward=forward,
-        backward=backward,
-        unavailable_on=_unavailable_on,
-        priority=20,
-        auto_devices=("cuda",),
-    )
-)
+BACKEND = CudaBackend()

@@ -1,4 +1,4 @@
-"""The projection spec (DESIGN.md §2) as a Triton tile generator, and a kernel that materializes it.
+"""The projection spec (docs/design.md) as a Triton tile generator, and a kernel that materializes it.
 
 ``projection_tile`` is what every fused kernel calls to get a block of A or B
 in registers; ``generate_projection`` writes a whole matrix with it (the
@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..projection import MATRICES, projection_bound
+from ...projection import MATRICES, projection_bound
 
 
 @triton.jit

@@ -17,13 +17,14 @@ kernel in CUDA C++.
 
 Where T comes from (``GENERATE``)
 ---------------------------------
-Philox4x32-10 costs ~25 integer ops per generated element (DESIGN.md §5).
+Philox4x32-10 costs ~25 integer ops per generated element (docs/design.md, cost model).
 A program that owns BLOCK_M token rows generates each projection tile once and
 reuses it for those BLOCK_M rows, so generation costs
 ``25 · R · (K + N) · M / BLOCK_M`` integer ops against
 ``2 · M · R · (K + N)`` tensor-core flops and ``M · (K + 2N)`` elements of
-memory traffic. On an H200 (~16 T int op/s, ~4.8 TB/s) generation outweighs the
-memory time by about ``3.75 · R / BLOCK_M``: cheap for a few token tiles,
+memory traffic. On an H200 (~16 T int op/s, ~4.8 TB/s) in bf16, generation
+outweighs the memory time by ``3.75 · R / BLOCK_M · (K + N) / (K + 2N)``
+(``2.5 · R / BLOCK_M`` for a square layer): cheap for a few token tiles,
 dominant for thousands of tokens at r = 256.
 
 Hence two strategies, chosen per launch by the caller (``backend.py``):
@@ -35,7 +36,7 @@ Hence two strategies, chosen per launch by the caller (``backend.py``):
   launch into a small workspace (r · (in + out) elements, L2-resident), and
   the kernel loads tiles from it; reuse factor = all tokens of the launch.
   The same path serves explicitly given projections (e.g. PEFT's stored ones).
-  (``vera_kernels.strategy`` picks per launch.)
+  (``backends/strategy.py`` picks per launch.)
 
 Token reductions (dd, db) are deterministic: each program writes its own
 fp32 partial row, summed afterwards in a fixed order; no atomics.
@@ -43,7 +44,7 @@ fp32 partial row, summed afterwards in a fixed order; no atomics.
 
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -91,10 +92,10 @@ def _fetch_tile(
     return tile
 
 
-# Epilogues (the EPILOGUE meta-parameter; the kernel compares the literals).
-STORE = 0  # out = acc ⊙ out_scale + base (both optional)
-STORE_AND_REDUCE = 1  # out = acc; partial[pid_m, :] = Σ_rows acc ⊙ aux
-REDUCE = 2  # partial[pid_m, :] = Σ_rows acc ⊙ aux; nothing stored
+# Epilogues (the EPILOGUE meta-parameter).
+STORE: tl.constexpr = tl.constexpr(0)  # out = acc ⊙ out_scale + base (both optional)
+STORE_AND_REDUCE: tl.constexpr = tl.constexpr(1)  # out = acc; partial[pid_m, :] = Σ_rows acc ⊙ aux
+REDUCE: tl.constexpr = tl.constexpr(2)  # partial[pid_m, :] = Σ_rows acc ⊙ aux; nothing stored
 
 
 @triton.jit(do_not_specialize=["seed"])
@@ -150,12 +151,12 @@ def _vera_gemm_kernel(
                             pid_n * BLOCK_N, STREAM, BLOCK_K, BLOCK_N, GENERATE, DTYPE)
         acc = tl.dot(x.to(DTYPE), t, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
     mask = mask_m[:, None] & mask_n[None, :]
-    if EPILOGUE != 0:  # STORE_AND_REDUCE or REDUCE: sum over this program's rows
+    if EPILOGUE != STORE:  # sum over this program's rows
         aux = tl.load(aux_ptr + rows[:, None] * stride_am + offs_n[None, :] * stride_an,
                       mask=mask, other=0.0)
         partial = tl.sum(acc * aux.to(ACC_DTYPE), axis=0)
         tl.store(partial_ptr + pid_m * N + offs_n, partial, mask=mask_n)
-    if EPILOGUE != 2:  # STORE or STORE_AND_REDUCE
+    if EPILOGUE != REDUCE:
         if SCALE_OUT:
             scale = tl.load(out_scale_ptr + offs_n, mask=mask_n, other=0.0)
             acc = acc * scale.to(ACC_DTYPE)[None, :]
@@ -219,6 +220,13 @@ class Projection:
     workspace: Optional[torch.Tensor] = None
 
 
+class GemmResult(NamedTuple):
+    """What a launch produced: the stored result and the per-row-tile partial sums (or None)."""
+
+    out: Optional[torch.Tensor]
+    partials: Optional[torch.Tensor]
+
+
 def _input_precision(dtype: torch.dtype) -> str:
     # fp32 follows torch's matmul precision setting, like torch.mm does.
     if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
@@ -256,7 +264,8 @@ def gemm(
             element is read and written by the same program); new otherwise.
 
     Returns:
-        ``out``, ``partials`` or ``(out, partials)``.
+        ``GemmResult(out, partials)``: ``out`` None when not stored, ``partials``
+        (one fp32 row per BLOCK_M rows; fp64 for fp64) None without ``reduce_with``.
     """
     m, k = x.shape
     n = proj.rows if transposed else proj.cols
@@ -279,12 +288,10 @@ def gemm(
         *_strides(reduce_with, x), partial if partial is not None else x,
         m, n, k, triton.next_power_of_2(m), proj.seed, proj.bound,
         STREAM=proj.stream, TRANSPOSED=transposed, SCALE_X=x_scale is not None,
-        SCALE_OUT=out_scale is not None, HAS_BASE=base is not None, EPILOGUE=epilogue,
+        SCALE_OUT=out_scale is not None, HAS_BASE=base is not None, EPILOGUE=epilogue.value,
         GENERATE=proj.workspace is None, DTYPE=_TORCH_TO_TL[dtype],
         ACC_DTYPE=tl.float64 if dtype == torch.float64 else tl.float32,
         INPUT_PRECISION=_input_precision(dtype), BLOCK_M=BLOCK_M,
         **({"BLOCK_N": 16, "BLOCK_K": 16} if INTERPRETING else {}),
     )
-    if partial is None:
-        return out
-    return (out, partial) if store else partial
+    return GemmResult(out if store else None, partial)

@@ -1,0 +1,118 @@
+"""The ``torch`` backend: plain PyTorch, runs on any device (meta included), still lean.
+
+* A and B come from an LRU cache per (seed, shape, dtype, device) instead of
+  being regenerated per call.
+* No tokens x out temporary besides the output: the vectors are folded into
+  the small projections (d and b into B's columns and rows for the forward,
+  b into B and d into A for dx), and the base output is added by ``addmm``.
+* Backward needs only ``h``: db and dd come from ``P = gradᵀ h`` (out x r).
+* float16 has a narrow exponent range: there the vectors (and h, for P) are
+  scaled to unit magnitude by exact powers of two before they are folded,
+  so the fold neither underflows nor overflows where the unfused
+  computation would not (``_fold_scales``).
+
+Folding d into B rather than A keeps ``h = x Aᵀ`` itself available for dd,
+so nothing has to be divided back out.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..projection import cached_projection
+from .contract import Backend, Grads, NeededGrads, ProjectionSource
+
+
+def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half types, the dtype itself for float32 / float64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _projections(source: ProjectionSource, in_features: int, out_features: int, r: int,
+                 like: Tensor) -> tuple[Tensor, Tensor]:
+    if source.is_explicit:
+        return source.a, source.b
+    proj_a = cached_projection("A", r, in_features, source.seed, like.dtype, like.device)
+    proj_b = cached_projection("B", out_features, r, source.seed, like.dtype, like.device)
+    return proj_a, proj_b
+
+
+def _fold_scales(dtype: torch.dtype, *vectors: Tensor) -> list[float]:
+    """Per tensor, the power of two just above its largest magnitude (float16), else 1.
+
+    Folding raw vectors into a float16 matrix underflows (small vectors) or
+    overflows (large ones) where the unfused computation does not. Vectors
+    divided by these exact powers of two fold safely, and the powers are
+    applied in the matmul's fp32 epilogue (``alpha``) or to its result.
+    bfloat16 and wider have float32's exponent range and need none of this,
+    which spares them the host sync of reading the magnitudes.
+    """
+    if dtype != torch.float16 or vectors[0].device.type == "meta":
+        return [1.0] * len(vectors)
+    peaks = torch.stack([
+        v.detach().abs().max().float() if v.numel() else v.new_zeros((), dtype=torch.float32)
+        for v in vectors
+    ]).tolist()
+    return [2.0 ** math.frexp(p)[1] if math.isfinite(p) and p > 0 else 1.0 for p in peaks]
+
+
+def _scaled(matrix: Tensor, rows: Optional[Tensor], cols: Optional[Tensor],
+            scales=(1.0, 1.0)) -> Tensor:
+    """``rows[:, None] / scales[0] * matrix * cols[None, :] / scales[1]``, rounded once."""
+    acc = matrix.to(_accumulate_dtype(matrix.dtype))
+    if rows is not None:
+        acc = acc * (rows.to(acc.dtype) / scales[0])[:, None]
+    if cols is not None:
+        acc = acc * (cols.to(acc.dtype) / scales[1])
+    return acc.to(matrix.dtype)
+
+
+class TorchBackend(Backend):
+    name = "torch"
+    priority = 100
+
+    def unavailable_on(self, device: torch.device) -> Optional[str]:
+        return None
+
+    def forward(self, x, lambda_d, lambda_b, source, base, *, into_base=False):
+        proj_a, proj_b = _projections(source, x.shape[1], lambda_b.shape[0], lambda_d.shape[0], x)
+        h = x @ proj_a.T
+        scales = _fold_scales(x.dtype, lambda_b, lambda_d)
+        w = _scaled(proj_b, lambda_b, lambda_d, scales)  # (out, r): b_o * B[o, i] * d_i / scale
+        scale = scales[0] * scales[1]
+        if base is None:
+            y = torch.mm(h, w.T)
+            if scale != 1.0:
+                y.mul_(scale)  # exact: a power of two
+        elif into_base:
+            y = base.addmm_(h, w.T, alpha=scale)
+        else:
+            y = torch.addmm(base, h, w.T, alpha=scale)
+        return y, h
+
+    def backward(self, grad, h, lambda_d, lambda_b, source, in_features, needed: NeededGrads):
+        proj_a, proj_b = _projections(source, in_features, lambda_b.shape[0], lambda_d.shape[0], h)
+        dx = dd = db = None
+        scale_b, scale_d, scale_h = _fold_scales(h.dtype, lambda_b, lambda_d, h)
+        if needed.lambda_d or needed.lambda_b:
+            acc = _accumulate_dtype(h.dtype)
+            # P ⊙ B with P = gradᵀ h: db_o = Σ_i (P⊙B)[o,i] d_i, dd_i = Σ_o (P⊙B)[o,i] b_o.
+            # P is a sum of products of two small numbers: h at unit scale keeps
+            # it out of float16's subnormal range.
+            unit_h = h / scale_h if scale_h != 1.0 else h
+            pb = (grad.T @ unit_h).to(acc) * (proj_b.to(acc) * scale_h)
+            db = (pb @ lambda_d.to(acc)).to(lambda_b.dtype) if needed.lambda_b else None
+            dd = (lambda_b.to(acc) @ pb).to(lambda_d.dtype) if needed.lambda_d else None
+        if needed.x:
+            u = grad @ _scaled(proj_b, lambda_b, None, (scale_b, 1.0))  # (tokens, r), / scale_b
+            dx = u @ _scaled(proj_a, lambda_d, None, (scale_d, 1.0))
+            if scale_b * scale_d != 1.0:
+                dx.mul_(scale_b * scale_d)
+        return Grads(dx, dd, db)
+
+
+BACKEND = TorchBackend()

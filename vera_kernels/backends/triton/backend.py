@@ -1,0 +1,59 @@
+"""The ``triton`` backend's forward and backward, composed from launches of the fused kernel.
+
+forward:  h = x Aᵀ                              (saved for backward)
+          y = ((d ⊙ h) Bᵀ) ⊙ b + base
+backward: u = (b ⊙ g) B, dd = Σ_tokens u ⊙ h      (only if dx or dd is needed)
+          dx = (d ⊙ u) A
+          db = Σ_tokens g ⊙ ((d ⊙ h) Bᵀ)          (z never stored)
+
+Which projection strategy a launch uses: ``backends/strategy.py``.
+"""
+
+from ...projection import MATRICES, projection_bound
+from ..contract import Grads
+from . import kernels
+from .philox import generate_projection
+
+
+def _projection(matrix: str, rows: int, cols: int, source, like, generate: bool):
+    """The kernels' view of spec matrix ``matrix``: generated, or loaded from a workspace."""
+    if source.is_explicit:
+        workspace = source.a if matrix == "A" else source.b
+        return kernels.Projection(MATRICES[matrix], rows, cols, 0, 1.0, workspace)
+    workspace = None
+    if not generate:
+        workspace = generate_projection(matrix, rows, cols, source.seed, dtype=like.dtype,
+                                        device=like.device)
+    return kernels.Projection(MATRICES[matrix], rows, cols, source.seed, projection_bound(cols),
+                              workspace)
+
+
+def forward(backend, x, lambda_d, lambda_b, source, base, into_base):
+    generate = backend.generates(x.shape[0])
+    r, in_features, out_features = lambda_d.shape[0], x.shape[1], lambda_b.shape[0]
+    proj_a = _projection("A", r, in_features, source, x, generate)
+    proj_b = _projection("B", out_features, r, source, x, generate)
+    h = kernels.gemm(x, proj_a, transposed=True).out
+    y = kernels.gemm(h, proj_b, transposed=True, x_scale=lambda_d, out_scale=lambda_b, base=base,
+                     out=base if into_base else None).out
+    return y, h
+
+
+def backward(backend, grad, h, lambda_d, lambda_b, source, in_features, needed):
+    generate = backend.generates(h.shape[0])
+    r, out_features = lambda_d.shape[0], lambda_b.shape[0]
+    proj_b = _projection("B", out_features, r, source, h, generate)
+    dx = dd = db = None
+    if needed.x or needed.lambda_d:
+        u, dd_partials = kernels.gemm(grad, proj_b, transposed=False, x_scale=lambda_b,
+                                      reduce_with=h if needed.lambda_d else None)
+        if needed.lambda_d:
+            dd = dd_partials.sum(0).to(lambda_d.dtype)
+        if needed.x:
+            proj_a = _projection("A", r, in_features, source, h, generate)
+            dx = kernels.gemm(u, proj_a, transposed=False, x_scale=lambda_d).out
+    if needed.lambda_b:
+        db_partials = kernels.gemm(h, proj_b, transposed=True, x_scale=lambda_d,
+                                   reduce_with=grad, store=False).partials
+        db = db_partials.sum(0).to(lambda_b.dtype)
+    return Grads(dx, dd, db)

@@ -1,0 +1,141 @@
+"""One ``vera_linear`` call, checked: the validation step between the public API and the ops.
+
+:func:`check_call` turns the user's arguments into a :class:`VeRACall` (or
+raises TypeError / ValueError naming the problem): shapes, dtypes and devices
+checked, autocast applied, the seed or explicit projections turned into a
+:class:`ProjectionSource`, the backend resolved, and the in-place decision
+made. Nothing here launches a kernel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .backends import ProjectionSource, resolve_backend
+from .projection import SUPPORTED_DTYPES
+
+__all__ = ["VeRACall", "check_call"]
+
+
+@dataclass(frozen=True)
+class VeRACall:
+    """A checked call, in the form the ops take.
+
+    Attributes:
+        x: ``(tokens, in)``, a view of the input where possible.
+        lambda_d, lambda_b: ``(r,)`` and ``(out,)``, in x's dtype.
+        base: ``(tokens, out)`` or None.
+        base_output: the caller's base_output (returned by an in-place call).
+        source: where A and B come from.
+        backend: the resolved backend name.
+        out_shape: the result's shape, ``(*x.shape[:-1], out)``.
+        into_base: write the result into ``base``'s buffer (no graph is needed).
+    """
+
+    x: Tensor
+    lambda_d: Tensor
+    lambda_b: Tensor
+    base: Optional[Tensor]
+    base_output: Optional[Tensor]
+    source: ProjectionSource
+    backend: str
+    out_shape: tuple
+    into_base: bool
+
+
+def _check_tensor(name: str, t, dims: Optional[int] = None) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if dims is not None and t.dim() != dims:
+        raise ValueError(f"{name} must be {dims}-D, got shape {tuple(t.shape)}")
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+
+
+def _check_projections(projections) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    if projections is None:
+        return None, None
+    if not isinstance(projections, (tuple, list)) or len(projections) != 2:
+        raise TypeError("projections must be a pair (A, B) of tensors")
+    for i, t in enumerate(projections):
+        _check_tensor(f"projections[{i}]", t, dims=2)
+    return projections[0], projections[1]
+
+
+def _autocast(tensors: list, device_type: str) -> list:
+    """Cast to the autocast dtype when autocast is on for ``device_type`` (as nn.Linear would)."""
+    # Devices without autocast (meta, ...) would make the query itself raise.
+    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return [t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t for t in tensors]
+
+
+def _check_alike(x: Tensor, named: dict) -> None:
+    for name, t in named.items():
+        if t is None:
+            continue
+        if t.dtype != x.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but x has dtype {x.dtype}; use one dtype")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+
+
+def _needs_graph(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def check_call(x, lambda_d, lambda_b, seed, base_output=None, *, backend=None, projections=None,
+               into_base=False) -> VeRACall:
+    """Validate ``vera_linear``'s arguments (see its docstring) and describe the call."""
+    _check_tensor("x", x)
+    _check_tensor("lambda_d", lambda_d, dims=1)
+    _check_tensor("lambda_b", lambda_b, dims=1)
+    if base_output is not None:
+        _check_tensor("base_output", base_output)
+    proj_a, proj_b = _check_projections(projections)
+    x, lambda_d, lambda_b, base_output, proj_a, proj_b = _autocast(
+        [x, lambda_d, lambda_b, base_output, proj_a, proj_b], x.device.type
+    )
+    if x.dim() == 0 or x.shape[-1] == 0:
+        raise ValueError(f"x must have shape (..., in) with in >= 1, got {tuple(x.shape)}")
+    if lambda_d.shape[0] == 0 or lambda_b.shape[0] == 0:
+        raise ValueError(
+            f"lambda_d and lambda_b must be non-empty, got r={lambda_d.shape[0]}, "
+            f"out={lambda_b.shape[0]}"
+        )
+    _check_alike(x, {"lambda_d": lambda_d, "lambda_b": lambda_b, "base_output": base_output,
+                     "projections[0]": proj_a, "projections[1]": proj_b})
+    r, out_features = lambda_d.shape[0], lambda_b.shape[0]
+    out_shape = (*x.shape[:-1], out_features)
+    if base_output is not None and tuple(base_output.shape) != out_shape:
+        raise ValueError(
+            f"base_output must have shape {out_shape} (x's leading dims, len(lambda_b)), "
+            f"got {tuple(base_output.shape)}"
+        )
+    if proj_a is None:
+        source = ProjectionSource.from_seed(seed)
+    else:
+        r_in = (r, x.shape[-1])
+        if tuple(proj_a.shape) != r_in or tuple(proj_b.shape) != (out_features, r):
+            raise ValueError(
+                f"projections must have shapes {r_in} and {(out_features, r)} "
+                f"((r, in) and (out, r)), got {tuple(proj_a.shape)} and {tuple(proj_b.shape)}"
+            )
+        source = ProjectionSource.explicit(proj_a, proj_b)  # frozen: no gradient flows into them
+    return VeRACall(
+        x=x.reshape(-1, x.shape[-1]),
+        lambda_d=lambda_d,
+        lambda_b=lambda_b,
+        base=base_output.reshape(-1, out_features) if base_output is not None else None,
+        base_output=base_output,
+        source=source,
+        backend=resolve_backend(backend, x.device),
+        out_shape=out_shape,
+        into_base=bool(into_base) and base_output is not None and base_output.is_contiguous()
+        and not _needs_graph(x, lambda_d, lambda_b, base_output),
+    )
