@@ -4,6 +4,7 @@ A and B, the frozen random projections VeRA shares across layers, are
 regenerated from a seed (Philox4x32-10, see docs/design.md) instead of stored.
 """
 
+from .adapter_files import load_adapter, save_adapter
 from .backends import available_backends
 from .function import vera_linear
 from .model import (
@@ -33,4 +34,16 @@ __all__ = [
     "unmerge_vera",
     "from_peft",
     "save_peft_adapter",
+    "save_adapter",
+    "load_adapter",
+    "VeRATrainerCallback",
 ]
+
+
+def __getattr__(name):
+    # The Trainer callback imports transformers: only when asked for.
+    if name == "VeRATrainerCallback":
+        from .trainer import VeRATrainerCallback
+
+        return VeRATrainerCallback
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

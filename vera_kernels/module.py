@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from .function import vera_linear
 from .projection import cached_projection, check_seed
 
-__all__ = ["VeRALinear", "SharedProjections", "is_conv1d", "is_adaptable"]
+__all__ = ["VeRALinear", "SharedProjections", "is_conv1d", "is_adaptable", "base_shape"]
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -25,7 +25,7 @@ def is_adaptable(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
-def _base_shape(base: nn.Module) -> tuple[int, int]:
+def base_shape(base: nn.Module) -> tuple[int, int]:
     """(in_features, out_features) of an nn.Linear or a Conv1D."""
     if isinstance(base, nn.Linear):
         return base.in_features, base.out_features
@@ -52,6 +52,30 @@ class SharedProjections(nn.Module):
     def for_layer(self, in_features: int, out_features: int, dtype: torch.dtype):
         a, b = self.vera_A[:, :in_features], self.vera_B[:out_features, :]
         return a.to(dtype), b.to(dtype)
+
+
+EXTRA_STATE_VERSION = 1
+
+
+def encode_extra_state(seed: int, r: int, merged: bool) -> Tensor:
+    """``int64[version, seed low word, seed high word, r, merged]``: any 64-bit seed fits."""
+    return torch.tensor([EXTRA_STATE_VERSION, seed & 0xFFFFFFFF, seed >> 32, r, int(merged)],
+                        dtype=torch.int64)
+
+
+def decode_extra_state(state) -> dict:
+    """``{"seed", "r", "merged"}`` from an encoded tensor, or from the older dict form."""
+    if isinstance(state, Tensor):
+        if state.dtype != torch.int64 or state.shape != (5,) or state[0] != EXTRA_STATE_VERSION:
+            raise ValueError(f"expected int64[{EXTRA_STATE_VERSION}, seed_lo, seed_hi, r, merged], "
+                             f"got {state!r}")
+        _, low, high, r, merged = state.tolist()
+        if not (0 <= low < 2**32 and 0 <= high < 2**32):
+            raise ValueError(f"seed words out of range: {low}, {high}")
+        state = {"seed": low | (high << 32), "r": r, "merged": merged}
+    if not isinstance(state, dict) or not {"seed", "r", "merged"} <= set(state):
+        raise ValueError(f"expected the extra state of a VeRALinear, got {state!r}")
+    return {"seed": check_seed(state["seed"]), "r": state["r"], "merged": bool(state["merged"])}
 
 
 def _check_positive(name: str, value) -> None:
@@ -117,13 +141,14 @@ class VeRALinear(nn.Module):
     def _attach(self, base: nn.Module, r: int, seed: int, d_initial: float) -> None:
         _check_positive("r", r)
         seed = check_seed(seed)
-        in_features, out_features = _base_shape(base)
+        in_features, out_features = base_shape(base)
         base.requires_grad_(False)
         self.base_layer = base
         self._in_features, self._out_features = in_features, out_features
         self.fan_in_fan_out = is_conv1d(base)  # weight stored (in, out)
         self.r = r
         self.seed = seed
+        self.d_initial = float(d_initial)
         self.merged = False
         self.disabled = False
         self.backend = None
@@ -216,28 +241,28 @@ class VeRALinear(nn.Module):
         self._fold(-1)
         self.merged = False
 
-    def get_extra_state(self) -> dict:
-        # The seed is part of the module's state: the projections follow from it.
-        return {"seed": self.seed, "r": self.r, "merged": self.merged}
+    def get_extra_state(self) -> Tensor:
+        # The seed is part of the module's state: the projections follow from
+        # it. A tensor (not a dict), so that safetensors-based checkpoints
+        # (transformers' save_pretrained, the Trainer, accelerate) can hold it.
+        return encode_extra_state(self.seed, self.r, self.merged)
 
     def _extra_state_problem(self, state) -> Optional[str]:
         """Why ``state`` cannot be this layer's extra state, or None."""
-        if not isinstance(state, dict) or not {"seed", "r", "merged"} <= set(state):
-            return f"expected a dict with seed, r and merged, got {state!r}"
-        if state["r"] != self.r:
-            return f"state has r={state['r']} but this VeRALinear has r={self.r}"
         try:
-            check_seed(state["seed"])
+            decoded = decode_extra_state(state)
         except (TypeError, ValueError) as error:
             return str(error)
+        if decoded["r"] != self.r:
+            return f"state has r={decoded['r']} but this VeRALinear has r={self.r}"
         return None
 
-    def set_extra_state(self, state: dict) -> None:
+    def set_extra_state(self, state) -> None:
         problem = self._extra_state_problem(state)
         if problem is not None:
             raise ValueError(problem)
-        self.seed = check_seed(state["seed"])
-        self.merged = bool(state["merged"])
+        decoded = decode_extra_state(state)
+        self.seed, self.merged = decoded["seed"], decoded["merged"]
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):

@@ -1,0 +1,156 @@
+"""Adapter files: the trainable vectors alone, loadable onto a fresh base model.
+
+A directory written by :func:`save_adapter` holds
+
+    adapter_model.safetensors   "<layer>.vera_lambda_d" / "<layer>.vera_lambda_b" for every layer
+    vera_adapter_config.json    what rebuilds the layers: target module names, r, seed,
+                                d_initial, dropout, each layer's shape, the package version
+
+A few hundred kilobytes for a 7B model (the projections are regenerated from
+the seed). :func:`load_adapter` applies the layers the config names to a plain
+base model, or checks that the model's VeRA layers match it, and loads the
+vectors atomically (``load_vera_state_dict``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from .model import CONFIG_KEY, apply_vera, load_vera_state_dict, vera_layers, vera_state_dict
+from .module import base_shape, is_adaptable
+
+__all__ = ["save_adapter", "load_adapter", "WEIGHTS_NAME", "CONFIG_NAME"]
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+CONFIG_NAME = "vera_adapter_config.json"
+FORMAT = "vera-kernels-adapter"
+FORMAT_VERSION = 1
+
+PathLike = Union[str, os.PathLike]
+
+
+def _check_adapter_name(name: Optional[str]) -> None:
+    # Several adapters per model arrive with add_adapter; until then there is one.
+    if name not in (None, "default"):
+        raise NotImplementedError(
+            f"adapter {name!r}: this version keeps one adapter per model ('default')"
+        )
+
+
+def _one(layers: list, what: str, value_of):
+    values = {value_of(layer) for _, layer in layers}
+    if len(values) != 1:
+        raise ValueError(f"save_adapter: the VeRA layers differ in {what} ({sorted(values, key=repr)}); "
+                         "an adapter file describes layers that share it")
+    return values.pop()
+
+
+def _dropout_p(layer) -> float:
+    return layer.vera_dropout.p if isinstance(layer.vera_dropout, nn.Dropout) else 0.0
+
+
+def save_adapter(model: nn.Module, directory: PathLike, adapter: Optional[str] = None) -> None:
+    """Write ``model``'s VeRA adapter (vectors + config) into ``directory`` (created if needed).
+
+    Under torch.distributed call it on every rank (FSDP2-sharded vectors are
+    gathered collectively); rank 0 writes.
+
+    Raises:
+        ValueError: no VeRA layers, or layers that differ in r, seed,
+            d_initial or dropout (the config holds one of each).
+    """
+    from safetensors.torch import save_file
+
+    from . import __version__
+
+    _check_adapter_name(adapter)
+    state = vera_state_dict(model)  # validates: at least one layer; gathers sharded vectors
+    layers = list(vera_layers(model))
+    config = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "vera_kernels_version": __version__,
+        "target_modules": [name for name, _ in layers],
+        "r": _one(layers, "r", lambda layer: layer.r),
+        # Explicit (PEFT-converted) projections belong to their model, not to the file.
+        "seed": _one(layers, "seed", lambda layer: None if layer.projections else layer.seed),
+        "explicit_projections": _one(layers, "projection source",
+                                     lambda layer: layer.projections is not None),
+        "d_initial": _one(layers, "d_initial", lambda layer: layer.d_initial),
+        "dropout": _one(layers, "dropout", _dropout_p),
+        "layers": state.pop(CONFIG_KEY),
+    }
+    if torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_rank() != 0:
+        return  # every rank gathered (a collective under FSDP2); rank 0 writes
+    tensors = {key: value.detach().cpu().contiguous() for key, value in state.items()}
+    os.makedirs(directory, exist_ok=True)
+    save_file(tensors, os.path.join(directory, WEIGHTS_NAME), metadata={"format": FORMAT})
+    with open(os.path.join(directory, CONFIG_NAME), "w") as f:
+        json.dump(config, f, indent=1)
+
+
+def read_adapter_config(directory: PathLike) -> dict:
+    """The config of an adapter directory, checked to be one this package wrote."""
+    path = os.path.join(directory, CONFIG_NAME)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{directory} holds no {CONFIG_NAME}: not a save_adapter directory")
+    with open(path) as f:
+        config = json.load(f)
+    if config.get("format") != FORMAT or config.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: not a {FORMAT} config of version {FORMAT_VERSION}")
+    return config
+
+
+def _apply_layers(model: nn.Module, config: dict) -> None:
+    """Put the VeRA layers the config names into a model that has none."""
+    if config["explicit_projections"]:
+        raise ValueError("this adapter uses explicit projections (converted from PEFT), which "
+                         "belong to the model it was trained in; load it into that model")
+    names = config["target_modules"]
+    modules = dict(model.named_modules())
+    missing = [n for n in names if n not in modules]
+    if missing:
+        raise ValueError(f"the adapter names modules the model does not have: {missing}")
+    for name in names:
+        if not is_adaptable(modules[name]):
+            raise ValueError(f"the adapter's layer {name!r} is a {type(modules[name]).__name__} "
+                             "in this model, not an nn.Linear or Conv1D")
+        saved = config["layers"][name]
+        if base_shape(modules[name]) != (saved["in_features"], saved["out_features"]):
+            raise ValueError(
+                f"the adapter's layer {name!r} is {saved['in_features']} -> "
+                f"{saved['out_features']}, but the model's is {base_shape(modules[name])}"
+            )
+    pattern = "|".join(re.escape(n) for n in names)  # exactly these modules
+    apply_vera(model, pattern, r=config["r"], seed=config["seed"], d_initial=config["d_initial"])
+    if config["dropout"]:
+        for _, layer in vera_layers(model):
+            layer.vera_dropout = nn.Dropout(config["dropout"])
+
+
+def load_adapter(model: nn.Module, directory: PathLike, adapter_name: Optional[str] = None) -> nn.Module:
+    """Load an adapter saved by :func:`save_adapter` into ``model`` and return it.
+
+    A model without VeRA layers gets the layers the config names (as
+    ``apply_vera`` would: everything else frozen); a model with VeRA layers
+    must have exactly those (same names, r, seed and shapes). Then the
+    vectors are loaded atomically: on any mismatch a ValueError names it and
+    the model's vectors are untouched.
+    """
+    from safetensors.torch import load_file
+
+    _check_adapter_name(adapter_name)
+    config = read_adapter_config(directory)
+    if not any(True for _ in vera_layers(model)):
+        _apply_layers(model, config)
+    state = load_file(os.path.join(directory, WEIGHTS_NAME))
+    state[CONFIG_KEY] = config["layers"]
+    load_vera_state_dict(model, state)
+    return model
