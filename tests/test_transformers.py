@@ -131,6 +131,10 @@ def test_adapter_files_round_trip_and_size(tmp_path):
     # Vectors only: 2 layers x (q 32 + v 16 + down 32 outputs + 3 x r 8) floats, plus headers.
     assert os.path.getsize(tmp_path / "adapter_model.safetensors") < 4 * 2 * (80 + 24) + 4096
 
+    vk.save_adapter(model, tmp_path / "bf16", dtype=torch.bfloat16)
+    half = os.path.getsize(tmp_path / "bf16" / "adapter_model.safetensors")
+    assert half < os.path.getsize(tmp_path / "adapter_model.safetensors") - 2 * 2 * (80 + 24) + 64
+
     fresh = vk.load_adapter(_llama(), tmp_path)
     ids = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():

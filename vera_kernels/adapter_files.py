@@ -55,8 +55,12 @@ def _dropout_p(layer) -> float:
     return layer.vera_dropout.p if isinstance(layer.vera_dropout, nn.Dropout) else 0.0
 
 
-def save_adapter(model: nn.Module, directory: PathLike, adapter: Optional[str] = None) -> None:
+def save_adapter(model: nn.Module, directory: PathLike, adapter: Optional[str] = None, *,
+                 dtype: Optional[torch.dtype] = None) -> None:
     """Write ``model``'s VeRA adapter (vectors + config) into ``directory`` (created if needed).
+
+    ``dtype`` stores the vectors in another floating dtype (e.g. bfloat16 for
+    half-size files); by default they are stored as they are.
 
     Under torch.distributed call it on every rank (FSDP2-sharded vectors are
     gathered collectively); rank 0 writes.
@@ -89,7 +93,10 @@ def save_adapter(model: nn.Module, directory: PathLike, adapter: Optional[str] =
     if torch.distributed.is_available() and torch.distributed.is_initialized() \
             and torch.distributed.get_rank() != 0:
         return  # every rank gathered (a collective under FSDP2); rank 0 writes
-    tensors = {key: value.detach().cpu().contiguous() for key, value in state.items()}
+    if dtype is not None and not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating dtype, got {dtype}")
+    tensors = {key: value.detach().to(device="cpu", dtype=dtype or value.dtype).contiguous()
+               for key, value in state.items()}
     os.makedirs(directory, exist_ok=True)
     save_file(tensors, os.path.join(directory, WEIGHTS_NAME), metadata={"format": FORMAT})
     with open(os.path.join(directory, CONFIG_NAME), "w") as f:
