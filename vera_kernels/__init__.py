@@ -5,8 +5,9 @@ regenerated from a seed (Philox4x32-10, see docs/design.md) instead of stored.
 """
 
 from .adapter_files import load_adapter, save_adapter
+from .adapters import adapter_batch, add_adapter, delete_adapter, list_adapters, set_adapter
 from .backends import available_backends
-from .function import vera_linear
+from .function import vera_linear, vera_linear_multi
 from .model import (
     apply_vera,
     disable_vera,
@@ -24,6 +25,7 @@ __version__ = "0.1.0"
 __all__ = [
     "projection",
     "vera_linear",
+    "vera_linear_multi",
     "VeRALinear",
     "apply_vera",
     "vera_state_dict",
@@ -36,6 +38,11 @@ __all__ = [
     "save_peft_adapter",
     "save_adapter",
     "load_adapter",
+    "add_adapter",
+    "set_adapter",
+    "delete_adapter",
+    "list_adapters",
+    "adapter_batch",
     "VeRATrainerCallback",
 ]
 

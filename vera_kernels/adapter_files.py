@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from .model import CONFIG_KEY, apply_vera, load_vera_state_dict, vera_layers, vera_state_dict
-from .module import base_shape, is_adaptable
+from .adapters import add_adapter
+from .module import DEFAULT_ADAPTER, base_shape, is_adaptable
 
 __all__ = ["save_adapter", "load_adapter", "WEIGHTS_NAME", "CONFIG_NAME"]
 
@@ -33,14 +34,6 @@ FORMAT = "vera-kernels-adapter"
 FORMAT_VERSION = 1
 
 PathLike = Union[str, os.PathLike]
-
-
-def _check_adapter_name(name: Optional[str]) -> None:
-    # Several adapters per model arrive with add_adapter; until then there is one.
-    if name not in (None, "default"):
-        raise NotImplementedError(
-            f"adapter {name!r}: this version keeps one adapter per model ('default')"
-        )
 
 
 def _one(layers: list, what: str, value_of):
@@ -73,8 +66,7 @@ def save_adapter(model: nn.Module, directory: PathLike, adapter: Optional[str] =
 
     from . import __version__
 
-    _check_adapter_name(adapter)
-    state = vera_state_dict(model)  # validates: at least one layer; gathers sharded vectors
+    state = vera_state_dict(model, adapter or DEFAULT_ADAPTER)  # gathers sharded vectors
     layers = list(vera_layers(model))
     config = {
         "format": FORMAT,
@@ -149,15 +141,18 @@ def load_adapter(model: nn.Module, directory: PathLike, adapter_name: Optional[s
     ``apply_vera`` would: everything else frozen); a model with VeRA layers
     must have exactly those (same names, r, seed and shapes). Then the
     vectors are loaded atomically: on any mismatch a ValueError names it and
-    the model's vectors are untouched.
+    the model's vectors are untouched. With ``adapter_name`` (other than
+    ``"default"``) they become a new adapter beside the others (``add_adapter``).
     """
     from safetensors.torch import load_file
 
-    _check_adapter_name(adapter_name)
     config = read_adapter_config(directory)
     if not any(True for _ in vera_layers(model)):
         _apply_layers(model, config)
     state = load_file(os.path.join(directory, WEIGHTS_NAME))
     state[CONFIG_KEY] = config["layers"]
-    load_vera_state_dict(model, state)
+    if adapter_name in (None, DEFAULT_ADAPTER):
+        load_vera_state_dict(model, state)
+    else:
+        add_adapter(model, adapter_name, state)
     return model

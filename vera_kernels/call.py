@@ -34,6 +34,7 @@ class VeRACall:
         backend: the resolved backend name.
         out_shape: the result's shape, ``(*x.shape[:-1], out)``.
         into_base: write the result into ``base``'s buffer (no graph is needed).
+        adapter_ids: ``(tokens,)`` int32 when the vectors are banks, else None.
     """
 
     x: Tensor
@@ -45,6 +46,7 @@ class VeRACall:
     backend: str
     out_shape: tuple
     into_base: bool
+    adapter_ids: Optional[Tensor] = None
 
 
 def _check_tensor(name: str, t, dims: Optional[int] = None) -> None:
@@ -89,12 +91,45 @@ def _needs_graph(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+_MISSING = object()
+
+
+def _check_adapter_ids(ids, x: Tensor, n_adapters: int, check_range: bool) -> Tensor:
+    """``ids`` flattened to (tokens,) int32, after checking type, shape, device and range."""
+    if not isinstance(ids, Tensor):
+        raise TypeError(f"adapter_ids must be an integer torch.Tensor, got {type(ids).__name__}")
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise TypeError(f"adapter_ids must have an integer dtype, got {ids.dtype}")
+    if tuple(ids.shape) != tuple(x.shape[:-1]):
+        raise ValueError(f"adapter_ids must have x's leading shape {tuple(x.shape[:-1])}, "
+                         f"got {tuple(ids.shape)}")
+    if ids.device != x.device:
+        raise ValueError(f"adapter_ids is on {ids.device} but x is on {x.device}")
+    if check_range and ids.numel():
+        low, high = torch.stack([ids.min(), ids.max()]).tolist()  # one host sync
+        if low < -1 or high >= n_adapters:
+            raise ValueError(f"adapter_ids must be in [-1, {n_adapters}) (-1: no adapter) for "
+                             f"banks of {n_adapters} adapters, got values in [{low}, {high}]")
+    return ids.reshape(-1).to(torch.int32).contiguous()
+
+
 def check_call(x, lambda_d, lambda_b, seed, base_output=None, *, backend=None, projections=None,
-               into_base=False) -> VeRACall:
-    """Validate ``vera_linear``'s arguments (see its docstring) and describe the call."""
+               into_base=False, adapter_ids=_MISSING, check_ids=True) -> VeRACall:
+    """Validate ``vera_linear``'s arguments (see its docstring) and describe the call.
+
+    With ``adapter_ids`` (``vera_linear_multi``) the vectors are banks, one
+    row per adapter; ``check_ids=False`` skips the range check (a host sync)
+    for ids the caller has already checked.
+    """
+    banked = adapter_ids is not _MISSING
+    vector_dims = 2 if banked else 1
+    names = ("lambda_d_bank", "lambda_b_bank") if banked else ("lambda_d", "lambda_b")
     _check_tensor("x", x)
-    _check_tensor("lambda_d", lambda_d, dims=1)
-    _check_tensor("lambda_b", lambda_b, dims=1)
+    _check_tensor(names[0], lambda_d, dims=vector_dims)
+    _check_tensor(names[1], lambda_b, dims=vector_dims)
+    if banked and lambda_d.shape[0] != lambda_b.shape[0]:
+        raise ValueError(f"the banks hold {lambda_d.shape[0]} and {lambda_b.shape[0]} adapters; "
+                         "they must hold the same adapters")
     if base_output is not None:
         _check_tensor("base_output", base_output)
     proj_a, proj_b = _check_projections(projections)
@@ -103,14 +138,14 @@ def check_call(x, lambda_d, lambda_b, seed, base_output=None, *, backend=None, p
     )
     if x.dim() == 0 or x.shape[-1] == 0:
         raise ValueError(f"x must have shape (..., in) with in >= 1, got {tuple(x.shape)}")
-    if lambda_d.shape[0] == 0 or lambda_b.shape[0] == 0:
+    if lambda_d.numel() == 0 or lambda_b.numel() == 0:
         raise ValueError(
-            f"lambda_d and lambda_b must be non-empty, got r={lambda_d.shape[0]}, "
-            f"out={lambda_b.shape[0]}"
+            f"{names[0]} and {names[1]} must be non-empty, got shapes {tuple(lambda_d.shape)} "
+            f"and {tuple(lambda_b.shape)}"
         )
-    _check_alike(x, {"lambda_d": lambda_d, "lambda_b": lambda_b, "base_output": base_output,
+    _check_alike(x, {names[0]: lambda_d, names[1]: lambda_b, "base_output": base_output,
                      "projections[0]": proj_a, "projections[1]": proj_b})
-    r, out_features = lambda_d.shape[0], lambda_b.shape[0]
+    r, out_features = lambda_d.shape[-1], lambda_b.shape[-1]
     out_shape = (*x.shape[:-1], out_features)
     if base_output is not None and tuple(base_output.shape) != out_shape:
         raise ValueError(
@@ -138,4 +173,6 @@ def check_call(x, lambda_d, lambda_b, seed, base_output=None, *, backend=None, p
         out_shape=out_shape,
         into_base=bool(into_base) and base_output is not None and base_output.is_contiguous()
         and not _needs_graph(x, lambda_d, lambda_b, base_output),
+        adapter_ids=_check_adapter_ids(adapter_ids, x, lambda_d.shape[0], check_ids)
+        if banked else None,
     )

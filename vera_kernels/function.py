@@ -19,7 +19,7 @@ from . import ops
 from .backends import Grads, NeededGrads
 from .call import VeRACall, check_call
 
-__all__ = ["vera_linear", "DOUBLE_BACKWARD_ERROR"]
+__all__ = ["vera_linear", "vera_linear_multi", "DOUBLE_BACKWARD_ERROR"]
 
 DOUBLE_BACKWARD_ERROR = (
     "vera_kernels: double backward through vera_linear is not supported: its backward "
@@ -56,9 +56,9 @@ def _guard_double_backward(grads: Grads, *inputs) -> Grads:
     return Grads(*(None if g is None else next(guarded) for g in grads))
 
 
-def _save(ctx, x, lambda_d, lambda_b, source, backend, h) -> None:
+def _save(ctx, x, lambda_d, lambda_b, source, backend, adapter_ids, h) -> None:
     # An explicit source holds frozen inputs: keeping it keeps references, no copies.
-    ctx.save_for_backward(h, lambda_d, lambda_b)
+    ctx.save_for_backward(h, lambda_d, lambda_b, adapter_ids)
     ctx.source, ctx.backend, ctx.in_features = source, backend, x.shape[1]
 
 
@@ -66,16 +66,16 @@ def _input_grads(ctx, grad_y: Tensor, needed: NeededGrads, backward: Callable) -
     """The backend's gradients for ``needed`` (through ``backward``: the op, or the eager call)."""
     if not needed.any():
         return Grads(None, None, None)
-    h, lambda_d, lambda_b = ctx.saved_tensors
+    h, lambda_d, lambda_b, adapter_ids = ctx.saved_tensors
     grads = backward(grad_y, h, lambda_d, lambda_b, ctx.source, ctx.in_features, ctx.backend,
-                     needed)
+                     needed, adapter_ids)
     return _guard_double_backward(grads, grad_y, lambda_d, lambda_b)
 
 
 # Autograd of the custom op, for graphs torch.compile traces.
 def _setup_context(ctx, inputs, output):
-    x, lambda_d, lambda_b, source, _, backend = ops.op_forward_inputs(inputs)
-    _save(ctx, x, lambda_d, lambda_b, source, backend, output[1])
+    x, lambda_d, lambda_b, source, _, backend, adapter_ids = ops.op_forward_inputs(inputs)
+    _save(ctx, x, lambda_d, lambda_b, source, backend, adapter_ids, output[1])
     ctx.mark_non_differentiable(output[1])
 
 
@@ -93,33 +93,35 @@ class _VeRAFunction(torch.autograd.Function):
     """The eager path: the same backend calls and saved state, without torch.library dispatch."""
 
     @staticmethod
-    def forward(ctx, x, lambda_d, lambda_b, base, source, backend):
-        y, h = ops.run_forward(x, lambda_d, lambda_b, source, base, backend)
-        _save(ctx, x, lambda_d, lambda_b, source, backend, h)
+    def forward(ctx, x, lambda_d, lambda_b, base, source, backend, adapter_ids):
+        y, h = ops.run_forward(x, lambda_d, lambda_b, source, base, backend,
+                               adapter_ids=adapter_ids)
+        _save(ctx, x, lambda_d, lambda_b, source, backend, adapter_ids, h)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
         need_x, need_d, need_b, need_base = ctx.needs_input_grad[:4]
         grads = _input_grads(ctx, grad_y, NeededGrads(need_x, need_d, need_b), ops.run_backward)
-        return (*grads, grad_y if need_base else None, None, None)
+        return (*grads, grad_y if need_base else None, None, None, None)
 
 
 def _forward(call: VeRACall) -> Tensor:
     if torch.compiler.is_compiling():
         y, _ = ops.forward_op(call.x, call.lambda_d, call.lambda_b, call.source, call.base,
-                              call.backend)
+                              call.backend, call.adapter_ids)
         return y
     return _VeRAFunction.apply(call.x, call.lambda_d, call.lambda_b, call.base, call.source,
-                               call.backend)
+                               call.backend, call.adapter_ids)
 
 
 def _forward_into_base(call: VeRACall) -> None:
     args = (call.x, call.lambda_d, call.lambda_b, call.source, call.base, call.backend)
     if torch.compiler.is_compiling():
-        ops.forward_into_base_op(*args)  # a declared mutation: functionalized when traced
+        # a declared mutation: functionalized when traced
+        ops.forward_into_base_op(*args, call.adapter_ids)
         return
-    ops.run_forward(*args, into_base=True)
+    ops.run_forward(*args, into_base=True, adapter_ids=call.adapter_ids)
     # A fused kernel's write is invisible to autograd: bump the version so a
     # graph that saved base_output refuses to use it.
     torch.autograd.graph.increment_version(call.base_output)
@@ -170,9 +172,56 @@ def vera_linear(
             different dtypes.
         ValueError: shape or device mismatches, a bad seed or backend name.
     """
-    call = check_call(x, lambda_d, lambda_b, seed, base_output, backend=backend,
-                      projections=projections, into_base=into_base)
+    return _run(check_call(x, lambda_d, lambda_b, seed, base_output, backend=backend,
+                           projections=projections, into_base=into_base))
+
+
+def _run(call: VeRACall) -> Tensor:
     if call.into_base:
         _forward_into_base(call)
         return call.base_output
     return _forward(call).reshape(call.out_shape)
+
+
+def vera_linear_multi(
+    x: Tensor,
+    lambda_d_bank: Tensor,
+    lambda_b_bank: Tensor,
+    adapter_ids: Tensor,
+    seed: Optional[int],
+    base_output: Optional[Tensor] = None,
+    *,
+    backend: Optional[str] = None,
+    projections: Optional[tuple[Tensor, Tensor]] = None,
+    into_base: bool = False,
+    check_ids: bool = True,
+) -> Tensor:
+    """``vera_linear`` for a batch that mixes several adapters sharing A and B (one seed).
+
+    Token t computes ``base_output[t] + b[i] * (B @ (d[i] * (A @ x[t])))`` with
+    ``i = adapter_ids[t]`` and ``d, b`` the banks' rows; ``i = -1`` means no
+    adapter (the token's output is ``base_output[t]``, or zeros). ``h = x Aᵀ``
+    is one product for all tokens; the fused kernels gather each row's d and b
+    inside the kernels, so the mixed batch costs what one adapter costs.
+
+    Args:
+        x: ``(..., in)``.
+        lambda_d_bank: ``(n_adapters, r)``; lambda_b_bank: ``(n_adapters, out)``.
+        adapter_ids: an integer tensor of shape ``x.shape[:-1]`` with values in
+            [-1, n_adapters); a per-sequence id broadcast over the sequence
+            works (``ids[:, None].expand(batch, seq)``).
+        seed, base_output, backend, projections, into_base: as for ``vera_linear``.
+        check_ids: check the ids' range (one host sync); pass False only for
+            ids already checked.
+
+    Returns:
+        ``(..., out)``, differentiable in x, base_output and both banks (the
+        rows used get their tokens' gradients summed, deterministically).
+
+    Raises:
+        TypeError / ValueError: as ``vera_linear``, and for ids of a non-integer
+        dtype, another shape or device, or out of range.
+    """
+    return _run(check_call(x, lambda_d_bank, lambda_b_bank, seed, base_output, backend=backend,
+                           projections=projections, into_base=into_base, adapter_ids=adapter_ids,
+                           check_ids=check_ids))

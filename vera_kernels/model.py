@@ -134,8 +134,9 @@ def apply_vera(
 
     model.requires_grad_(False)
     for _, layer in vera_layers(model):
-        layer.vera_lambda_d.requires_grad_(True)
-        layer.vera_lambda_b.requires_grad_(True)
+        for adapter in layer.adapter_names():
+            for vector in layer.adapter_vectors(adapter):
+                vector.requires_grad_(True)
     return model
 
 
@@ -198,8 +199,9 @@ def _layer_config(layer: VeRALinear) -> dict:
     }
 
 
-def vera_state_dict(model: nn.Module) -> dict:
-    """The adapter alone: every layer's two vectors plus what rebuilds its projections.
+def vera_state_dict(model: nn.Module, adapter: str = "default") -> dict:
+    """One adapter alone (``"default"``: the one apply_vera made): every layer's two vectors
+    plus what rebuilds its projections.
 
     Keys are ``"<layer>.vera_lambda_d"`` / ``"<layer>.vera_lambda_b"`` (tensors)
     and ``"vera_config"``: ``{layer: {"seed", "r", "in_features", "out_features"}}``.
@@ -211,8 +213,9 @@ def vera_state_dict(model: nn.Module) -> dict:
     state: dict = {}
     config = {}
     for name, layer in vera_layers(model):
-        state[f"{name}.vera_lambda_d"] = _full(layer.vera_lambda_d.detach())
-        state[f"{name}.vera_lambda_b"] = _full(layer.vera_lambda_b.detach())
+        lambda_d, lambda_b = layer.adapter_vectors(adapter)
+        state[f"{name}.vera_lambda_d"] = _full(lambda_d.detach())
+        state[f"{name}.vera_lambda_b"] = _full(lambda_b.detach())
         config[name] = _layer_config(layer)
     if not config:
         raise ValueError("model has no VeRALinear layers")
@@ -261,8 +264,10 @@ def _check_vera_state_dict(layers: dict, state_dict, strict: bool) -> None:
         warnings.warn(f"load_vera_state_dict: ignoring unknown keys {unknown}", stacklevel=3)
 
 
-def load_vera_state_dict(model: nn.Module, state_dict: dict, *, strict: bool = True) -> None:
-    """Copy the vectors of ``vera_state_dict`` output into ``model``'s VeRA layers.
+def load_vera_state_dict(model: nn.Module, state_dict: dict, *, strict: bool = True,
+                         adapter: str = "default") -> None:
+    """Copy the vectors of ``vera_state_dict`` output into ``model``'s VeRA layers (into
+    ``adapter``'s vectors).
 
     Atomic: every layer, key, tensor type and exact shape (and each layer's
     seed, r and shape) is checked before anything is copied; on any problem
@@ -273,12 +278,15 @@ def load_vera_state_dict(model: nn.Module, state_dict: dict, *, strict: bool = T
     """
     layers = dict(vera_layers(model))
     _check_vera_state_dict(layers, state_dict, strict)
+    for layer in layers.values():
+        layer.adapter_vectors(adapter)  # KeyError naming the adapters if absent
     with torch.no_grad():
         for name, layer in layers.items():
             merged = layer.merged
             if merged:
                 layer.unmerge()
-            _copy_into(layer.vera_lambda_d, state_dict[f"{name}.vera_lambda_d"])
-            _copy_into(layer.vera_lambda_b, state_dict[f"{name}.vera_lambda_b"])
+            lambda_d, lambda_b = layer.adapter_vectors(adapter)
+            _copy_into(lambda_d, state_dict[f"{name}.vera_lambda_d"])
+            _copy_into(lambda_b, state_dict[f"{name}.vera_lambda_b"])
             if merged:
                 layer.merge()

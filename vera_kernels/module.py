@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from .function import vera_linear
+from .function import vera_linear, vera_linear_multi
 from .projection import cached_projection, check_seed
 
 __all__ = ["VeRALinear", "SharedProjections", "is_conv1d", "is_adaptable", "base_shape"]
@@ -54,7 +54,16 @@ class SharedProjections(nn.Module):
         return a.to(dtype), b.to(dtype)
 
 
+DEFAULT_ADAPTER = "default"
 EXTRA_STATE_VERSION = 1
+
+
+class AdapterVectors(nn.Module):
+    """The two trainable vectors of one more adapter of a VeRALinear."""
+
+    def __init__(self, lambda_d: nn.Parameter, lambda_b: nn.Parameter):
+        super().__init__()
+        self.vera_lambda_d, self.vera_lambda_b = lambda_d, lambda_b
 
 
 def encode_extra_state(seed: int, r: int, merged: bool) -> Tensor:
@@ -154,13 +163,51 @@ class VeRALinear(nn.Module):
         self.backend = None
         self.vera_dropout: nn.Module = nn.Identity()
         self.projections: Optional[SharedProjections] = None
-        weight = base.weight
-        self.vera_lambda_d = nn.Parameter(
-            torch.full((r,), float(d_initial), device=weight.device, dtype=weight.dtype)
-        )
-        self.vera_lambda_b = nn.Parameter(
-            torch.zeros(out_features, device=weight.device, dtype=weight.dtype)
-        )
+        self.vera_lambda_d, self.vera_lambda_b = self._fresh_vectors()
+        # Adapters beyond "default" (whose vectors are vera_lambda_d / _b):
+        # name -> AdapterVectors. All share this layer's seed and r.
+        self.vera_adapters = nn.ModuleDict()
+        self.active_adapter: Optional[str] = DEFAULT_ADAPTER
+        # (adapter names, (batch,) int32 row ids) while adapter_batch is active.
+        self.row_adapters: Optional[tuple] = None
+
+    def _fresh_vectors(self) -> tuple[nn.Parameter, nn.Parameter]:
+        weight = self.base_layer.weight
+        d = torch.full((self.r,), self.d_initial, device=weight.device, dtype=weight.dtype)
+        b = torch.zeros(self.out_features, device=weight.device, dtype=weight.dtype)
+        return nn.Parameter(d), nn.Parameter(b)
+
+    # Adapters ---------------------------------------------------------------
+
+    def adapter_names(self) -> list[str]:
+        """The adapters this layer holds, ``"default"`` first."""
+        return [DEFAULT_ADAPTER, *self.vera_adapters.keys()]
+
+    def adapter_vectors(self, name: str) -> tuple[nn.Parameter, nn.Parameter]:
+        """``(lambda_d, lambda_b)`` of adapter ``name``."""
+        if name == DEFAULT_ADAPTER:
+            return self.vera_lambda_d, self.vera_lambda_b
+        if name not in self.vera_adapters:
+            raise KeyError(f"no adapter {name!r}: this layer has {self.adapter_names()}")
+        vectors = self.vera_adapters[name]
+        return vectors.vera_lambda_d, vectors.vera_lambda_b
+
+    def add_adapter_vectors(self, name: str) -> tuple[nn.Parameter, nn.Parameter]:
+        """A new adapter ``name`` with freshly initialized vectors (d = d_initial, b = 0)."""
+        if not isinstance(name, str) or not name or "." in name:
+            raise ValueError(f"adapter names are non-empty strings without dots, got {name!r}")
+        if name in self.adapter_names():
+            raise ValueError(f"adapter {name!r} exists already")
+        self.vera_adapters[name] = AdapterVectors(*self._fresh_vectors())
+        return self.adapter_vectors(name)
+
+    def delete_adapter_vectors(self, name: str) -> None:
+        if name == DEFAULT_ADAPTER:
+            raise ValueError("the 'default' adapter cannot be deleted (set another one active)")
+        self.adapter_vectors(name)  # KeyError naming the adapters if absent
+        if self.active_adapter == name:
+            raise ValueError(f"adapter {name!r} is active: set another one first")
+        del self.vera_adapters[name]
 
     @property
     def in_features(self) -> int:
@@ -181,23 +228,32 @@ class VeRALinear(nn.Module):
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"expected input of shape (..., {self.in_features}), got {shape}")
         base = self.base_layer(x)
-        if self.merged or self.disabled:
+        if self.merged or self.disabled or (self.active_adapter is None and not self.row_adapters):
             return base
         # The adapter is added into base's buffer (it is this call's own
         # temporary) unless a forward hook may have kept a reference to it:
         # hooks must see the base layer's output, in every grad mode.
         hooked = bool(self.base_layer._forward_hooks or nn.modules.module._global_forward_hooks)
+        options = dict(backend=self.backend, projections=self._projection_pair(x.dtype),
+                       into_base=not hooked)
+        if self.row_adapters is not None:
+            return self._forward_rows(x, base, options)
+        d, b = self.adapter_vectors(self.active_adapter)
         # The vectors may be kept in a wider dtype than the activations.
-        return vera_linear(
-            self.vera_dropout(x),
-            self.vera_lambda_d.to(x.dtype),
-            self.vera_lambda_b.to(x.dtype),
-            self.seed,
-            base,
-            backend=self.backend,
-            projections=self._projection_pair(x.dtype),
-            into_base=not hooked,
-        )
+        return vera_linear(self.vera_dropout(x), d.to(x.dtype), b.to(x.dtype), self.seed, base,
+                           **options)
+
+    def _forward_rows(self, x: Tensor, base: Tensor, options: dict) -> Tensor:
+        names, row_ids = self.row_adapters
+        if x.dim() < 2 or x.shape[0] != row_ids.shape[0]:
+            raise ValueError(f"adapter_batch names {row_ids.shape[0]} batch rows, but the input "
+                             f"has shape {tuple(x.shape)}")
+        vectors = [self.adapter_vectors(name) for name in names]
+        d_bank = torch.stack([d.to(x.dtype) for d, _ in vectors])
+        b_bank = torch.stack([b.to(x.dtype) for _, b in vectors])
+        ids = row_ids.to(x.device).view(-1, *[1] * (x.dim() - 2)).expand(x.shape[:-1])
+        return vera_linear_multi(self.vera_dropout(x), d_bank, b_bank, ids, self.seed, base,
+                                 check_ids=False, **options)
 
     def _merge_dtype(self) -> torch.dtype:
         # float32 at least, float64 for a float64 weight: merging must not
@@ -216,7 +272,8 @@ class VeRALinear(nn.Module):
             device = self.base_layer.weight.device
             proj_a = cached_projection("A", self.r, self.in_features, self.seed, dtype, device)
             proj_b = cached_projection("B", self.out_features, self.r, self.seed, dtype, device)
-        scaled_b = proj_b * self.vera_lambda_b.to(dtype)[:, None] * self.vera_lambda_d.to(dtype)
+        lambda_d, lambda_b = self.adapter_vectors(self.active_adapter)
+        scaled_b = proj_b * lambda_b.to(dtype)[:, None] * lambda_d.to(dtype)
         delta = scaled_b @ proj_a  # (out, in)
         return delta.T if self.fan_in_fan_out else delta
 
@@ -230,6 +287,10 @@ class VeRALinear(nn.Module):
         if self.merged:
             warnings.warn("VeRALinear.merge(): already merged, nothing done", stacklevel=2)
             return
+        if self.row_adapters is not None:
+            raise RuntimeError("cannot merge while adapter_batch mixes adapters per row")
+        if self.active_adapter is None:
+            raise RuntimeError("no active adapter to merge (set_adapter(model, None) is active)")
         self._fold(+1)
         self.merged = True
 

@@ -8,8 +8,12 @@ A backend computes, for 2-D activations (tokens x in),
               db = Σ_tokens g ⊙ ((d ⊙ h) Bᵀ)
 
 with A and B described by a :class:`ProjectionSource` (docs/design.md, "Backward").
-Callers guarantee: at least one token, contiguous vectors, every tensor on a
-device the backend accepted, one dtype, autocast off.
+With ``adapter_ids`` (tokens,) int32, d and b are banks (n_adapters, r) and
+(n_adapters, out) and row t uses bank row ``adapter_ids[t]`` (-1: none); the
+vector gradients are then bank gradients (``banks.py``).
+Callers guarantee: at least one token, contiguous vectors (banks: contiguous
+rows), ids in [-1, n_adapters), every tensor on a device the backend
+accepted, one dtype, autocast off.
 """
 
 from __future__ import annotations
@@ -106,12 +110,14 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def forward(self, x: Tensor, lambda_d: Tensor, lambda_b: Tensor, source: ProjectionSource,
-                base: Optional[Tensor], *, into_base: bool = False) -> tuple[Tensor, Tensor]:
+                base: Optional[Tensor], *, into_base: bool = False,
+                adapter_ids: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
         """``(y, h)``; with ``into_base`` y is ``base`` itself, written in place."""
 
     @abc.abstractmethod
     def backward(self, grad: Tensor, h: Tensor, lambda_d: Tensor, lambda_b: Tensor,
-                 source: ProjectionSource, in_features: int, needed: NeededGrads) -> Grads:
+                 source: ProjectionSource, in_features: int, needed: NeededGrads,
+                 adapter_ids: Optional[Tensor] = None) -> Grads:
         """The gradients ``needed`` asks for, from the upstream gradient and the saved h."""
 
     # What the benchmark reports about a backend.

@@ -92,14 +92,14 @@ class CudaBackend(RegeneratingBackend):
         load()
         return torch.ops.vera_kernels_cuda.block_m()  # kBlockM in csrc/vera_kernels.h
 
-    def forward(self, x, lambda_d, lambda_b, source, base, *, into_base=False):
+    def forward(self, x, lambda_d, lambda_b, source, base, *, into_base=False, adapter_ids=None):
         load()
         return torch.ops.vera_kernels_cuda.forward(
             x, lambda_d, lambda_b, *source.key_words(), base, self.generates(x.shape[0]),
             source.a, source.b, into_base,
         )
 
-    def backward(self, grad, h, lambda_d, lambda_b, source, in_features, needed):
+    def backward(self, grad, h, lambda_d, lambda_b, source, in_features, needed, adapter_ids=None):
         load()
         grads = torch.ops.vera_kernels_cuda.backward(
             grad, h, lambda_d, lambda_b, *source.key_words(), in_features,

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from ..projection import cached_projection
+from .banks import per_adapter_sum, row_vectors
 from .contract import Backend, Grads, NeededGrads, ProjectionSource
 
 
@@ -78,9 +79,11 @@ class TorchBackend(Backend):
     def unavailable_on(self, device: torch.device) -> Optional[str]:
         return None
 
-    def forward(self, x, lambda_d, lambda_b, source, base, *, into_base=False):
-        proj_a, proj_b = _projections(source, x.shape[1], lambda_b.shape[0], lambda_d.shape[0], x)
+    def forward(self, x, lambda_d, lambda_b, source, base, *, into_base=False, adapter_ids=None):
+        proj_a, proj_b = _projections(source, x.shape[1], lambda_b.shape[-1], lambda_d.shape[-1], x)
         h = x @ proj_a.T
+        if adapter_ids is not None:
+            return _forward_rows(h, lambda_d, lambda_b, proj_b, base, into_base, adapter_ids), h
         scales = _fold_scales(x.dtype, lambda_b, lambda_d)
         w = _scaled(proj_b, lambda_b, lambda_d, scales)  # (out, r): b_o * B[o, i] * d_i / scale
         scale = scales[0] * scales[1]
@@ -94,8 +97,11 @@ class TorchBackend(Backend):
             y = torch.addmm(base, h, w.T, alpha=scale)
         return y, h
 
-    def backward(self, grad, h, lambda_d, lambda_b, source, in_features, needed: NeededGrads):
-        proj_a, proj_b = _projections(source, in_features, lambda_b.shape[0], lambda_d.shape[0], h)
+    def backward(self, grad, h, lambda_d, lambda_b, source, in_features, needed: NeededGrads,
+                 adapter_ids=None):
+        proj_a, proj_b = _projections(source, in_features, lambda_b.shape[-1], lambda_d.shape[-1], h)
+        if adapter_ids is not None:
+            return _backward_rows(grad, h, lambda_d, lambda_b, proj_a, proj_b, needed, adapter_ids)
         dx = dd = db = None
         scale_b, scale_d, scale_h = _fold_scales(h.dtype, lambda_b, lambda_d, h)
         if needed.lambda_d or needed.lambda_b:
@@ -113,6 +119,32 @@ class TorchBackend(Backend):
             if scale_b * scale_d != 1.0:
                 dx.mul_(scale_b * scale_d)
         return Grads(dx, dd, db)
+
+
+# Adapter banks: each row's vectors differ, so nothing folds into the projections;
+# the per-row vectors are gathered (tokens x r, tokens x out temporaries).
+
+def _forward_rows(h, d_bank, b_bank, proj_b, base, into_base, adapter_ids):
+    z = (h * row_vectors(d_bank, adapter_ids)) @ proj_b.T
+    z.mul_(row_vectors(b_bank, adapter_ids))
+    if base is None:
+        return z
+    return base.add_(z) if into_base else z.add_(base)
+
+
+def _backward_rows(grad, h, d_bank, b_bank, proj_a, proj_b, needed, adapter_ids):
+    n = d_bank.shape[0]
+    dx = dd = db = None
+    d_rows = row_vectors(d_bank, adapter_ids)
+    if needed.x or needed.lambda_d:
+        u = (grad * row_vectors(b_bank, adapter_ids)) @ proj_b
+        if needed.lambda_d:
+            dd = per_adapter_sum(u * h, adapter_ids, n).to(d_bank.dtype)
+        if needed.x:
+            dx = (u * d_rows) @ proj_a
+    if needed.lambda_b:
+        db = per_adapter_sum(grad * ((h * d_rows) @ proj_b.T), adapter_ids, n).to(b_bank.dtype)
+    return Grads(dx, dd, db)
 
 
 BACKEND = TorchBackend()

@@ -10,6 +10,7 @@ Which projection strategy a launch uses: ``backends/strategy.py``.
 """
 
 from ...projection import MATRICES, projection_bound
+from ..banks import per_adapter_sum
 from ..contract import Grads
 from . import kernels
 from .philox import generate_projection
@@ -28,31 +29,40 @@ def _projection(matrix: str, rows: int, cols: int, source, like, generate: bool)
                               workspace)
 
 
-def forward(backend, x, lambda_d, lambda_b, source, base, into_base):
+def forward(backend, x, lambda_d, lambda_b, source, base, into_base, adapter_ids=None):
     generate = backend.generates(x.shape[0])
-    r, in_features, out_features = lambda_d.shape[0], x.shape[1], lambda_b.shape[0]
+    r, in_features, out_features = lambda_d.shape[-1], x.shape[1], lambda_b.shape[-1]
     proj_a = _projection("A", r, in_features, source, x, generate)
     proj_b = _projection("B", out_features, r, source, x, generate)
-    h = kernels.gemm(x, proj_a, transposed=True).out
+    h = kernels.gemm(x, proj_a, transposed=True).out  # shared by every adapter of a bank
     y = kernels.gemm(h, proj_b, transposed=True, x_scale=lambda_d, out_scale=lambda_b, base=base,
-                     out=base if into_base else None).out
+                     out=base if into_base else None, row_ids=adapter_ids).out
     return y, h
 
 
-def backward(backend, grad, h, lambda_d, lambda_b, source, in_features, needed):
+def backward(backend, grad, h, lambda_d, lambda_b, source, in_features, needed, adapter_ids=None):
     generate = backend.generates(h.shape[0])
-    r, out_features = lambda_d.shape[0], lambda_b.shape[0]
+    r, out_features = lambda_d.shape[-1], lambda_b.shape[-1]
     proj_b = _projection("B", out_features, r, source, h, generate)
+    banked = adapter_ids is not None
     dx = dd = db = None
     if needed.x or needed.lambda_d:
+        # One adapter: dd is a reducing epilogue. A bank: per-adapter sums of u ⊙ h.
         u, dd_partials = kernels.gemm(grad, proj_b, transposed=False, x_scale=lambda_b,
-                                      reduce_with=h if needed.lambda_d else None)
+                                      reduce_with=h if needed.lambda_d and not banked else None,
+                                      row_ids=adapter_ids)
         if needed.lambda_d:
-            dd = dd_partials.sum(0).to(lambda_d.dtype)
+            dd = (per_adapter_sum(u * h, adapter_ids, lambda_d.shape[0]) if banked
+                  else dd_partials.sum(0)).to(lambda_d.dtype)
         if needed.x:
             proj_a = _projection("A", r, in_features, source, h, generate)
-            dx = kernels.gemm(u, proj_a, transposed=False, x_scale=lambda_d).out
-    if needed.lambda_b:
+            dx = kernels.gemm(u, proj_a, transposed=False, x_scale=lambda_d,
+                              row_ids=adapter_ids).out
+    if needed.lambda_b and banked:
+        # z = (d ⊙ h) Bᵀ is stored here (a tokens x out transient) to be summed per adapter.
+        z = kernels.gemm(h, proj_b, transposed=True, x_scale=lambda_d, row_ids=adapter_ids).out
+        db = per_adapter_sum(grad * z, adapter_ids, lambda_b.shape[0]).to(lambda_b.dtype)
+    elif needed.lambda_b:
         db_partials = kernels.gemm(h, proj_b, transposed=True, x_scale=lambda_d,
                                    reduce_with=grad, store=False).partials
         db = db_partials.sum(0).to(lambda_b.dtype)

@@ -102,11 +102,13 @@ REDUCE: tl.constexpr = tl.constexpr(2)  # partial[pid_m, :] = Σ_rows acc ⊙ au
 def _vera_gemm_kernel(
     # acc = (x ⊙ x_scale) @ T, T (K x N): T(k, n) = P(n, k) if TRANSPOSED else P(k, n)
     x_ptr, stride_xm, stride_xk,
-    x_scale_ptr,  # (K,) when SCALE_X
+    # (K,) when SCALE_X; with ROW_IDS a bank (n_adapters, K), row ids[m] scaling row m
+    x_scale_ptr, stride_sx,
     # projection P when not GENERATE (a workspace or explicit matrix)
     proj_ptr, stride_pr, stride_pc,
     out_ptr, stride_om, stride_on,
-    out_scale_ptr,  # (N,) when SCALE_OUT
+    out_scale_ptr, stride_so,  # (N,) when SCALE_OUT; with ROW_IDS a bank (n_adapters, N)
+    ids_ptr,  # (M,) adapter id of each row when ROW_IDS; -1: no adapter (scales are 0)
     base_ptr, stride_bm, stride_bn,  # (M, N) when HAS_BASE
     aux_ptr, stride_am, stride_an, partial_ptr,  # reducing epilogues
     M, N, K,
@@ -116,6 +118,7 @@ def _vera_gemm_kernel(
     TRANSPOSED: tl.constexpr,
     SCALE_X: tl.constexpr,
     SCALE_OUT: tl.constexpr,
+    ROW_IDS: tl.constexpr,
     HAS_BASE: tl.constexpr,
     EPILOGUE: tl.constexpr,
     GENERATE: tl.constexpr,
@@ -133,6 +136,10 @@ def _vera_gemm_kernel(
     mask_m = offs_m < M
     mask_n = offs_n < N
     rows = offs_m.to(tl.int64)
+    if ROW_IDS:  # the scales are gathered per row from the banks, inside the kernel
+        ids = tl.load(ids_ptr + offs_m, mask=mask_m, other=-1)
+        has_adapter = ids >= 0
+        bank_rows = tl.where(has_adapter, ids, 0).to(tl.int64)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
     for k_start in range(0, K, BLOCK_K):
         offs_k = k_start + tl.arange(0, BLOCK_K)
@@ -140,8 +147,13 @@ def _vera_gemm_kernel(
         x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         if SCALE_X:
-            scale = tl.load(x_scale_ptr + offs_k, mask=mask_k, other=0.0)
-            x = (x.to(ACC_DTYPE) * scale.to(ACC_DTYPE)[None, :]).to(DTYPE)
+            if ROW_IDS:
+                scale = tl.load(x_scale_ptr + bank_rows[:, None] * stride_sx + offs_k[None, :],
+                                mask=has_adapter[:, None] & mask_k[None, :], other=0.0)
+                x = (x.to(ACC_DTYPE) * scale.to(ACC_DTYPE)).to(DTYPE)
+            else:
+                scale = tl.load(x_scale_ptr + offs_k, mask=mask_k, other=0.0)
+                x = (x.to(ACC_DTYPE) * scale.to(ACC_DTYPE)[None, :]).to(DTYPE)
         if TRANSPOSED:
             t = tl.trans(_fetch_tile(proj_ptr, stride_pr, stride_pc, N, K, seed, bound,
                                      pid_n * BLOCK_N, k_start, STREAM, BLOCK_N, BLOCK_K,
@@ -158,8 +170,13 @@ def _vera_gemm_kernel(
         tl.store(partial_ptr + pid_m * N + offs_n, partial, mask=mask_n)
     if EPILOGUE != REDUCE:
         if SCALE_OUT:
-            scale = tl.load(out_scale_ptr + offs_n, mask=mask_n, other=0.0)
-            acc = acc * scale.to(ACC_DTYPE)[None, :]
+            if ROW_IDS:
+                scale = tl.load(out_scale_ptr + bank_rows[:, None] * stride_so + offs_n[None, :],
+                                mask=has_adapter[:, None] & mask_n[None, :], other=0.0)
+                acc = acc * scale.to(ACC_DTYPE)
+            else:
+                scale = tl.load(out_scale_ptr + offs_n, mask=mask_n, other=0.0)
+                acc = acc * scale.to(ACC_DTYPE)[None, :]
         if HAS_BASE:
             base = tl.load(base_ptr + rows[:, None] * stride_bm + offs_n[None, :] * stride_bn,
                            mask=mask, other=0.0)
@@ -195,7 +212,8 @@ def _configs():
 # launch (out is base) from adding the adapter more than once.
 _vera_gemm = _vera_gemm_kernel if INTERPRETING else triton.autotune(
     _configs(),
-    key=["M_BUCKET", "N", "K", "TRANSPOSED", "SCALE_X", "SCALE_OUT", "HAS_BASE", "EPILOGUE", "GENERATE"],
+    key=["M_BUCKET", "N", "K", "TRANSPOSED", "SCALE_X", "SCALE_OUT", "ROW_IDS", "HAS_BASE",
+         "EPILOGUE", "GENERATE"],
     restore_value=["out_ptr"],
 )(_vera_gemm_kernel)
 
@@ -239,6 +257,13 @@ def _strides(t: Optional[torch.Tensor], dummy: torch.Tensor) -> tuple:
     return (t, t.stride(0), t.stride(1)) if t is not None else (dummy, 0, 0)
 
 
+def _bank(t: Optional[torch.Tensor], dummy: torch.Tensor) -> tuple:
+    # A scale vector (row stride unused) or a bank of them; unused ones point at dummy.
+    if t is None:
+        return dummy, 0
+    return t, t.stride(0) if t.dim() == 2 else 0
+
+
 def gemm(
     x: torch.Tensor,
     proj: Projection,
@@ -250,6 +275,7 @@ def gemm(
     reduce_with: Optional[torch.Tensor] = None,
     store: bool = True,
     out: Optional[torch.Tensor] = None,
+    row_ids: Optional[torch.Tensor] = None,
 ):
     """``(x ⊙ x_scale) @ T`` with T = projᵀ (``transposed``) or proj, and its epilogue.
 
@@ -257,6 +283,9 @@ def gemm(
         x: (M, K) in the compute dtype, any strides.
         x_scale: (K,) scaling x's columns. out_scale: (N,) scaling the result's
             columns; base: (M, N) added to it.
+        row_ids: (M,) int32 adapter ids: the scales are then banks
+            (n_adapters, K) / (n_adapters, N) with contiguous rows, and row m
+            takes bank row ``row_ids[m]`` (-1: zero scales, the adapter is off).
         reduce_with: (M, N); also compute per-BLOCK_M-tile partial sums over
             rows of ``acc ⊙ reduce_with`` (sum them over dim 0).
         store: write the result (False only together with ``reduce_with``).
@@ -280,15 +309,17 @@ def gemm(
     grid = lambda meta: (triton.cdiv(m, BLOCK_M), triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
     _vera_gemm[grid](
         x, x.stride(0), x.stride(1),
-        x_scale if x_scale is not None else x,
+        *_bank(x_scale, x),
         *_strides(proj.workspace, x),
         *_strides(out, x),
-        out_scale if out_scale is not None else x,
+        *_bank(out_scale, x),
+        row_ids if row_ids is not None else x,
         *_strides(base, x),
         *_strides(reduce_with, x), partial if partial is not None else x,
         m, n, k, triton.next_power_of_2(m), proj.seed, proj.bound,
         STREAM=proj.stream, TRANSPOSED=transposed, SCALE_X=x_scale is not None,
-        SCALE_OUT=out_scale is not None, HAS_BASE=base is not None, EPILOGUE=epilogue.value,
+        SCALE_OUT=out_scale is not None, ROW_IDS=row_ids is not None, HAS_BASE=base is not None,
+        EPILOGUE=epilogue.value,
         GENERATE=proj.workspace is None, DTYPE=_TORCH_TO_TL[dtype],
         ACC_DTYPE=tl.float64 if dtype == torch.float64 else tl.float32,
         INPUT_PRECISION=_input_precision(dtype), BLOCK_M=BLOCK_M,

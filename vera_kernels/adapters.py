@@ -1,0 +1,120 @@
+"""Several VeRA adapters in one model: add, choose, delete, and mix them per batch row.
+
+Adapters made with one seed share A and B, so an adapter is just ``r + out``
+numbers per layer, and a batch that mixes adapters row by row costs what one
+adapter costs (``vera_linear_multi``). PEFT's names where it has them:
+
+    vk.add_adapter(model, "fr", state=None)        # fresh, from a vera_state_dict, or a file
+    vk.set_adapter(model, "fr")                    # every row; None = the base model alone
+    vk.list_adapters(model); vk.delete_adapter(model, "fr")
+    with vk.adapter_batch(model, ["fr", None, "de"]):   # one name per batch row
+        model.generate(...)
+
+``apply_vera`` creates the adapter called ``"default"``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from .model import _check_vera_state_dict, _copy_into, vera_layers
+from .module import DEFAULT_ADAPTER
+
+__all__ = ["add_adapter", "set_adapter", "delete_adapter", "list_adapters", "adapter_batch"]
+
+
+def _layers(model: nn.Module) -> dict:
+    layers = dict(vera_layers(model))
+    if not layers:
+        raise ValueError("the model has no VeRA layers: apply_vera first")
+    return layers
+
+
+def list_adapters(model: nn.Module) -> list[str]:
+    """The adapters of ``model``'s VeRA layers, ``"default"`` first."""
+    return next(iter(_layers(model).values())).adapter_names()
+
+
+def add_adapter(model: nn.Module, name: str,
+                state: Optional[Union[dict, str, os.PathLike]] = None) -> None:
+    """Add adapter ``name`` to every VeRA layer: fresh (d = d_initial, b = 0), or loaded.
+
+    ``state`` is a ``vera_state_dict`` (of any adapter of a model with the same
+    VeRA layers) or a file ``torch.save`` wrote from one. The layers' seed, r
+    and shapes must match; everything is checked before anything is added.
+    """
+    layers = _layers(model)
+    if isinstance(state, (str, os.PathLike)):
+        state = torch.load(state, weights_only=True)
+    if state is not None:
+        _check_vera_state_dict(layers, state, strict=True)
+    for layer in layers.values():
+        if name in layer.adapter_names():
+            raise ValueError(f"adapter {name!r} exists already")
+    for layer_name, layer in layers.items():
+        d, b = layer.add_adapter_vectors(name)
+        if state is not None:
+            with torch.no_grad():
+                _copy_into(d, state[f"{layer_name}.vera_lambda_d"])
+                _copy_into(b, state[f"{layer_name}.vera_lambda_b"])
+
+
+def _check_unmerged(layers: dict, action: str) -> None:
+    merged = [n for n, layer in layers.items() if layer.merged]
+    if merged:
+        raise RuntimeError(f"cannot {action} while layers are merged ({merged[:3]}...): "
+                           "unmerge_vera first")
+
+
+def set_adapter(model: nn.Module, name: Optional[str]) -> None:
+    """Make ``name`` every row's adapter (``None``: the base model alone)."""
+    layers = _layers(model)
+    _check_unmerged(layers, "switch adapters")
+    if name is not None:
+        for layer in layers.values():
+            layer.adapter_vectors(name)  # KeyError naming the adapters if absent
+    for layer in layers.values():
+        layer.active_adapter = name
+
+
+def delete_adapter(model: nn.Module, name: str) -> None:
+    """Remove adapter ``name`` from every VeRA layer (not ``"default"``, not the active one)."""
+    layers = _layers(model)
+    for layer in layers.values():
+        layer.adapter_vectors(name)
+        if name == DEFAULT_ADAPTER or layer.active_adapter == name:
+            raise ValueError(f"adapter {name!r} is the default or the active one; it stays")
+    for layer in layers.values():
+        layer.delete_adapter_vectors(name)
+
+
+@contextlib.contextmanager
+def adapter_batch(model: nn.Module, names: Sequence[Optional[str]]):
+    """Within the block, batch row i of every forward uses adapter ``names[i]`` (None: none).
+
+    Inputs must have the batch as their first dim (``(batch, seq, in)``, as in
+    transformers models, including ``generate()`` with a KV cache and left
+    padding). Merging is refused inside the block.
+    """
+    layers = _layers(model)
+    _check_unmerged(layers, "mix adapters per row")
+    if isinstance(names, str) or not len(names):
+        raise ValueError(f"adapter_batch needs one adapter name (or None) per batch row, got {names!r}")
+    distinct = list(dict.fromkeys(n for n in names if n is not None))
+    for layer in layers.values():
+        for name in distinct:
+            layer.adapter_vectors(name)
+    row_ids = torch.tensor([-1 if n is None else distinct.index(n) for n in names],
+                           dtype=torch.int32)
+    for layer in layers.values():
+        layer.row_adapters = (tuple(distinct), row_ids)
+    try:
+        yield model
+    finally:
+        for layer in layers.values():
+            layer.row_adapters = None
