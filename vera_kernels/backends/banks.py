@@ -36,5 +36,5 @@ def per_adapter_sum(values: Tensor, adapter_ids: Tensor, n_adapters: int) -> Ten
 
 def row_vectors(bank: Tensor, adapter_ids: Tensor) -> Tensor:
     """``bank[adapter_ids]`` with zero rows for id -1: each token's vector, (tokens, C)."""
-    padded = torch.cat([bank, bank.new_zeros(1, bank.shape[1])])
-    return padded[torch.where(adapter_ids >= 0, adapter_ids, bank.shape[0]).long()]
+    rows = bank.index_select(0, adapter_ids.clamp(min=0))
+    return rows.masked_fill_((adapter_ids < 0)[:, None], 0)

@@ -126,10 +126,10 @@ class TorchBackend(Backend):
 
 def _forward_rows(h, d_bank, b_bank, proj_b, base, into_base, adapter_ids):
     z = (h * row_vectors(d_bank, adapter_ids)) @ proj_b.T
-    z.mul_(row_vectors(b_bank, adapter_ids))
+    b_rows = row_vectors(b_bank, adapter_ids)
     if base is None:
-        return z
-    return base.add_(z) if into_base else z.add_(base)
+        return z.mul_(b_rows)
+    return base.addcmul_(z, b_rows) if into_base else torch.addcmul(base, z, b_rows)
 
 
 def _backward_rows(grad, h, d_bank, b_bank, proj_a, proj_b, needed, adapter_ids):
