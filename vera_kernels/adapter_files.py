@@ -24,7 +24,8 @@ from torch import nn
 
 from .model import CONFIG_KEY, apply_vera, load_vera_state_dict, vera_layers, vera_state_dict
 from .adapters import add_adapter
-from .module import DEFAULT_ADAPTER, base_shape, is_adaptable
+from .base_layers import base_shape, is_adaptable
+from .module import DEFAULT_ADAPTER
 
 __all__ = ["save_adapter", "load_adapter", "WEIGHTS_NAME", "CONFIG_NAME"]
 

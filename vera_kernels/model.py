@@ -11,7 +11,8 @@ from typing import Iterator, Optional, Union
 import torch
 from torch import nn
 
-from .module import VeRALinear, is_adaptable
+from .base_layers import is_adaptable
+from .module import VeRALinear
 from .projection import check_seed
 
 __all__ = [

@@ -8,30 +8,12 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from .base_layers import base_shape, compute_dtype, dense_weight, is_adaptable, is_conv1d, \
+    store_dense_weight
 from .function import vera_linear, vera_linear_multi
 from .projection import cached_projection, check_seed
 
-__all__ = ["VeRALinear", "SharedProjections", "is_conv1d", "is_adaptable", "base_shape"]
-
-
-def is_conv1d(module: nn.Module) -> bool:
-    """transformers' GPT-2 style ``Conv1D``: a linear layer with weight stored (in, out)."""
-    return type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None \
-        and module.weight.dim() == 2
-
-
-def is_adaptable(module: nn.Module) -> bool:
-    """Whether VeRA can wrap ``module``: an nn.Linear or a transformers Conv1D."""
-    return isinstance(module, nn.Linear) or is_conv1d(module)
-
-
-def base_shape(base: nn.Module) -> tuple[int, int]:
-    """(in_features, out_features) of an nn.Linear or a Conv1D."""
-    if isinstance(base, nn.Linear):
-        return base.in_features, base.out_features
-    if is_conv1d(base):
-        return base.weight.shape[0], base.weight.shape[1]
-    raise TypeError(f"VeRA wraps nn.Linear or transformers' Conv1D, got {type(base).__name__}")
+__all__ = ["VeRALinear", "SharedProjections"]
 
 
 class SharedProjections(nn.Module):
@@ -172,9 +154,9 @@ class VeRALinear(nn.Module):
         self.row_adapters: Optional[tuple] = None
 
     def _fresh_vectors(self) -> tuple[nn.Parameter, nn.Parameter]:
-        weight = self.base_layer.weight
-        d = torch.full((self.r,), self.d_initial, device=weight.device, dtype=weight.dtype)
-        b = torch.zeros(self.out_features, device=weight.device, dtype=weight.dtype)
+        device, dtype = self.base_layer.weight.device, compute_dtype(self.base_layer)
+        d = torch.full((self.r,), self.d_initial, device=device, dtype=dtype)
+        b = torch.zeros(self.out_features, device=device, dtype=dtype)
         return nn.Parameter(d), nn.Parameter(b)
 
     # Adapters ---------------------------------------------------------------
@@ -258,7 +240,7 @@ class VeRALinear(nn.Module):
     def _merge_dtype(self) -> torch.dtype:
         # float32 at least, float64 for a float64 weight: merging must not
         # lose more than the weight's own rounding.
-        return torch.promote_types(self.base_layer.weight.dtype, torch.float32)
+        return torch.promote_types(compute_dtype(self.base_layer), torch.float32)
 
     @torch.no_grad()
     def delta_weight(self) -> Tensor:
@@ -279,8 +261,9 @@ class VeRALinear(nn.Module):
 
     @torch.no_grad()
     def _fold(self, sign: int) -> None:
-        weight = self.base_layer.weight
-        weight.copy_((weight.to(self._merge_dtype()) + sign * self.delta_weight()).to(weight.dtype))
+        # A quantized weight is dequantized, changed and requantized (lossy, warned).
+        dense = dense_weight(self.base_layer).to(self._merge_dtype())
+        store_dense_weight(self.base_layer, dense + sign * self.delta_weight())
 
     def merge(self) -> None:
         """Fold the adapter into ``base_layer.weight``; forward then runs the base layer only."""

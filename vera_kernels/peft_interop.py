@@ -25,7 +25,8 @@ from typing import Union
 from torch import nn
 
 from .model import replace_submodule, vera_layers
-from .module import SharedProjections, VeRALinear, is_conv1d
+from .base_layers import is_conv1d
+from .module import SharedProjections, VeRALinear
 from .projection import projection, projection_bound
 
 __all__ = ["from_peft", "save_peft_adapter"]

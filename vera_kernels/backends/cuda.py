@@ -12,6 +12,7 @@ from typing import Optional
 
 import torch
 
+from .banks import per_adapter_sum
 from .contract import Grads
 from .strategy import RegeneratingBackend
 
@@ -96,18 +97,25 @@ class CudaBackend(RegeneratingBackend):
         load()
         return torch.ops.vera_kernels_cuda.forward(
             x, lambda_d, lambda_b, *source.key_words(), base, self.generates(x.shape[0]),
-            source.a, source.b, into_base,
+            source.a, source.b, into_base, adapter_ids,
         )
 
     def backward(self, grad, h, lambda_d, lambda_b, source, in_features, needed, adapter_ids=None):
         load()
-        grads = torch.ops.vera_kernels_cuda.backward(
+        dx, dd, db = torch.ops.vera_kernels_cuda.backward(
             grad, h, lambda_d, lambda_b, *source.key_words(), in_features,
             self.generates(h.shape[0]), needed.x, needed.lambda_d, needed.lambda_b,
-            source.a, source.b,
+            source.a, source.b, adapter_ids,
         )
-        return Grads(*(g if need else None
-                       for g, need in zip(grads, (needed.x, needed.lambda_d, needed.lambda_b))))
+        if adapter_ids is not None:
+            # Banked, the op returns dd and db per token row (u ⊙ h, g ⊙ z): summed
+            # per adapter here, in the fixed order every backend shares.
+            if needed.lambda_d:
+                dd = per_adapter_sum(dd, adapter_ids, lambda_d.shape[0]).to(lambda_d.dtype)
+            if needed.lambda_b:
+                db = per_adapter_sum(db, adapter_ids, lambda_b.shape[0]).to(lambda_b.dtype)
+        return Grads(dx if needed.x else None, dd if needed.lambda_d else None,
+                     db if needed.lambda_b else None)
 
 
 BACKEND = CudaBackend()
