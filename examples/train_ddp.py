@@ -39,6 +39,9 @@ def main() -> None:
     parser.add_argument("--out", help="where rank 0 saves the adapter (default: not saved, only "
                         "round-tripped in memory)")
     args = parser.parse_args()
+    # Checked before training, so that the adapter is not lost at the end of a long run.
+    if args.out and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
+        parser.error(f"--out {args.out}: its directory does not exist")
     if "RANK" not in os.environ:
         raise SystemExit("train_ddp.py runs one process per rank under torchrun, e.g.\n"
                          "    torchrun --nproc_per_node 2 examples/train_ddp.py")

@@ -1,7 +1,9 @@
-"""vera-bench runs end to end (--quick) and writes what it promises."""
+"""vera-bench runs end to end (--quick), writes what it promises, and refuses bad values up front."""
 
+import importlib.metadata
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import vera_kernels
+from vera_kernels.bench import cases, cli, report
 from vera_kernels.bench import implementations as impl, measure
 
 
@@ -18,15 +22,26 @@ def _vera_bench() -> list:
     return [str(script)] if script.exists() else [sys.executable, "-m", "vera_kernels.bench"]
 
 
+def _git(*args) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", *args], cwd=report.CHECKOUT, capture_output=True, text=True)
+
+
 def test_quick_run_writes_json_and_plot(tmp_path):
     json_path, plot_path = tmp_path / "bench.json", tmp_path / "bench.png"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "TORCH_CUDA_ARCH_LIST")}
+    env["VERA_KERNELS_PROJECTIONS"] = "generate"  # recorded; the torch backend ignores it
     proc = subprocess.run(
-        [*_vera_bench(), "--quick", "--device", "cpu", "--json", str(json_path), "--plot", str(plot_path)],
+        [*_vera_bench(), "--quick", "--device", "cpu", "--json", str(json_path), "--plot", str(plot_path),
+         "--reps", "3"],
         capture_output=True, text=True, timeout=600, env=env,
     )
     assert proc.returncode == 0, proc.stderr
     assert "ours-torch" in proc.stdout and "[1/1]" in proc.stderr
+    # The table fits 120 columns on a CPU, without the columns only a GPU fills.
+    assert max(len(line) for line in proc.stdout.splitlines()) <= 120
+    header = next(line for line in proc.stdout.splitlines() if line.split()[:1] == ["shape"])
+    assert "x unfused" in header and "A/B from" in header
+    assert not any(name in header for name in report.GPU_COLUMNS)
 
     doc = json.loads(json_path.read_text())
     assert doc["device_type"] == "cpu" and doc["device_name"]
@@ -49,6 +64,35 @@ def test_quick_run_writes_json_and_plot(tmp_path):
     )
     assert plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+    # What else the numbers depend on.
+    assert doc["vera_kernels"] == vera_kernels.__version__
+    assert doc["reps"] == 3
+    assert doc["environment"] == {k: env[k] for k in report.BEHAVIOUR_ENV if k in env}
+    assert doc["environment"]["VERA_KERNELS_PROJECTIONS"] == "generate"
+    try:
+        assert doc["peft"] == importlib.metadata.version("peft")
+    except importlib.metadata.PackageNotFoundError:
+        assert doc["peft"] is None
+    if _git("rev-parse", "HEAD").returncode == 0:  # a checkout (others may commit meanwhile)
+        assert re.fullmatch("[0-9a-f]{40}", doc["git_commit"])
+        assert _git("cat-file", "-e", f"{doc['git_commit']}^{{commit}}").returncode == 0
+    else:
+        assert doc["git_commit"] is None
+
+
+def test_git_commit_only_of_this_package_checkout(tmp_path, monkeypatch):
+    monkeypatch.setattr(report, "CHECKOUT", tmp_path / "pkg")
+    (tmp_path / "pkg").mkdir()
+    assert report._git_commit() is None  # no repository at all
+    # An installed copy inside some other project's repository.
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t"]
+    if subprocess.run([*git, "init", "-q"]).returncode != 0:
+        pytest.skip("git is not available")
+    subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "other"], check=True)
+    assert report._git_commit() is None
+    monkeypatch.setattr(report, "CHECKOUT", tmp_path)
+    assert re.fullmatch("[0-9a-f]{40}", report._git_commit())
+
 
 def test_saved_bytes_count_activations_not_parameters():
     case = impl.Case(16, 12, 10, 4, torch.float32, torch.device("cpu"))
@@ -62,3 +106,118 @@ def test_bad_arguments_are_reported():
         [*_vera_bench(), "--dtypes", "fp8"], capture_output=True, text=True, timeout=120
     )
     assert proc.returncode == 2 and "unknown dtypes ['fp8']" in proc.stderr
+
+
+@pytest.fixture
+def no_timing(monkeypatch):
+    """Fails a test that gets as far as timing a case."""
+    def measure_case(*args):
+        raise AssertionError("timed a case despite a bad argument")
+    monkeypatch.setattr(cli, "measure_case", measure_case)
+
+
+def _usage_error(argv, capsys) -> str:
+    """main(argv)'s error message; asserts it is argparse's one line and exit status 2."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    (line,) = [line for line in err.splitlines() if line.startswith("vera-bench: error: ")]
+    return line
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--tokens", "0"], "argument --tokens: expected a positive integer, got '0'"),
+    (["--tokens", "-64"], "argument --tokens: expected a positive integer, got '-64'"),
+    (["--ranks", "8,x"], "argument --ranks: expected a positive integer, got 'x'"),
+    (["--ranks", ","], "argument --ranks: expected a comma-separated list, got ','"),
+    (["--reps", "0"], "argument --reps: expected a positive integer, got '0'"),
+    (["--shapes", "4096"], "argument --shapes: shapes are INxOUT with positive integers"),
+    (["--shapes", "ax4"], "got 'ax4'"),
+    (["--shapes", "4096x"], "got '4096x'"),
+    (["--shapes", "64x64,0x16"], "got '0x16'"),
+    (["--dtypes", "fp8"], "unknown dtypes ['fp8']"),
+    (["--seed", "-1"], "argument --seed: seeds are integers in [0, 2**64)"),
+    (["--device", "cpu", "--backends", "nope"], "unknown backend 'nope'"),
+    (["--device", "cpu", "--backends", "torch,cuda"], "backend 'cuda' cannot run on cpu: "),
+    (["--device", "tpu"], "--device tpu: expected auto, cpu, cuda or cuda:N"),
+])
+def test_bad_values_are_one_line_errors_before_any_timing(argv, message, capsys, no_timing):
+    assert message in _usage_error(argv, capsys)
+
+
+def test_cuda_device_without_a_gpu(monkeypatch, capsys, no_timing):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert "--device cuda: no CUDA device is available" in _usage_error(["--device", "cuda"], capsys)
+
+
+@pytest.mark.parametrize("where, message", [
+    ("missing/out", "directory {tmp}/missing does not exist"),
+    ("", "{tmp}: is a directory"),
+])
+@pytest.mark.parametrize("flag", ["--json", "--plot"])
+def test_output_paths_are_checked_before_the_run(flag, where, message, tmp_path, capsys, no_timing):
+    path = tmp_path / where
+    argv = ["--quick", "--device", "cpu", flag, str(path)]
+    line = _usage_error(argv, capsys)
+    assert f"{flag} {path}: " in line and message.format(tmp=tmp_path) in line
+
+
+def test_unwritable_output_path(monkeypatch, tmp_path, capsys, no_timing):
+    # Permissions do not bind root, so os.access reports the directory read-only.
+    monkeypatch.setattr(cli.os, "access", lambda path, mode: False)
+    argv = ["--quick", "--device", "cpu", "--backends", "torch", "--json", str(tmp_path / "out.json")]
+    assert "not writable" in _usage_error(argv, capsys)
+
+
+def test_plot_without_matplotlib(monkeypatch, tmp_path, capsys, no_timing):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # find_spec("matplotlib") -> None
+    argv = ["--quick", "--device", "cpu", "--plot", str(tmp_path / "out.png")]
+    assert "--plot needs matplotlib" in _usage_error(argv, capsys)
+
+
+def test_help_shows_each_preset_grid_and_examples(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--help"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0
+    for name, (shapes, tokens, ranks, dtypes) in cases.PRESETS.items():
+        grid = re.search(rf"^  {name} \(.*\n(    .*\n)+", out, re.MULTILINE)[0]  # its indented lines
+        assert all(f"{n_in}x{n_out}" in grid for n_in, n_out in shapes), name
+        assert f"tokens {', '.join(map(str, tokens))}; ranks {', '.join(map(str, ranks))}" in grid
+        assert f"dtypes {', '.join(dtypes)}" in grid
+    assert "examples:\n  vera-bench --quick" in out and "--wide" in out
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"vera-bench {vera_kernels.__version__}"
+
+
+def _row(**overrides) -> dict:
+    """A table row with values as wide as a long CPU run gives."""
+    timing = {"median_ms": 1234.5678, "p20_ms": 1000.0, "p80_ms": 9000.0}
+    row = {"in_features": 11008, "out_features": 4096, "tokens": 16384, "r": 1024, "dtype": "bf16",
+           "impl": "ours-torch", "forward": timing, "backward": timing, "forward_backward": timing,
+           "speedup_vs_unfused": 12.345, "speedup_vs_peft": 12.345, "overhead_vs_base_pct": 1234.5,
+           "saved_bytes": 1234 * 2**20, "peak_bytes": None, "adapter_GBps": 12.3,
+           "adapter_TFLOPps": 0.123, "strategy": "cached A, B"}
+    return {**row, **overrides}
+
+
+def test_table_fits_120_columns_on_cpu_and_wide_shows_all():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    narrow = report.columns(cpu)
+    for line in (report.table_header(narrow), report.table_row(_row(), narrow)):
+        assert len(line) <= report.TABLE_WIDTH, line
+    # Small, noisy timings: 3 significant digits, the spread capped at 99%.
+    fast = {"median_ms": 0.0123456, "p20_ms": 0.001, "p80_ms": 0.1}
+    line = report.table_row(_row(forward=fast), narrow)
+    assert len(line) <= report.TABLE_WIDTH and "0.0123±99%" in line and "1235±99%" in line
+    assert [name for name, _ in report.columns(cpu, wide=True)] == [name for name, _ in report.COLUMNS]
+    assert report.columns(cuda) == report.COLUMNS
+    wide_header = report.table_header(report.columns(cpu, wide=True))
+    assert all(name in wide_header for name in report.GPU_COLUMNS)
+    assert not any(name in report.table_header(narrow) for name in report.GPU_COLUMNS)

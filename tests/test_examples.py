@@ -17,9 +17,13 @@ def _load(name: str):
     return module
 
 
-def test_finetune_tiny_llama_short():
+def test_finetune_tiny_llama_short(tmp_path, monkeypatch, capsys):
     pytest.importorskip("transformers")
+    monkeypatch.chdir(tmp_path)  # the example is given no output path: it must write nothing here
     result = _load("finetune_tiny_llama").main(["--steps", "40", "--device", "cpu", "--log-every", "20"])
+    assert list(tmp_path.iterdir()) == []
+    assert isinstance(result["mean_step_ms"], float) and result["mean_step_ms"] > 0
+    assert f"mean time per step: {result['mean_step_ms']:.1f} ms" in capsys.readouterr().out
     losses = result["losses"]
     # ln(64) = 4.16 at the start; 40 steps of VeRA alone bring it down clearly.
     assert losses[0] > 4.0 and min(losses[-5:]) < losses[0] - 0.3
@@ -28,6 +32,14 @@ def test_finetune_tiny_llama_short():
     # Per decoder layer: 7 lambda_d of r = 64, and one lambda_b per output
     # (q 128, k 64, v 64, o 128, gate 256, up 256, down 128); 2 layers.
     assert result["trainable"] == 2 * (7 * 64 + (128 + 64 + 64 + 128 + 256 + 256 + 128))
+
+
+def test_train_ddp_without_torchrun_says_how_to_launch(monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setattr(sys, "argv", ["train_ddp.py"])
+    with pytest.raises(SystemExit) as exit_info:
+        _load("train_ddp").main()
+    assert "torchrun --nproc_per_node 2 examples/train_ddp.py" in str(exit_info.value.code)
 
 
 def test_train_ddp_two_processes(tmp_path):

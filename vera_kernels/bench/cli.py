@@ -151,7 +151,7 @@ def _backends(names, device: torch.device) -> list:
 
 
 def _check_writable(flag: str, path: str) -> None:
-    """ValueError unless ``path`` can be written: checked first, since after a long run the results would be lost."""
+    """ValueError unless ``path`` can be written (checked first: after a long run, results would be lost)."""
     target = Path(path)
     if target.is_dir():
         raise ValueError(f"{flag} {path}: is a directory")
