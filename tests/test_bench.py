@@ -221,3 +221,20 @@ def test_table_fits_120_columns_on_cpu_and_wide_shows_all():
     wide_header = report.table_header(report.columns(cpu, wide=True))
     assert all(name in wide_header for name in report.GPU_COLUMNS)
     assert not any(name in report.table_header(narrow) for name in report.GPU_COLUMNS)
+
+
+def test_serve_mode_writes_rows_for_every_point(tmp_path):
+    from vera_kernels.bench import cli
+
+    path = tmp_path / "serve.json"
+    assert cli.main(["--serve", "--device", "cpu", "--tokens", "5", "--adapters", "1,3",
+                     "--reps", "1", "--json", str(path)]) == 0
+    rows = json.loads(path.read_text())["results"]
+    assert [(r["tokens"], r["adapters"]) for r in rows] == [(5, 1), (5, 3)]
+    for row in rows:
+        assert row["backend"] == "torch"
+        assert row["bank_bytes"] == row["adapters"] * (row["r"] + row["out_features"]) * 4
+        for way in ("mixed", "single", "loop", "base"):
+            assert row[way]["median_ms"] > 0
+        assert row["mixed_over_single"] == pytest.approx(
+            row["mixed"]["median_ms"] / row["single"]["median_ms"])

@@ -20,6 +20,7 @@ from .. import __version__, backends
 from . import cases as bench_cases
 from . import implementations as impl
 from . import report
+from . import serve
 from .runner import measure_case
 
 DESCRIPTION = "vera-bench: the fused VeRA layer against unfused PyTorch, PEFT and the bare base layer."
@@ -113,6 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_seed, default=0, help="seed of the projections A and B")
     p.add_argument("--wide", action="store_true",
                    help="print every column, also those that mean nothing on a CPU")
+    p.add_argument("--serve", action="store_true",
+                   help="serving: a batch mixing N adapters vs one adapter, a call per adapter and "
+                        "the base layer (--tokens and --adapters replace the grid)")
+    p.add_argument("--adapters", type=_ints, help="with --serve: adapter counts N, comma-separated")
     p.add_argument("--json", metavar="PATH", help="write every measurement and the device facts")
     p.add_argument("--plot", metavar="PATH", help="write a PNG of speedup over unfused vs tokens")
     return p
@@ -190,6 +195,8 @@ def main(argv=None) -> int:
     except ValueError as error:
         parser.error(str(error))  # exits 2
     reps = args.reps or (5 if args.quick else 7)
+    if args.serve:
+        return _serve(args, argv, device, names, reps)
     cases = cases_from(args, device)
     info = report.device_info(device)
     cols = report.columns(device, args.wide)
@@ -213,5 +220,19 @@ def main(argv=None) -> int:
         print(f"wrote {args.json}")
     if args.plot:
         report.write_plot(args.plot, info, rows)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def _serve(args, argv: list, device: torch.device, names: list, reps: int) -> int:
+    """``--serve``: the mixed-adapter batch on our fastest backend for the device."""
+    ours = [n.removeprefix("ours-") for n in names if n.startswith("ours-")]
+    info, rows = serve.run(device, ours[0], reps, tokens=args.tokens, adapters=args.adapters)
+    if args.json:
+        report.write_json(args.json, info, ["vera-bench", *argv], rows,
+                          reps if device.type == "cpu" else None)
+        print(f"wrote {args.json}")
+    if args.plot:
+        serve.write_plot(args.plot, info, rows)
         print(f"wrote {args.plot}")
     return 0
