@@ -1,13 +1,25 @@
 // torch bindings of the CUDA kernels: the `vera_kernels_cuda` op library.
 //
-//   forward(x, lambda_d, lambda_b, key0, key1, base?, generate, proj_a?, proj_b?, into_base)
-//           -> (y, h)   (y is base itself when into_base)
+//   forward(x, lambda_d, lambda_b, key0, key1, base?, generate, proj_a?, proj_b?, into_base,
+//           adapter_ids?) -> (y, h)   (y is base itself when into_base)
 //   backward(grad, h, lambda_d, lambda_b, key0, key1, in_features, generate,
-//            need_dx, need_dd, need_db, proj_a?, proj_b?) -> (dx, dd, db)
+//            need_dx, need_dd, need_db, proj_a?, proj_b?, adapter_ids?) -> (dx, dd, db)
 //            (a gradient not asked for comes back empty)
-// proj_a (r x in) / proj_b (out x r), when given, replace the seed's matrices.
 //   projection(matrix, rows, cols, key0, key1, like) -> Tensor
 //   block_m() -> int   (kBlockM: token rows per thread block)
+//
+// proj_a (r x in) / proj_b (out x r), when given, replace the seed's matrices.
+//
+// adapter_ids (tokens,) int32, when given, makes lambda_d (n_adapters x r) and
+// lambda_b (n_adapters x out) banks: token row t uses bank row adapter_ids[t]
+// (-1: no adapter, its adapter output and gradients are zero; ids must be in
+// [-1, n_adapters), unchecked here, as a check would sync with the device).
+// h stays shared by all adapters. Banked, backward's dd and db are not yet
+// summed: they come back per token row, u ⊙ h (tokens x r) and g ⊙ z
+// (tokens x out), for the caller to sum per adapter in a fixed order
+// (vera_kernels/backends/banks.py, per_adapter_sum); dx is final either way.
+// This keeps one op per direction and leaves the segmented sum to the one
+// deterministic implementation every backend shares.
 //
 // The composition mirrors vera_kernels/backends/triton/backend.py; the kernels are in
 // vera_kernels.cu. Everything runs on the current CUDA stream.
@@ -61,6 +73,24 @@ uint32_t key_word(int64_t key, const char* name) {
   return static_cast<uint32_t>(key);
 }
 
+// Adapter banks: the ids against the rows (x or h) they select for, and the banks.
+void check_adapter_ids(const Tensor& ids, const Tensor& rows, const char* rows_name,
+                       const Tensor& lambda_d, const Tensor& lambda_b) {
+  TORCH_CHECK(ids.device() == rows.device(), "vera_kernels cuda backend: adapter_ids is on ",
+              ids.device(), " but ", rows_name, " is on ", rows.device());
+  TORCH_CHECK(ids.scalar_type() == at::kInt,
+              "vera_kernels cuda backend: adapter_ids must be int32, got ", ids.scalar_type());
+  TORCH_CHECK(ids.dim() == 1 && ids.size(0) == rows.size(0),
+              "vera_kernels cuda backend: adapter_ids must have shape (", rows.size(0),
+              ",), one id per row of ", rows_name, ", got ", ids.sizes());
+  TORCH_CHECK(lambda_d.size(0) == lambda_b.size(0),
+              "vera_kernels cuda backend: the banks lambda_d and lambda_b hold ", lambda_d.size(0),
+              " and ", lambda_b.size(0), " adapters; they must hold the same adapters");
+}
+
+// The row stride of a bank (n_adapters x C); a plain vector has none.
+int64_t row_stride(const Tensor& v) { return v.dim() == 2 ? v.stride(0) : 0; }
+
 float bound_for(int64_t fan) {
   return static_cast<float>(std::sqrt(6.0 / static_cast<double>(fan)));
 }
@@ -112,6 +142,7 @@ vera::GemmParams gemm_params(const Tensor& x, const Tensor* x_scale, const Proje
   p.stride_xm = x.stride(0);
   p.stride_xk = x.stride(1);
   p.x_scale = x_scale != nullptr ? x_scale->data_ptr() : nullptr;
+  p.stride_sx = x_scale != nullptr ? row_stride(*x_scale) : 0;
   p.proj = proj.source;
   p.transposed = transposed;
   p.M = x.size(0);
@@ -147,20 +178,24 @@ std::tuple<Tensor, Tensor> vera_forward(const Tensor& x_in, const Tensor& lambda
                                         const Tensor& lambda_b_in, int64_t key0, int64_t key1,
                                         const std::optional<Tensor>& base, bool generate,
                                         const std::optional<Tensor>& proj_a,
-                                        const std::optional<Tensor>& proj_b, bool into_base) {
+                                        const std::optional<Tensor>& proj_b, bool into_base,
+                                        const std::optional<Tensor>& adapter_ids) {
   TORCH_CHECK(x_in.is_cuda() && x_in.dim() == 2,
               "vera_kernels cuda backend: x must be a 2-D CUDA tensor");
-  check_input(lambda_d_in, "lambda_d", x_in, 1);
-  check_input(lambda_b_in, "lambda_b", x_in, 1);
+  const bool banked = adapter_ids.has_value();
+  check_input(lambda_d_in, "lambda_d", x_in, banked ? 2 : 1);
+  check_input(lambda_b_in, "lambda_b", x_in, banked ? 2 : 1);
+  if (banked) check_adapter_ids(*adapter_ids, x_in, "x", lambda_d_in, lambda_b_in);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const Tensor lambda_d = lambda_d_in.contiguous(), lambda_b = lambda_b_in.contiguous();
+  const Tensor ids = banked ? adapter_ids->contiguous() : Tensor();
   const uint32_t k0 = key_word(key0, "key0"), k1 = key_word(key1, "key1");
-  const int64_t m = x_in.size(0), in = x_in.size(1), r = lambda_d.size(0), out = lambda_b.size(0);
+  const int64_t m = x_in.size(0), in = x_in.size(1), r = lambda_d.size(-1), out = lambda_b.size(-1);
 
   const Projection a = projection(kMatrixA, r, in, k0, k1, generate, x_in, proj_a);
   const Projection b = projection(kMatrixB, out, r, k0, k1, generate, x_in, proj_b);
 
-  Tensor h = at::empty({m, r}, x_in.options());
+  Tensor h = at::empty({m, r}, x_in.options());  // shared by every adapter of a bank
   vera::GemmParams p = gemm_params(x_in, nullptr, a, /*transposed=*/true, r);
   set_out(p, h);
   run(x_in, p, "forward h = x A^T");
@@ -171,6 +206,8 @@ std::tuple<Tensor, Tensor> vera_forward(const Tensor& x_in, const Tensor& lambda
   p = gemm_params(h, &lambda_d, b, /*transposed=*/true, out);
   set_out(p, y);
   p.out_scale = lambda_b.data_ptr();
+  p.stride_so = row_stride(lambda_b);
+  p.row_ids = banked ? ids.data_ptr<int32_t>() : nullptr;
   if (base.has_value()) {
     check_input(*base, "base", x_in, 2);
     p.base = base->data_ptr();
@@ -187,40 +224,60 @@ std::tuple<Tensor, Tensor, Tensor> vera_backward(const Tensor& grad, const Tenso
                                                  int64_t key1, int64_t in_features, bool generate,
                                                  bool need_dx, bool need_dd, bool need_db,
                                                  const std::optional<Tensor>& proj_a,
-                                                 const std::optional<Tensor>& proj_b) {
+                                                 const std::optional<Tensor>& proj_b,
+                                                 const std::optional<Tensor>& adapter_ids) {
   TORCH_CHECK(h.is_cuda() && h.dim() == 2, "vera_kernels cuda backend: h must be a 2-D CUDA tensor");
   check_input(grad, "grad", h, 2);
-  check_input(lambda_d_in, "lambda_d", h, 1);
-  check_input(lambda_b_in, "lambda_b", h, 1);
+  const bool banked = adapter_ids.has_value();
+  check_input(lambda_d_in, "lambda_d", h, banked ? 2 : 1);
+  check_input(lambda_b_in, "lambda_b", h, banked ? 2 : 1);
+  if (banked) check_adapter_ids(*adapter_ids, h, "h", lambda_d_in, lambda_b_in);
   const c10::cuda::CUDAGuard guard(h.device());
   const Tensor lambda_d = lambda_d_in.contiguous(), lambda_b = lambda_b_in.contiguous();
+  const Tensor ids = banked ? adapter_ids->contiguous() : Tensor();
+  const int32_t* row_ids = banked ? ids.data_ptr<int32_t>() : nullptr;
   const uint32_t k0 = key_word(key0, "key0"), k1 = key_word(key1, "key1");
-  const int64_t m = h.size(0), r = lambda_d.size(0), out = lambda_b.size(0);
+  const int64_t m = h.size(0), r = lambda_d.size(-1), out = lambda_b.size(-1);
   const Projection b = projection(kMatrixB, out, r, k0, k1, generate, h, proj_b);
 
   Tensor dx = h.new_empty({0}), dd = h.new_empty({0}), db = h.new_empty({0});
   if (need_dx || need_dd) {
-    // u = (g ⊙ b) B, and dd = Σ_tokens u ⊙ h in the same pass.
+    // u = (g ⊙ b) B, and dd = Σ_tokens u ⊙ h in the same pass (one adapter).
     Tensor u = at::empty({m, r}, h.options());
     vera::GemmParams p = gemm_params(grad, &lambda_b, b, /*transposed=*/false, r);
+    p.row_ids = row_ids;
     set_out(p, u);
     Tensor partial;
-    if (need_dd) {
+    if (need_dd && !banked) {
       partial = partial_buffer(m, r, h);
       set_reduction(p, h, partial);
       p.epilogue = vera::Epilogue::kStoreReduceAux;
     }
     run(h, p, "backward u = (g b) B");
-    if (need_dd) dd = partial.sum(0).to(lambda_d.scalar_type());
+    if (need_dd && banked) {
+      dd = need_dx ? u * h : u.mul_(h);  // per-row terms; dx below still needs u itself
+    } else if (need_dd) {
+      dd = partial.sum(0).to(lambda_d.scalar_type());
+    }
     if (need_dx) {
       const Projection a = projection(kMatrixA, r, in_features, k0, k1, generate, h, proj_a);
       dx = at::empty({m, in_features}, h.options());
       p = gemm_params(u, &lambda_d, a, /*transposed=*/false, in_features);
+      p.row_ids = row_ids;
       set_out(p, dx);
       run(h, p, "backward dx = (d u) A");
     }
   }
-  if (need_db) {
+  if (need_db && banked) {
+    // Summing per adapter needs the rows of g ⊙ z, so z = (d ⊙ h) Bᵀ is stored
+    // here (a tokens x out transient) and multiplied by g in place.
+    Tensor z = at::empty({m, out}, h.options());
+    vera::GemmParams p = gemm_params(h, &lambda_d, b, /*transposed=*/true, out);
+    p.row_ids = row_ids;
+    set_out(p, z);
+    run(h, p, "backward z = (d h) B^T");
+    db = z.mul_(grad);
+  } else if (need_db) {
     // db = Σ_tokens g ⊙ z with z = (d ⊙ h) Bᵀ consumed in registers.
     Tensor partial = partial_buffer(m, out, h);
     vera::GemmParams p = gemm_params(h, &lambda_d, b, /*transposed=*/true, out);
@@ -250,12 +307,13 @@ TORCH_LIBRARY(vera_kernels_cuda, m) {
   m.def("block_m() -> int", &block_m);
   m.def(
       "forward(Tensor x, Tensor lambda_d, Tensor lambda_b, int key0, int key1, Tensor? base, "
-      "bool generate, Tensor? proj_a=None, Tensor? proj_b=None, bool into_base=False) "
-      "-> (Tensor, Tensor)");
+      "bool generate, Tensor? proj_a=None, Tensor? proj_b=None, bool into_base=False, "
+      "Tensor? adapter_ids=None) -> (Tensor, Tensor)");
   m.def(
       "backward(Tensor grad, Tensor h, Tensor lambda_d, Tensor lambda_b, int key0, int key1, "
       "int in_features, bool generate, bool need_dx, bool need_dd, bool need_db, "
-      "Tensor? proj_a=None, Tensor? proj_b=None) -> (Tensor, Tensor, Tensor)");
+      "Tensor? proj_a=None, Tensor? proj_b=None, Tensor? adapter_ids=None) "
+      "-> (Tensor, Tensor, Tensor)");
   m.def("projection(int matrix, int rows, int cols, int key0, int key1, Tensor like) -> Tensor");
 }
 

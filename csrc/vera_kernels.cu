@@ -15,6 +15,10 @@
 // in fp32 (fp64 for double). SIMT FMAs, no tensor cores: this is the fallback
 // for machines without Triton. Token reductions are per-block partial rows
 // summed in a fixed order: deterministic, no atomics. No torch headers here.
+//
+// Adapter banks (GemmParams::row_ids): each token row gathers its own x_scale
+// and out_scale row. That mode is a separate instantiation (kBanked), so the
+// single-adapter kernel is exactly the code it was, with no per-row branch.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -103,9 +107,22 @@ __device__ void fill_projection_tile(typename Acc<T>::type (*tile)[kBlockN],
   }
 }
 
-template <typename T>
+// Element i of a scale vector; banked, of bank row `id` (0 where id is -1: no adapter,
+// multiplied in like any scale, as the Triton kernel and the torch backend do).
+template <bool kBanked, typename T>
+__device__ __forceinline__ typename Acc<T>::type scale_at(const T* scale, int64_t row_stride,
+                                                          int32_t id, int64_t i) {
+  if constexpr (kBanked) {
+    return id >= 0 ? to_acc(scale[id * row_stride + i]) : typename Acc<T>::type(0);
+  } else {
+    return to_acc(scale[i]);
+  }
+}
+
+template <typename T, bool kBanked>
 __global__ void __launch_bounds__(kThreads) gemm_kernel(const GemmParams p) {
   using AccT = typename Acc<T>::type;
+  constexpr int kLoadsX = (kBlockM * kBlockK) / kThreads;  // x elements per thread per K step
   __shared__ AccT x_tile[kBlockK][kBlockM];  // transposed: x_tile[kk][mm]
   __shared__ AccT t_tile[kBlockK][kBlockN];
   __shared__ AccT reduce[kThreads / 16][kBlockN];
@@ -116,17 +133,28 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(const GemmParams p) {
   const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kBlockM;
   const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kBlockN;
 
+  // A thread loads the same x rows at every K step: read their bank rows once.
+  int32_t x_ids[kLoadsX] = {};
+  if constexpr (kBanked) {
+#pragma unroll
+    for (int i = 0; i < kLoadsX; ++i) {
+      const int64_t m = m0 + (t + i * kThreads) / kBlockK;
+      x_ids[i] = m < p.M ? p.row_ids[m] : -1;
+    }
+  }
+
   AccT acc[4][4] = {};
   for (int64_t k0 = 0; k0 < p.K; k0 += kBlockK) {
 #pragma unroll
-    for (int i = 0; i < (kBlockM * kBlockK) / kThreads; ++i) {
+    for (int i = 0; i < kLoadsX; ++i) {
       const int idx = t + i * kThreads;
       const int mm = idx / kBlockK, kk = idx % kBlockK;
       const int64_t m = m0 + mm, k = k0 + kk;
       AccT v = 0;
       if (m < p.M && k < p.K) {
         v = to_acc(x[m * p.stride_xm + k * p.stride_xk]);
-        if (x_scale != nullptr) v = to_acc(from_acc<T>(v * to_acc(x_scale[k])));
+        if (x_scale != nullptr)
+          v = to_acc(from_acc<T>(v * scale_at<kBanked>(x_scale, p.stride_sx, x_ids[i], k)));
       }
       x_tile[kk][mm] = v;
     }
@@ -160,6 +188,7 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(const GemmParams p) {
   for (int i = 0; i < 4; ++i) {
     const int64_t m = m0 + ty * 4 + i;
     if (m >= p.M) continue;
+    const int32_t id = kBanked && store && out_scale != nullptr ? p.row_ids[m] : 0;
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       const int64_t n = n0 + tx * 4 + j;
@@ -167,7 +196,7 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(const GemmParams p) {
       if (reduces) column[j] += acc[i][j] * to_acc(aux[m * p.stride_am + n * p.stride_an]);
       if (store) {
         AccT v = acc[i][j];
-        if (out_scale != nullptr) v *= to_acc(out_scale[n]);
+        if (out_scale != nullptr) v *= scale_at<kBanked>(out_scale, p.stride_so, id, n);
         if (base != nullptr) v += to_acc(base[m * p.stride_bm + n * p.stride_bn]);
         out[m * p.stride_om + n * p.stride_on] = from_acc<T>(v);
       }
@@ -206,7 +235,11 @@ template <typename T>
 cudaError_t launch_gemm(const GemmParams& p, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>((p.N + kBlockN - 1) / kBlockN),
                   static_cast<unsigned>((p.M + kBlockM - 1) / kBlockM));
-  gemm_kernel<T><<<grid, kThreads, 0, stream>>>(p);
+  if (p.row_ids != nullptr) {
+    gemm_kernel<T, true><<<grid, kThreads, 0, stream>>>(p);
+  } else {
+    gemm_kernel<T, false><<<grid, kThreads, 0, stream>>>(p);
+  }
   return cudaGetLastError();
 }
 

@@ -31,16 +31,24 @@ enum class Epilogue : int {
 
 // acc (M x N) = (x ⊙ x_scale) (M x K) @ T (K x N), with
 // T(k, n) = P(n, k) if transposed else P(k, n), P the projection.
+//
+// Adapter banks: with row_ids set, x_scale and out_scale are banks
+// (n_adapters x K, n_adapters x N, unit column stride) and row m is scaled by
+// bank row row_ids[m], or by 0 where that id is -1 (no adapter). Ids must be
+// in [-1, n_adapters): the kernel does not check them.
 struct GemmParams {
   const void* x;
   int64_t stride_xm, stride_xk;
-  const void* x_scale;  // (K,) or nullptr
+  const void* x_scale;  // (K,), a bank, or nullptr
+  int64_t stride_sx;    // x_scale bank row stride (unused without row_ids)
   ProjectionSource proj;
   bool transposed;
   void* out;
   int64_t stride_om, stride_on;
-  const void* out_scale;  // (N,) or nullptr
-  const void* base;       // (M, N) or nullptr
+  const void* out_scale;  // (N,), a bank, or nullptr
+  int64_t stride_so;      // out_scale bank row stride (unused without row_ids)
+  const int32_t* row_ids;  // (M,) bank row of each token row, or nullptr (one adapter)
+  const void* base;        // (M, N) or nullptr
   int64_t stride_bm, stride_bn;
   const void* aux;  // (M, N) for the reducing epilogues
   int64_t stride_am, stride_an;

@@ -76,14 +76,28 @@ def test_prebuilt_extension_loads_and_registers_ops():
     cuda_backend.load()
     schemas = {name: str(getattr(torch.ops.vera_kernels_cuda, name).default._schema)
                for name in ("forward", "backward", "projection")}
-    assert "Tensor? proj_b=None, bool into_base=False) -> (Tensor, Tensor)" in schemas["forward"]
-    assert "Tensor? proj_b=None) -> (Tensor, Tensor, Tensor)" in schemas["backward"]
+    assert ("Tensor? proj_b=None, bool into_base=False, Tensor? adapter_ids=None) "
+            "-> (Tensor, Tensor)") in schemas["forward"]
+    assert ("Tensor? proj_b=None, Tensor? adapter_ids=None) -> (Tensor, Tensor, Tensor)"
+            in schemas["backward"])
     # The reuse factor the benchmark reports is the header's kBlockM.
     header = (ROOT / "csrc" / "vera_kernels.h").read_text()
     assert f"kBlockM = {cuda_backend.BACKEND.reuse_factor};" in header
     # Kernels are registered for CUDA only: CPU tensors find no kernel.
     with pytest.raises(NotImplementedError):
         torch.ops.vera_kernels_cuda.projection(0, 2, 3, 0, 0, torch.empty(0))
+
+
+@needs_toolkit
+@pytest.mark.parametrize("op", ["forward", "backward"])
+def test_ops_take_adapter_ids_last(op):
+    # CudaBackend passes adapter_ids positionally, last; an old prebuilt _C.so lacks it.
+    cuda_backend.load()
+    arguments = getattr(torch.ops.vera_kernels_cuda, op).default._schema.arguments
+    last = arguments[-1]
+    assert (last.name, str(last.type), last.has_default_value(), last.default_value) == (
+        "adapter_ids", "Optional[Tensor]", True, None)
+    assert len(arguments) == {"forward": 11, "backward": 14}[op]
 
 
 @needs_toolkit
@@ -103,6 +117,7 @@ def test_jit_build_without_prebuilt_extension(tmp_path):
                           timeout=900, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "vera_kernels_cuda::forward(" in proc.stdout
+    assert "Tensor? adapter_ids=None) -> (Tensor, Tensor)" in proc.stdout
     assert list(tmp_path.rglob("vera_kernels_cuda*.so")), "no JIT-built library in the cache"
 
 
