@@ -167,11 +167,11 @@ def test_from_peft_errors():
 def test_save_peft_adapter_refuses_what_peft_cannot_store(tmp_path):
     model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Linear(5, 4))
     vk.apply_vera(model, ["0", "1"], r=3, seed=9)
-    model[0].vera_dropout = torch.nn.Dropout(0.1)
+    model[0].dropout = 0.1
     # PEFT has one vera_dropout per adapter: silently taking one would change training.
     with pytest.raises(ValueError, match="one dropout probability for all layers"):
         vk.save_peft_adapter(model, tmp_path / "a")
-    model[1].vera_dropout = torch.nn.Dropout(0.1)
+    model[1].dropout = 0.1
     vk.save_peft_adapter(model, tmp_path / "b")
     assert peft.PeftConfig.from_pretrained(str(tmp_path / "b")).vera_dropout == 0.1
     model[1].seed = 10

@@ -45,10 +45,6 @@ def _one(layers: list, what: str, value_of):
     return values.pop()
 
 
-def _dropout_p(layer) -> float:
-    return layer.vera_dropout.p if isinstance(layer.vera_dropout, nn.Dropout) else 0.0
-
-
 def save_adapter(model: nn.Module, directory: PathLike, adapter: Optional[str] = None, *,
                  dtype: Optional[torch.dtype] = None) -> None:
     """Write ``model``'s VeRA adapter (vectors + config) into ``directory`` (created if needed).
@@ -80,7 +76,7 @@ def save_adapter(model: nn.Module, directory: PathLike, adapter: Optional[str] =
         "explicit_projections": _one(layers, "projection source",
                                      lambda layer: layer.projections is not None),
         "d_initial": _one(layers, "d_initial", lambda layer: layer.d_initial),
-        "dropout": _one(layers, "dropout", _dropout_p),
+        "dropout": _one(layers, "dropout", lambda layer: layer.dropout),
         "layers": state.pop(CONFIG_KEY),
     }
     if torch.distributed.is_available() and torch.distributed.is_initialized() \
@@ -129,10 +125,8 @@ def _apply_layers(model: nn.Module, config: dict) -> None:
                 f"{saved['out_features']}, but the model's is {base_shape(modules[name])}"
             )
     pattern = "|".join(re.escape(n) for n in names)  # exactly these modules
-    apply_vera(model, pattern, r=config["r"], seed=config["seed"], d_initial=config["d_initial"])
-    if config["dropout"]:
-        for _, layer in vera_layers(model):
-            layer.vera_dropout = nn.Dropout(config["dropout"])
+    apply_vera(model, pattern, r=config["r"], seed=config["seed"], d_initial=config["d_initial"],
+               dropout=config["dropout"])
 
 
 def load_adapter(model: nn.Module, directory: PathLike, adapter_name: Optional[str] = None) -> nn.Module:

@@ -16,7 +16,8 @@ import torch
 from torch import Tensor
 
 from .backends import ProjectionSource, resolve_backend
-from .projection import SUPPORTED_DTYPES
+from .dropout import DropoutMask, draw_call_seed
+from .projection import SUPPORTED_DTYPES, check_seed
 
 __all__ = ["VeRACall", "check_call"]
 
@@ -35,6 +36,7 @@ class VeRACall:
         out_shape: the result's shape, ``(*x.shape[:-1], out)``.
         into_base: write the result into ``base``'s buffer (no graph is needed).
         adapter_ids: ``(tokens,)`` int32 when the vectors are banks, else None.
+        dropout: the call's dropout mask on the adapter's input, or None.
     """
 
     x: Tensor
@@ -47,6 +49,7 @@ class VeRACall:
     out_shape: tuple
     into_base: bool
     adapter_ids: Optional[Tensor] = None
+    dropout: Optional[DropoutMask] = None
 
 
 def _check_tensor(name: str, t, dims: Optional[int] = None) -> None:
@@ -113,8 +116,17 @@ def _check_adapter_ids(ids, x: Tensor, n_adapters: int, check_range: bool) -> Te
     return ids.reshape(-1).to(torch.int32).contiguous()
 
 
+def _check_dropout(p, seed, device: torch.device) -> Optional[DropoutMask]:
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout must be a probability in [0, 1), got {p!r}")
+    if p == 0:
+        return None
+    return DropoutMask(float(p), draw_call_seed(device) if seed is None else check_seed(seed))
+
+
 def check_call(x, lambda_d, lambda_b, seed, base_output=None, *, backend=None, projections=None,
-               into_base=False, adapter_ids=_MISSING, check_ids=True) -> VeRACall:
+               into_base=False, adapter_ids=_MISSING, check_ids=True, dropout=0.0,
+               dropout_seed=None) -> VeRACall:
     """Validate ``vera_linear``'s arguments (see its docstring) and describe the call.
 
     With ``adapter_ids`` (``vera_linear_multi``) the vectors are banks, one
@@ -175,4 +187,5 @@ def check_call(x, lambda_d, lambda_b, seed, base_output=None, *, backend=None, p
         and not _needs_graph(x, lambda_d, lambda_b, base_output),
         adapter_ids=_check_adapter_ids(adapter_ids, x, lambda_d.shape[0], check_ids)
         if banked else None,
+        dropout=_check_dropout(dropout, dropout_seed, x.device),
     )

@@ -56,10 +56,11 @@ def _guard_double_backward(grads: Grads, *inputs) -> Grads:
     return Grads(*(None if g is None else next(guarded) for g in grads))
 
 
-def _save(ctx, x, lambda_d, lambda_b, source, backend, adapter_ids, h) -> None:
-    # An explicit source holds frozen inputs: keeping it keeps references, no copies.
+def _save(ctx, x, lambda_d, lambda_b, source, backend, adapter_ids, dropout, h) -> None:
+    # An explicit source holds frozen inputs: keeping it keeps references, no
+    # copies. Dropout keeps its seed only: the mask is regenerated.
     ctx.save_for_backward(h, lambda_d, lambda_b, adapter_ids)
-    ctx.source, ctx.backend, ctx.in_features = source, backend, x.shape[1]
+    ctx.source, ctx.backend, ctx.in_features, ctx.dropout = source, backend, x.shape[1], dropout
 
 
 def _input_grads(ctx, grad_y: Tensor, needed: NeededGrads, backward: Callable) -> Grads:
@@ -68,14 +69,14 @@ def _input_grads(ctx, grad_y: Tensor, needed: NeededGrads, backward: Callable) -
         return Grads(None, None, None)
     h, lambda_d, lambda_b, adapter_ids = ctx.saved_tensors
     grads = backward(grad_y, h, lambda_d, lambda_b, ctx.source, ctx.in_features, ctx.backend,
-                     needed, adapter_ids)
+                     needed, adapter_ids, ctx.dropout)
     return _guard_double_backward(grads, grad_y, lambda_d, lambda_b)
 
 
 # Autograd of the custom op, for graphs torch.compile traces.
 def _setup_context(ctx, inputs, output):
-    x, lambda_d, lambda_b, source, _, backend, adapter_ids = ops.op_forward_inputs(inputs)
-    _save(ctx, x, lambda_d, lambda_b, source, backend, adapter_ids, output[1])
+    x, lambda_d, lambda_b, source, _, backend, adapter_ids, dropout = ops.op_forward_inputs(inputs)
+    _save(ctx, x, lambda_d, lambda_b, source, backend, adapter_ids, dropout, output[1])
     ctx.mark_non_differentiable(output[1])
 
 
@@ -93,35 +94,35 @@ class _VeRAFunction(torch.autograd.Function):
     """The eager path: the same backend calls and saved state, without torch.library dispatch."""
 
     @staticmethod
-    def forward(ctx, x, lambda_d, lambda_b, base, source, backend, adapter_ids):
+    def forward(ctx, x, lambda_d, lambda_b, base, source, backend, adapter_ids, dropout):
         y, h = ops.run_forward(x, lambda_d, lambda_b, source, base, backend,
-                               adapter_ids=adapter_ids)
-        _save(ctx, x, lambda_d, lambda_b, source, backend, adapter_ids, h)
+                               adapter_ids=adapter_ids, dropout=dropout)
+        _save(ctx, x, lambda_d, lambda_b, source, backend, adapter_ids, dropout, h)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
         need_x, need_d, need_b, need_base = ctx.needs_input_grad[:4]
         grads = _input_grads(ctx, grad_y, NeededGrads(need_x, need_d, need_b), ops.run_backward)
-        return (*grads, grad_y if need_base else None, None, None, None)
+        return (*grads, grad_y if need_base else None, None, None, None, None)
 
 
 def _forward(call: VeRACall) -> Tensor:
     if torch.compiler.is_compiling():
         y, _ = ops.forward_op(call.x, call.lambda_d, call.lambda_b, call.source, call.base,
-                              call.backend, call.adapter_ids)
+                              call.backend, call.adapter_ids, call.dropout)
         return y
     return _VeRAFunction.apply(call.x, call.lambda_d, call.lambda_b, call.base, call.source,
-                               call.backend, call.adapter_ids)
+                               call.backend, call.adapter_ids, call.dropout)
 
 
 def _forward_into_base(call: VeRACall) -> None:
     args = (call.x, call.lambda_d, call.lambda_b, call.source, call.base, call.backend)
     if torch.compiler.is_compiling():
         # a declared mutation: functionalized when traced
-        ops.forward_into_base_op(*args, call.adapter_ids)
+        ops.forward_into_base_op(*args, call.adapter_ids, call.dropout)
         return
-    ops.run_forward(*args, into_base=True, adapter_ids=call.adapter_ids)
+    ops.run_forward(*args, into_base=True, adapter_ids=call.adapter_ids, dropout=call.dropout)
     # A fused kernel's write is invisible to autograd: bump the version so a
     # graph that saved base_output refuses to use it.
     torch.autograd.graph.increment_version(call.base_output)
@@ -137,6 +138,8 @@ def vera_linear(
     backend: Optional[str] = None,
     projections: Optional[tuple[Tensor, Tensor]] = None,
     into_base: bool = False,
+    dropout: float = 0.0,
+    dropout_seed: Optional[int] = None,
 ) -> Tensor:
     """VeRA's adapter path: ``base_output + lambda_b * (B @ (lambda_d * (A @ x)))`` per token.
 
@@ -161,6 +164,11 @@ def vera_linear(
             need the graph (no grad mode, or nothing requires grad) and
             base_output is contiguous; otherwise a new tensor as usual. The
             write bumps base_output's version counter, as any in-place op does.
+        dropout: probability of dropping each adapter input (PEFT's
+            ``vera_dropout``: ``A @ dropout(x)``); the mask is regenerated from
+            Philox in backward, never stored (``vera_kernels/dropout.py``).
+        dropout_seed: the mask's 64-bit seed; ``None`` draws one from torch's
+            default generator for x's device (``torch.manual_seed`` reproduces it).
 
     Returns:
         ``(..., out)`` tensor in x's dtype, differentiable in x, lambda_d,
@@ -173,7 +181,8 @@ def vera_linear(
         ValueError: shape or device mismatches, a bad seed or backend name.
     """
     return _run(check_call(x, lambda_d, lambda_b, seed, base_output, backend=backend,
-                           projections=projections, into_base=into_base))
+                           projections=projections, into_base=into_base, dropout=dropout,
+                           dropout_seed=dropout_seed))
 
 
 def _run(call: VeRACall) -> Tensor:
@@ -195,6 +204,8 @@ def vera_linear_multi(
     projections: Optional[tuple[Tensor, Tensor]] = None,
     into_base: bool = False,
     check_ids: bool = True,
+    dropout: float = 0.0,
+    dropout_seed: Optional[int] = None,
 ) -> Tensor:
     """``vera_linear`` for a batch that mixes several adapters sharing A and B (one seed).
 
@@ -210,7 +221,8 @@ def vera_linear_multi(
         adapter_ids: an integer tensor of shape ``x.shape[:-1]`` with values in
             [-1, n_adapters); a per-sequence id broadcast over the sequence
             works (``ids[:, None].expand(batch, seq)``).
-        seed, base_output, backend, projections, into_base: as for ``vera_linear``.
+        seed, base_output, backend, projections, into_base, dropout, dropout_seed:
+            as for ``vera_linear``.
         check_ids: check the ids' range (one host sync); pass False only for
             ids already checked.
 
@@ -224,4 +236,4 @@ def vera_linear_multi(
     """
     return _run(check_call(x, lambda_d_bank, lambda_b_bank, seed, base_output, backend=backend,
                            projections=projections, into_base=into_base, adapter_ids=adapter_ids,
-                           check_ids=check_ids))
+                           check_ids=check_ids, dropout=dropout, dropout_seed=dropout_seed))

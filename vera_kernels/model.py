@@ -95,6 +95,7 @@ def apply_vera(
     *,
     seed: int = 0,
     d_initial: float = 0.1,
+    dropout: float = 0.0,
 ) -> nn.Module:
     """Replace the matching ``nn.Linear`` (or ``Conv1D``) submodules by ``VeRALinear``; freeze the rest.
 
@@ -131,7 +132,8 @@ def apply_vera(
     for name, module in matched:
         if isinstance(module, VeRALinear):
             continue  # already adapted
-        replace_submodule(model, name, VeRALinear.from_linear(module, r, seed=seed, d_initial=d_initial))
+        replace_submodule(model, name, VeRALinear.from_linear(module, r, seed=seed, d_initial=d_initial,
+                                                              dropout=dropout))
 
     model.requires_grad_(False)
     for _, layer in vera_layers(model):

@@ -69,6 +69,12 @@ def decode_extra_state(state) -> dict:
     return {"seed": check_seed(state["seed"]), "r": state["r"], "merged": bool(state["merged"])}
 
 
+def _check_dropout(p) -> float:
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout must be a probability in [0, 1), got {p!r}")
+    return float(p)
+
+
 def _check_positive(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -88,12 +94,14 @@ class VeRALinear(nn.Module):
         r: rank of the shared random projections.
         seed: int in [0, 2**64) choosing A and B; use one seed per model.
         d_initial: initial value of every entry of ``vera_lambda_d``.
+        dropout: probability of dropping each of the adapter's inputs in
+            training (PEFT's ``vera_dropout``; identity in eval mode).
 
     Attributes:
         backend: the ``vera_linear`` backend this layer uses; ``None`` (the
             default) picks the fastest one for the input's device.
-        vera_dropout: applied to the adapter's input (``nn.Identity`` unless
-            converted from a PEFT layer with dropout).
+        dropout: probability of dropping each adapter input in training
+            (PEFT's ``vera_dropout``); the mask is regenerated, never stored.
         projections: ``None`` (A and B from the seed) or a ``SharedProjections``
             (explicit matrices, e.g. a converted PEFT model's).
         disabled: while True the layer computes the base layer alone.
@@ -108,6 +116,7 @@ class VeRALinear(nn.Module):
         seed: int = 0,
         bias: bool = True,
         d_initial: float = 0.1,
+        dropout: float = 0.0,
         device=None,
         dtype=None,
     ):
@@ -115,21 +124,25 @@ class VeRALinear(nn.Module):
         _check_positive("in_features", in_features)
         _check_positive("out_features", out_features)
         base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self._attach(base, r, seed, d_initial)
+        self._attach(base, r, seed, d_initial, dropout)
 
     @classmethod
-    def from_linear(cls, linear: nn.Module, r: int, *, seed: int = 0, d_initial: float = 0.1):
-        """Wrap an existing ``nn.Linear`` or ``Conv1D`` (kept as ``base_layer``, frozen, not copied)."""
+    def from_linear(cls, linear: nn.Module, r: int, *, seed: int = 0, d_initial: float = 0.1,
+                    dropout: float = 0.0):
+        """Wrap an existing adaptable layer (kept as ``base_layer``, frozen, not copied):
+        ``nn.Linear``, transformers' ``Conv1D``, bitsandbytes' 4-/8-bit linears, or a
+        linear with a torchao-quantized weight."""
         if not is_adaptable(linear):
             raise TypeError(
                 f"from_linear expects an nn.Linear (or transformers' Conv1D), got {type(linear).__name__}"
             )
         module = cls.__new__(cls)
         nn.Module.__init__(module)
-        module._attach(linear, r, seed, d_initial)
+        module._attach(linear, r, seed, d_initial, dropout)
         return module
 
-    def _attach(self, base: nn.Module, r: int, seed: int, d_initial: float) -> None:
+    def _attach(self, base: nn.Module, r: int, seed: int, d_initial: float,
+                dropout: float) -> None:
         _check_positive("r", r)
         seed = check_seed(seed)
         in_features, out_features = base_shape(base)
@@ -143,7 +156,7 @@ class VeRALinear(nn.Module):
         self.merged = False
         self.disabled = False
         self.backend = None
-        self.vera_dropout: nn.Module = nn.Identity()
+        self.dropout = _check_dropout(dropout)
         self.projections: Optional[SharedProjections] = None
         self.vera_lambda_d, self.vera_lambda_b = self._fresh_vectors()
         # Adapters beyond "default" (whose vectors are vera_lambda_d / _b):
@@ -217,13 +230,12 @@ class VeRALinear(nn.Module):
         # hooks must see the base layer's output, in every grad mode.
         hooked = bool(self.base_layer._forward_hooks or nn.modules.module._global_forward_hooks)
         options = dict(backend=self.backend, projections=self._projection_pair(x.dtype),
-                       into_base=not hooked)
+                       into_base=not hooked, dropout=self.dropout if self.training else 0.0)
         if self.row_adapters is not None:
             return self._forward_rows(x, base, options)
         d, b = self.adapter_vectors(self.active_adapter)
         # The vectors may be kept in a wider dtype than the activations.
-        return vera_linear(self.vera_dropout(x), d.to(x.dtype), b.to(x.dtype), self.seed, base,
-                           **options)
+        return vera_linear(x, d.to(x.dtype), b.to(x.dtype), self.seed, base, **options)
 
     def _forward_rows(self, x: Tensor, base: Tensor, options: dict) -> Tensor:
         names, row_ids = self.row_adapters
@@ -234,7 +246,7 @@ class VeRALinear(nn.Module):
         d_bank = torch.stack([d.to(x.dtype) for d, _ in vectors])
         b_bank = torch.stack([b.to(x.dtype) for _, b in vectors])
         ids = row_ids.to(x.device).view(-1, *[1] * (x.dim() - 2)).expand(x.shape[:-1])
-        return vera_linear_multi(self.vera_dropout(x), d_bank, b_bank, ids, self.seed, base,
+        return vera_linear_multi(x, d_bank, b_bank, ids, self.seed, base,
                                  check_ids=False, **options)
 
     def _merge_dtype(self) -> torch.dtype:

@@ -1,15 +1,16 @@
 """The torch.library boundary: the custom ops torch.compile traces, and the dispatch to a backend.
 
     vera_kernels::vera_forward(x, lambda_d, lambda_b, key0, key1, base, backend, proj_a, proj_b,
-                               adapter_ids) -> (y, h)
+                               adapter_ids, dropout_p, dropout_key0, dropout_key1) -> (y, h)
         y = base + b ⊙ ((d ⊙ (x Aᵀ)) Bᵀ), h = x Aᵀ
     vera_kernels::vera_forward_into_base(same inputs) -> ()      base += the adapter, in place
     vera_kernels::vera_backward(grad, h, lambda_d, lambda_b, key0, key1, in_features, backend,
-                                need_dx, need_dd, need_db, proj_a, proj_b, adapter_ids)
-        -> (dx, dd, db)
+                                need_dx, need_dd, need_db, proj_a, proj_b, adapter_ids,
+                                dropout_p, dropout_key0, dropout_key1) -> (dx, dd, db)
 
 With ``adapter_ids`` (tokens,) the vectors are banks, one row per adapter
-(``backends/banks.py``).
+(``backends/banks.py``); with ``dropout_p`` > 0, h = dropout(x) Aᵀ with the
+mask of the call's dropout seed (``dropout.py``), regenerated for dx.
 
 This is the one place where the call is spelled out positionally. A
 torch.library int is int64, too small for a 64-bit seed, so a seed travels
@@ -30,6 +31,7 @@ import torch
 from torch import Tensor
 
 from .backends import Grads, NeededGrads, ProjectionSource, get_backend
+from .dropout import NO_DROPOUT_ARGS, DropoutMask
 
 __all__ = ["run_forward", "run_backward", "forward_op", "forward_into_base_op", "backward_op",
            "op_needed_grads", "op_input_grads", "op_forward_inputs"]
@@ -52,23 +54,25 @@ def _no_autocast(x: Tensor):
 
 def run_forward(x: Tensor, lambda_d: Tensor, lambda_b: Tensor, source: ProjectionSource,
                 base: Optional[Tensor], backend: str, *, into_base: bool = False,
-                adapter_ids: Optional[Tensor] = None):
+                adapter_ids: Optional[Tensor] = None, dropout: Optional[DropoutMask] = None):
     """``(y, h)`` from the named backend for 2-D ``x``; with ``into_base``, y is ``base``."""
     # The backends index the vectors as contiguous arrays (r and out elements: a cheap copy).
     lambda_d, lambda_b = lambda_d.contiguous(), lambda_b.contiguous()
     with _no_autocast(x):
         return _backend_for(x, backend).forward(x, lambda_d, lambda_b, source, base,
-                                                into_base=into_base, adapter_ids=adapter_ids)
+                                                into_base=into_base, adapter_ids=adapter_ids,
+                                                dropout=dropout)
 
 
 def run_backward(grad: Tensor, h: Tensor, lambda_d: Tensor, lambda_b: Tensor,
                  source: ProjectionSource, in_features: int, backend: str,
-                 needed: NeededGrads, adapter_ids: Optional[Tensor] = None) -> Grads:
+                 needed: NeededGrads, adapter_ids: Optional[Tensor] = None,
+                 dropout: Optional[DropoutMask] = None) -> Grads:
     """The gradients ``needed`` asks for (None for the others) from the named backend."""
     lambda_d, lambda_b = lambda_d.contiguous(), lambda_b.contiguous()
     with _no_autocast(h):
         return _backend_for(h, backend).backward(grad, h, lambda_d, lambda_b, source,
-                                                 in_features, needed, adapter_ids)
+                                                 in_features, needed, adapter_ids, dropout)
 
 
 # ---------------------------------------------------------------------------
@@ -76,10 +80,11 @@ def run_backward(grad: Tensor, h: Tensor, lambda_d: Tensor, lambda_b: Tensor,
 # ---------------------------------------------------------------------------
 
 def op_forward_inputs(inputs: tuple) -> tuple:
-    """``(x, lambda_d, lambda_b, source, base, backend, adapter_ids)`` from the forward op's inputs."""
-    x, lambda_d, lambda_b, key0, key1, base, backend, proj_a, proj_b, adapter_ids = inputs
-    return x, lambda_d, lambda_b, ProjectionSource.from_key_words(key0, key1, proj_a, proj_b), \
-        base, backend, adapter_ids
+    """``(x, lambda_d, lambda_b, source, base, backend, adapter_ids, dropout)`` from the forward
+    op's inputs."""
+    x, lambda_d, lambda_b, key0, key1, base, backend, proj_a, proj_b, adapter_ids, *drop = inputs
+    return (x, lambda_d, lambda_b, ProjectionSource.from_key_words(key0, key1, proj_a, proj_b),
+            base, backend, adapter_ids, DropoutMask.from_op_args(*drop))
 
 
 def op_needed_grads(needs_input_grad: tuple) -> tuple[NeededGrads, bool]:
@@ -90,29 +95,37 @@ def op_needed_grads(needs_input_grad: tuple) -> tuple[NeededGrads, bool]:
 
 def op_input_grads(grads: Grads, dbase: Optional[Tensor]) -> tuple:
     """The forward op's input gradients, in its argument order."""
-    return (grads.x, grads.lambda_d, grads.lambda_b, None, None, dbase, None, None, None, None)
+    return (grads.x, grads.lambda_d, grads.lambda_b, None, None, dbase, None, None, None, None,
+            None, None, None)
+
+
+def _dropout_args(dropout: Optional[DropoutMask]) -> tuple:
+    return dropout.op_args() if dropout is not None else NO_DROPOUT_ARGS
 
 
 def forward_op(x, lambda_d, lambda_b, source: ProjectionSource, base, backend: str,
-               adapter_ids=None):
+               adapter_ids=None, dropout=None):
     """``(y, h)`` through the traced custom op."""
     return torch.ops.vera_kernels.vera_forward(x, lambda_d, lambda_b, *source.key_words(),
-                                               base, backend, source.a, source.b, adapter_ids)
+                                               base, backend, source.a, source.b, adapter_ids,
+                                               *_dropout_args(dropout))
 
 
 def forward_into_base_op(x, lambda_d, lambda_b, source: ProjectionSource, base, backend: str,
-                         adapter_ids=None):
+                         adapter_ids=None, dropout=None):
     """``base += adapter`` through the traced (mutating) custom op."""
     torch.ops.vera_kernels.vera_forward_into_base(
-        x, lambda_d, lambda_b, *source.key_words(), base, backend, source.a, source.b, adapter_ids)
+        x, lambda_d, lambda_b, *source.key_words(), base, backend, source.a, source.b, adapter_ids,
+        *_dropout_args(dropout))
 
 
 def backward_op(grad, h, lambda_d, lambda_b, source: ProjectionSource, in_features: int,
-                backend: str, needed: NeededGrads, adapter_ids=None) -> Grads:
+                backend: str, needed: NeededGrads, adapter_ids=None, dropout=None) -> Grads:
     """The backward through the traced custom op."""
     grads = torch.ops.vera_kernels.vera_backward(
         grad, h, lambda_d, lambda_b, *source.key_words(), in_features, backend,
-        needed.x, needed.lambda_d, needed.lambda_b, source.a, source.b, adapter_ids)
+        needed.x, needed.lambda_d, needed.lambda_b, source.a, source.b, adapter_ids,
+        *_dropout_args(dropout))
     return Grads(*(g if need else None
                    for g, need in zip(grads, (needed.x, needed.lambda_d, needed.lambda_b))))
 
@@ -133,16 +146,20 @@ def vera_forward(
     proj_a: Optional[Tensor] = None,
     proj_b: Optional[Tensor] = None,
     adapter_ids: Optional[Tensor] = None,
+    dropout_p: float = 0.0,
+    dropout_key0: int = 0,
+    dropout_key1: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """(y, h) for 2-D ``x``; see the module docstring."""
     return run_forward(x, lambda_d, lambda_b,
                        ProjectionSource.from_key_words(key0, key1, proj_a, proj_b), base, backend,
-                       adapter_ids=adapter_ids)
+                       adapter_ids=adapter_ids,
+                       dropout=DropoutMask.from_op_args(dropout_p, dropout_key0, dropout_key1))
 
 
 @vera_forward.register_fake
 def _(x, lambda_d, lambda_b, key0, key1, base, backend, proj_a=None, proj_b=None,
-      adapter_ids=None):
+      adapter_ids=None, dropout_p=0.0, dropout_key0=0, dropout_key1=0):
     tokens = x.shape[0]
     return x.new_empty(tokens, lambda_b.shape[-1]), x.new_empty(tokens, lambda_d.shape[-1])
 
@@ -159,10 +176,14 @@ def vera_forward_into_base(
     proj_a: Optional[Tensor] = None,
     proj_b: Optional[Tensor] = None,
     adapter_ids: Optional[Tensor] = None,
+    dropout_p: float = 0.0,
+    dropout_key0: int = 0,
+    dropout_key1: int = 0,
 ) -> None:
     """``base += b * ((d * (x @ A.T)) @ B.T)`` in place: the forward without autograd."""
     run_forward(x, lambda_d, lambda_b, ProjectionSource.from_key_words(key0, key1, proj_a, proj_b),
-                base, backend, into_base=True, adapter_ids=adapter_ids)
+                base, backend, into_base=True, adapter_ids=adapter_ids,
+                dropout=DropoutMask.from_op_args(dropout_p, dropout_key0, dropout_key1))
 
 
 @torch.library.custom_op("vera_kernels::vera_backward", mutates_args=())
@@ -181,17 +202,21 @@ def vera_backward(
     proj_a: Optional[Tensor] = None,
     proj_b: Optional[Tensor] = None,
     adapter_ids: Optional[Tensor] = None,
+    dropout_p: float = 0.0,
+    dropout_key0: int = 0,
+    dropout_key1: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dx, dd, db); a gradient that was not asked for comes back as an empty tensor."""
     grads = run_backward(grad, h, lambda_d, lambda_b,
                          ProjectionSource.from_key_words(key0, key1, proj_a, proj_b),
-                         in_features, backend, NeededGrads(need_dx, need_dd, need_db), adapter_ids)
+                         in_features, backend, NeededGrads(need_dx, need_dd, need_db), adapter_ids,
+                         DropoutMask.from_op_args(dropout_p, dropout_key0, dropout_key1))
     return tuple(g if g is not None else h.new_empty(0) for g in grads)
 
 
 @vera_backward.register_fake
 def _(grad, h, lambda_d, lambda_b, key0, key1, in_features, backend, need_dx, need_dd, need_db,
-      proj_a=None, proj_b=None, adapter_ids=None):
+      proj_a=None, proj_b=None, adapter_ids=None, dropout_p=0.0, dropout_key0=0, dropout_key1=0):
     tokens = h.shape[0]
     return (
         h.new_empty(tokens, in_features) if need_dx else h.new_empty(0),

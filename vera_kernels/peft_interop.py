@@ -65,7 +65,8 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
         ours = VeRALinear.from_linear(layer.get_base_layer(), lambda_d.shape[0])
         ours.vera_lambda_d = lambda_d
         ours.vera_lambda_b = layer.vera_lambda_b[adapter]
-        ours.vera_dropout = layer.vera_dropout[adapter]
+        peft_dropout = layer.vera_dropout[adapter]
+        ours.dropout = peft_dropout.p if isinstance(peft_dropout, nn.Dropout) else 0.0
         ours.projections = shared[key]
         replace_submodule(model, name, ours)
     return model
@@ -78,10 +79,6 @@ def _one_value(layers: list, what: str, value_of) -> object:
         raise ValueError(f"save_peft_adapter: PEFT needs one {what} for all layers, "
                          f"got {sorted(values, key=repr)}")
     return values.pop()
-
-
-def _dropout_p(layer: VeRALinear) -> float:
-    return layer.vera_dropout.p if isinstance(layer.vera_dropout, nn.Dropout) else 0.0
 
 
 def _export_projections(layers: list, r: int):
@@ -127,7 +124,7 @@ def save_peft_adapter(model: nn.Module, path: Union[str, os.PathLike]) -> None:
     if not layers:
         raise ValueError("save_peft_adapter: the model has no VeRA layers")
     r = _one_value(layers, "r", lambda layer: layer.r)
-    dropout = _one_value(layers, "dropout probability", _dropout_p)
+    dropout = _one_value(layers, "dropout probability", lambda layer: layer.dropout)
     proj_a, proj_b, scales = _export_projections(layers, r)
     config = VeraConfig(
         r=r,

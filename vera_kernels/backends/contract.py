@@ -25,6 +25,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
+from ..dropout import DropoutMask
 from ..projection import check_seed, join_key, split_seed
 
 __all__ = ["ProjectionSource", "NeededGrads", "Grads", "Backend"]
@@ -111,14 +112,20 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def forward(self, x: Tensor, lambda_d: Tensor, lambda_b: Tensor, source: ProjectionSource,
                 base: Optional[Tensor], *, into_base: bool = False,
-                adapter_ids: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
-        """``(y, h)``; with ``into_base`` y is ``base`` itself, written in place."""
+                adapter_ids: Optional[Tensor] = None,
+                dropout: Optional[DropoutMask] = None) -> tuple[Tensor, Tensor]:
+        """``(y, h)``; with ``into_base`` y is ``base`` itself, written in place.
+
+        With ``dropout``, h = dropout(x) Aᵀ with the mask of ``vera_kernels/dropout.py``.
+        """
 
     @abc.abstractmethod
     def backward(self, grad: Tensor, h: Tensor, lambda_d: Tensor, lambda_b: Tensor,
                  source: ProjectionSource, in_features: int, needed: NeededGrads,
-                 adapter_ids: Optional[Tensor] = None) -> Grads:
-        """The gradients ``needed`` asks for, from the upstream gradient and the saved h."""
+                 adapter_ids: Optional[Tensor] = None,
+                 dropout: Optional[DropoutMask] = None) -> Grads:
+        """The gradients ``needed`` asks for, from the upstream gradient and the saved h
+        (dx through the forward's dropout mask, regenerated)."""
 
     # What the benchmark reports about a backend.
 

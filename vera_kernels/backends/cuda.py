@@ -93,14 +93,18 @@ class CudaBackend(RegeneratingBackend):
         load()
         return torch.ops.vera_kernels_cuda.block_m()  # kBlockM in csrc/vera_kernels.h
 
-    def forward(self, x, lambda_d, lambda_b, source, base, *, into_base=False, adapter_ids=None):
+    def forward(self, x, lambda_d, lambda_b, source, base, *, into_base=False, adapter_ids=None,
+                dropout=None):
+        _no_dropout_yet(dropout)
         load()
         return torch.ops.vera_kernels_cuda.forward(
             x, lambda_d, lambda_b, *source.key_words(), base, self.generates(x.shape[0]),
             source.a, source.b, into_base, adapter_ids,
         )
 
-    def backward(self, grad, h, lambda_d, lambda_b, source, in_features, needed, adapter_ids=None):
+    def backward(self, grad, h, lambda_d, lambda_b, source, in_features, needed, adapter_ids=None,
+                 dropout=None):
+        _no_dropout_yet(dropout)
         load()
         dx, dd, db = torch.ops.vera_kernels_cuda.backward(
             grad, h, lambda_d, lambda_b, *source.key_words(), in_features,
@@ -119,3 +123,9 @@ class CudaBackend(RegeneratingBackend):
 
 
 BACKEND = CudaBackend()
+
+
+def _no_dropout_yet(dropout) -> None:
+    if dropout is not None:
+        raise NotImplementedError("the cuda backend has no adapter dropout yet: use the triton or "
+                                  "torch backend, or dropout=0")

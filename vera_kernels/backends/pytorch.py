@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from ..projection import cached_projection
+from ..dropout import drop_rows_, dropped, scaled_mask_chunks
 from .banks import per_adapter_sum, row_vectors
 from .contract import Backend, Grads, NeededGrads, ProjectionSource
 
@@ -79,9 +80,10 @@ class TorchBackend(Backend):
     def unavailable_on(self, device: torch.device) -> Optional[str]:
         return None
 
-    def forward(self, x, lambda_d, lambda_b, source, base, *, into_base=False, adapter_ids=None):
+    def forward(self, x, lambda_d, lambda_b, source, base, *, into_base=False, adapter_ids=None,
+                dropout=None):
         proj_a, proj_b = _projections(source, x.shape[1], lambda_b.shape[-1], lambda_d.shape[-1], x)
-        h = x @ proj_a.T
+        h = _shrink(x, proj_a, dropout)
         if adapter_ids is not None:
             return _forward_rows(h, lambda_d, lambda_b, proj_b, base, into_base, adapter_ids), h
         scales = _fold_scales(x.dtype, lambda_b, lambda_d)
@@ -98,27 +100,46 @@ class TorchBackend(Backend):
         return y, h
 
     def backward(self, grad, h, lambda_d, lambda_b, source, in_features, needed: NeededGrads,
-                 adapter_ids=None):
+                 adapter_ids=None, dropout=None):
         proj_a, proj_b = _projections(source, in_features, lambda_b.shape[-1], lambda_d.shape[-1], h)
         if adapter_ids is not None:
-            return _backward_rows(grad, h, lambda_d, lambda_b, proj_a, proj_b, needed, adapter_ids)
-        dx = dd = db = None
-        scale_b, scale_d, scale_h = _fold_scales(h.dtype, lambda_b, lambda_d, h)
-        if needed.lambda_d or needed.lambda_b:
-            acc = _accumulate_dtype(h.dtype)
-            # P ⊙ B with P = gradᵀ h: db_o = Σ_i (P⊙B)[o,i] d_i, dd_i = Σ_o (P⊙B)[o,i] b_o.
-            # P is a sum of products of two small numbers: h at unit scale keeps
-            # it out of float16's subnormal range.
-            unit_h = h / scale_h if scale_h != 1.0 else h
-            pb = (grad.T @ unit_h).to(acc) * (proj_b.to(acc) * scale_h)
-            db = (pb @ lambda_d.to(acc)).to(lambda_b.dtype) if needed.lambda_b else None
-            dd = (lambda_b.to(acc) @ pb).to(lambda_d.dtype) if needed.lambda_d else None
-        if needed.x:
-            u = grad @ _scaled(proj_b, lambda_b, None, (scale_b, 1.0))  # (tokens, r), / scale_b
-            dx = u @ _scaled(proj_a, lambda_d, None, (scale_d, 1.0))
-            if scale_b * scale_d != 1.0:
-                dx.mul_(scale_b * scale_d)
-        return Grads(dx, dd, db)
+            grads = _backward_rows(grad, h, lambda_d, lambda_b, proj_a, proj_b, needed, adapter_ids)
+        else:
+            grads = _backward(grad, h, lambda_d, lambda_b, proj_a, proj_b, needed)
+        if dropout is not None and grads.x is not None:
+            drop_rows_(grads.x, dropout)  # the mask regenerated: dx of the dropped input
+        return grads
+
+
+def _shrink(x: Tensor, proj_a: Tensor, dropout) -> Tensor:
+    """h = dropout(x) Aᵀ, the dropped input made a row chunk at a time."""
+    if dropout is None:
+        return x @ proj_a.T
+    h = x.new_empty(x.shape[0], proj_a.shape[0])
+    for start, stop, factors in scaled_mask_chunks(dropout, x.shape[0], x.shape[1], x.dtype,
+                                                   x.device):
+        torch.mm(dropped(x[start:stop], factors), proj_a.T, out=h[start:stop])
+    return h
+
+
+def _backward(grad, h, lambda_d, lambda_b, proj_a, proj_b, needed):
+    dx = dd = db = None
+    scale_b, scale_d, scale_h = _fold_scales(h.dtype, lambda_b, lambda_d, h)
+    if needed.lambda_d or needed.lambda_b:
+        acc = _accumulate_dtype(h.dtype)
+        # P ⊙ B with P = gradᵀ h: db_o = Σ_i (P⊙B)[o,i] d_i, dd_i = Σ_o (P⊙B)[o,i] b_o.
+        # P is a sum of products of two small numbers: h at unit scale keeps
+        # it out of float16's subnormal range.
+        unit_h = h / scale_h if scale_h != 1.0 else h
+        pb = (grad.T @ unit_h).to(acc) * (proj_b.to(acc) * scale_h)
+        db = (pb @ lambda_d.to(acc)).to(lambda_b.dtype) if needed.lambda_b else None
+        dd = (lambda_b.to(acc) @ pb).to(lambda_d.dtype) if needed.lambda_d else None
+    if needed.x:
+        u = grad @ _scaled(proj_b, lambda_b, None, (scale_b, 1.0))  # (tokens, r), / scale_b
+        dx = u @ _scaled(proj_a, lambda_d, None, (scale_d, 1.0))
+        if scale_b * scale_d != 1.0:
+            dx.mul_(scale_b * scale_d)
+    return Grads(dx, dd, db)
 
 
 # Adapter banks: each row's vectors differ, so nothing folds into the projections;

@@ -39,12 +39,15 @@ class TritonBackend(RegeneratingBackend):
     def reuse_factor(self) -> int:
         return _impl().kernels.BLOCK_M
 
-    def forward(self, x, lambda_d, lambda_b, source, base, *, into_base=False, adapter_ids=None):
-        return _impl().forward(self, x, lambda_d, lambda_b, source, base, into_base, adapter_ids)
+    def forward(self, x, lambda_d, lambda_b, source, base, *, into_base=False, adapter_ids=None,
+                dropout=None):
+        return _impl().forward(self, x, lambda_d, lambda_b, source, base, into_base, adapter_ids,
+                               dropout)
 
-    def backward(self, grad, h, lambda_d, lambda_b, source, in_features, needed, adapter_ids=None):
+    def backward(self, grad, h, lambda_d, lambda_b, source, in_features, needed, adapter_ids=None,
+                 dropout=None):
         return _impl().backward(self, grad, h, lambda_d, lambda_b, source, in_features, needed,
-                                adapter_ids)
+                                adapter_ids, dropout)
 
 
 def _impl():

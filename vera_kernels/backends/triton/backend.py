@@ -29,18 +29,21 @@ def _projection(matrix: str, rows: int, cols: int, source, like, generate: bool)
                               workspace)
 
 
-def forward(backend, x, lambda_d, lambda_b, source, base, into_base, adapter_ids=None):
+def forward(backend, x, lambda_d, lambda_b, source, base, into_base, adapter_ids=None,
+            dropout=None):
     generate = backend.generates(x.shape[0])
     r, in_features, out_features = lambda_d.shape[-1], x.shape[1], lambda_b.shape[-1]
     proj_a = _projection("A", r, in_features, source, x, generate)
     proj_b = _projection("B", out_features, r, source, x, generate)
-    h = kernels.gemm(x, proj_a, transposed=True).out  # shared by every adapter of a bank
+    # h is shared by every adapter of a bank; dropout masks x's tiles as they load.
+    h = kernels.gemm(x, proj_a, transposed=True, dropout=dropout, dropout_on="x").out
     y = kernels.gemm(h, proj_b, transposed=True, x_scale=lambda_d, out_scale=lambda_b, base=base,
                      out=base if into_base else None, row_ids=adapter_ids).out
     return y, h
 
 
-def backward(backend, grad, h, lambda_d, lambda_b, source, in_features, needed, adapter_ids=None):
+def backward(backend, grad, h, lambda_d, lambda_b, source, in_features, needed, adapter_ids=None,
+             dropout=None):
     generate = backend.generates(h.shape[0])
     r, out_features = lambda_d.shape[-1], lambda_b.shape[-1]
     proj_b = _projection("B", out_features, r, source, h, generate)
@@ -56,8 +59,8 @@ def backward(backend, grad, h, lambda_d, lambda_b, source, in_features, needed, 
                   else dd_partials.sum(0)).to(lambda_d.dtype)
         if needed.x:
             proj_a = _projection("A", r, in_features, source, h, generate)
-            dx = kernels.gemm(u, proj_a, transposed=False, x_scale=lambda_d,
-                              row_ids=adapter_ids).out
+            dx = kernels.gemm(u, proj_a, transposed=False, x_scale=lambda_d, row_ids=adapter_ids,
+                              dropout=dropout, dropout_on="out").out
     if needed.lambda_b and banked:
         # z = (d ⊙ h) Bᵀ is stored here (a tokens x out transient) to be summed per adapter.
         z = kernels.gemm(h, proj_b, transposed=True, x_scale=lambda_d, row_ids=adapter_ids).out

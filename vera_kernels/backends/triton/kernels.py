@@ -50,7 +50,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .philox import projection_tile
+from ...dropout import DropoutMask
+from .philox import dropout_scale_tile, projection_tile
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -97,8 +98,14 @@ STORE: tl.constexpr = tl.constexpr(0)  # out = acc ⊙ out_scale + base (both op
 STORE_AND_REDUCE: tl.constexpr = tl.constexpr(1)  # out = acc; partial[pid_m, :] = Σ_rows acc ⊙ aux
 REDUCE: tl.constexpr = tl.constexpr(2)  # partial[pid_m, :] = Σ_rows acc ⊙ aux; nothing stored
 
+# Adapter dropout (the DROPOUT meta-parameter): the mask multiplies x's tiles
+# as they load (h = dropout(x) Aᵀ) or the output (dx of dropped inputs).
+NO_DROPOUT: tl.constexpr = tl.constexpr(0)
+DROP_X: tl.constexpr = tl.constexpr(1)
+DROP_OUT: tl.constexpr = tl.constexpr(2)
 
-@triton.jit(do_not_specialize=["seed"])
+
+@triton.jit(do_not_specialize=["seed", "drop_seed"])
 def _vera_gemm_kernel(
     # acc = (x ⊙ x_scale) @ T, T (K x N): T(k, n) = P(n, k) if TRANSPOSED else P(k, n)
     x_ptr, stride_xm, stride_xk,
@@ -114,11 +121,13 @@ def _vera_gemm_kernel(
     M, N, K,
     M_BUCKET,  # next power of two of M: the autotuning key, unused otherwise
     seed, bound,
+    drop_seed, drop_threshold, drop_scale,  # the dropout stream, when DROPOUT
     STREAM: tl.constexpr,
     TRANSPOSED: tl.constexpr,
     SCALE_X: tl.constexpr,
     SCALE_OUT: tl.constexpr,
     ROW_IDS: tl.constexpr,
+    DROPOUT: tl.constexpr,  # NO_DROPOUT, DROP_X (x's columns are features) or DROP_OUT (out's are)
     HAS_BASE: tl.constexpr,
     EPILOGUE: tl.constexpr,
     GENERATE: tl.constexpr,
@@ -146,6 +155,10 @@ def _vera_gemm_kernel(
         mask_k = offs_k < K
         x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        if DROPOUT == DROP_X:  # regenerated, never stored
+            keep = dropout_scale_tile(drop_seed, drop_threshold, drop_scale, pid_m * BLOCK_M,
+                                      k_start, BLOCK_M, BLOCK_K)
+            x = (x.to(ACC_DTYPE) * keep.to(ACC_DTYPE)).to(DTYPE)
         if SCALE_X:
             if ROW_IDS:
                 scale = tl.load(x_scale_ptr + bank_rows[:, None] * stride_sx + offs_k[None, :],
@@ -169,6 +182,10 @@ def _vera_gemm_kernel(
         partial = tl.sum(acc * aux.to(ACC_DTYPE), axis=0)
         tl.store(partial_ptr + pid_m * N + offs_n, partial, mask=mask_n)
     if EPILOGUE != REDUCE:
+        if DROPOUT == DROP_OUT:
+            keep = dropout_scale_tile(drop_seed, drop_threshold, drop_scale, pid_m * BLOCK_M,
+                                      pid_n * BLOCK_N, BLOCK_M, BLOCK_N)
+            acc = acc * keep.to(ACC_DTYPE)
         if SCALE_OUT:
             if ROW_IDS:
                 scale = tl.load(out_scale_ptr + bank_rows[:, None] * stride_so + offs_n[None, :],
@@ -212,8 +229,8 @@ def _configs():
 # launch (out is base) from adding the adapter more than once.
 _vera_gemm = _vera_gemm_kernel if INTERPRETING else triton.autotune(
     _configs(),
-    key=["M_BUCKET", "N", "K", "TRANSPOSED", "SCALE_X", "SCALE_OUT", "ROW_IDS", "HAS_BASE",
-         "EPILOGUE", "GENERATE"],
+    key=["M_BUCKET", "N", "K", "TRANSPOSED", "SCALE_X", "SCALE_OUT", "ROW_IDS", "DROPOUT",
+         "HAS_BASE", "EPILOGUE", "GENERATE"],
     restore_value=["out_ptr"],
 )(_vera_gemm_kernel)
 
@@ -276,6 +293,8 @@ def gemm(
     store: bool = True,
     out: Optional[torch.Tensor] = None,
     row_ids: Optional[torch.Tensor] = None,
+    dropout: Optional[DropoutMask] = None,
+    dropout_on: str = "x",
 ):
     """``(x ⊙ x_scale) @ T`` with T = projᵀ (``transposed``) or proj, and its epilogue.
 
@@ -286,6 +305,8 @@ def gemm(
         row_ids: (M,) int32 adapter ids: the scales are then banks
             (n_adapters, K) / (n_adapters, N) with contiguous rows, and row m
             takes bank row ``row_ids[m]`` (-1: zero scales, the adapter is off).
+        dropout: the call's dropout mask (rows are tokens), applied to x's
+            columns (``dropout_on="x"``) or to the result's (``"out"``).
         reduce_with: (M, N); also compute per-BLOCK_M-tile partial sums over
             rows of ``acc ⊙ reduce_with`` (sum them over dim 0).
         store: write the result (False only together with ``reduce_with``).
@@ -317,8 +338,11 @@ def gemm(
         *_strides(base, x),
         *_strides(reduce_with, x), partial if partial is not None else x,
         m, n, k, triton.next_power_of_2(m), proj.seed, proj.bound,
+        *(dropout.seed, dropout.threshold, dropout.scale) if dropout is not None else (0, 0, 1.0),
         STREAM=proj.stream, TRANSPOSED=transposed, SCALE_X=x_scale is not None,
-        SCALE_OUT=out_scale is not None, ROW_IDS=row_ids is not None, HAS_BASE=base is not None,
+        SCALE_OUT=out_scale is not None, ROW_IDS=row_ids is not None,
+        DROPOUT=(NO_DROPOUT if dropout is None else DROP_X if dropout_on == "x" else DROP_OUT).value,
+        HAS_BASE=base is not None,
         EPILOGUE=epilogue.value,
         GENERATE=proj.workspace is None, DTYPE=_TORCH_TO_TL[dtype],
         ACC_DTYPE=tl.float64 if dtype == torch.float64 else tl.float32,

@@ -47,6 +47,27 @@ def projection_tile(
     return v * bound
 
 
+@triton.jit
+def dropout_scale_tile(seed, threshold, scale, row_start, col_start, BLOCK_ROWS: tl.constexpr,
+                       BLOCK_COLS: tl.constexpr):
+    """float32 ``keep · scale`` for token rows ``[row_start, +BLOCK_ROWS)`` x features
+    ``[col_start, +BLOCK_COLS)`` of the dropout stream (vera_kernels/dropout.py).
+
+    ``col_start`` must be a multiple of 8: one Philox call yields eight 16-bit draws.
+    """
+    GROUPS: tl.constexpr = BLOCK_COLS // 8
+    rows = (row_start + tl.arange(0, BLOCK_ROWS)).to(tl.uint32)
+    groups = (col_start // 8 + tl.arange(0, GROUPS)).to(tl.uint32)
+    c0 = tl.broadcast_to(groups[None, :], (BLOCK_ROWS, GROUPS))
+    c1 = tl.broadcast_to(rows[:, None], (BLOCK_ROWS, GROUPS))
+    zero = c0 * 0
+    w0, w1, w2, w3 = tl.philox(seed, c0, c1, zero + 2, zero)
+    # [..., i, j] = word 2i + j; then [..., h] = its low / high half: feature 8g + 2·word + h.
+    words = tl.join(tl.join(w0, w2), tl.join(w1, w3))
+    draws = tl.reshape(tl.join(words & 0xFFFF, words >> 16), (BLOCK_ROWS, BLOCK_COLS))
+    return tl.where(draws >= threshold, scale, 0.0)
+
+
 @triton.jit(do_not_specialize=["seed"])
 def _generate_kernel(
     out_ptr,

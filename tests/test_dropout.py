@@ -1,0 +1,127 @@
+"""Adapter dropout regenerated from Philox: the mask spec, every backend, autograd, the module."""
+
+import pytest
+import torch
+from torch import nn
+
+import vera_kernels as vk
+from vera_kernels.dropout import DropoutMask, keep_mask
+from vera_kernels.reference import vera_linear_reference
+from helpers import backend_device_params, vera_inputs
+
+SEED = 2**33 + 1
+P = 0.3
+
+
+def _philox_model_mask(dropout: DropoutMask, rows: int, cols: int):
+    """The spec written out element by element with the independent Python Philox model."""
+    from philox_model import philox4x32_10
+
+    key = (dropout.seed & 0xFFFFFFFF, dropout.seed >> 32)
+    mask = torch.empty(rows, cols, dtype=torch.bool)
+    for t in range(rows):
+        for j in range(cols):
+            word = philox4x32_10((j >> 3, t, 2, 0), key)[(j >> 1) & 3]
+            draw = (word >> (16 * (j & 1))) & 0xFFFF
+            mask[t, j] = draw >= dropout.threshold
+    return mask
+
+
+def test_mask_follows_the_spec_and_its_rate():
+    dropout = DropoutMask(P, 2**63 + 17)
+    got = keep_mask(dropout, 0, 5, 21, "cpu")
+    assert torch.equal(got, _philox_model_mask(dropout, 5, 21))
+    big = keep_mask(dropout, 0, 400, 500, "cpu")
+    assert abs(big.float().mean().item() - (1 - P)) < 0.005
+    # Rows are independent of where a chunk starts.
+    assert torch.equal(keep_mask(dropout, 3, 2, 21, "cpu"), got[3:5])
+    assert dropout.scale == pytest.approx(1 / (1 - dropout.threshold / 65536), rel=1e-7)
+
+
+def _with_mask(x, d, b, base, dropout):
+    """The reference: the spec's mask applied to x, then the unfused formula."""
+    mask = keep_mask(dropout, 0, x.shape[0], x.shape[1], x.device).to(x.dtype) * dropout.scale
+    return vera_linear_reference(x * mask, d, b, SEED, base)
+
+
+@pytest.mark.parametrize("backend,device", backend_device_params())
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_every_backend_applies_the_same_mask(backend, device, dtype):
+    if backend == "cuda":
+        pytest.skip("the cuda backend has no dropout yet (it raises NotImplementedError)")
+    x, d, b, base = vera_inputs((37,), 29, 23, 6, dtype=dtype, device=device)
+    leaves = [t.requires_grad_(True) for t in (x, d, b, base)]
+    y = vk.vera_linear(*leaves[:3], SEED, leaves[3], backend=backend, dropout=P, dropout_seed=99)
+    grad = torch.randn_like(y)
+    got = [y, *torch.autograd.grad(y, leaves, grad)]
+    ref_leaves = [t.detach().double().cpu().requires_grad_(True) for t in leaves]
+    y_ref = _with_mask(*ref_leaves, DropoutMask(P, 99))
+    expected = [y_ref, *torch.autograd.grad(y_ref, ref_leaves, grad.double().cpu())]
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    for name, g, e in zip(["y", "dx", "dd", "db", "dbase"], got, expected):
+        torch.testing.assert_close(g.double().cpu(), e, rtol=tol, atol=tol, msg=name)
+
+
+def test_dx_with_a_fixed_mask_against_finite_differences():
+    x, d, b, base = vera_inputs((9,), 7, 5, 3, dtype=torch.float64, device="cpu")
+    leaves = [t.requires_grad_(True) for t in (x, d, b, base)]
+    assert torch.autograd.gradcheck(
+        lambda *a: vk.vera_linear(*a[:3], SEED, a[3], dropout=P, dropout_seed=5), leaves)
+
+
+def test_unbiased_and_reproducible_with_manual_seed():
+    x, d, b, _ = vera_inputs((6,), 16, 8, 4, dtype=torch.float64, device="cpu")
+    torch.manual_seed(0)
+    first = vk.vera_linear(x, d, b, SEED, dropout=P)
+    torch.manual_seed(0)
+    assert torch.equal(vk.vera_linear(x, d, b, SEED, dropout=P), first)
+    assert not torch.equal(vk.vera_linear(x, d, b, SEED, dropout=P), first)  # a fresh mask
+    mean = torch.stack([vk.vera_linear(x, d, b, SEED, dropout=P) for _ in range(2000)]).mean(0)
+    expected = vera_linear_reference(x, d, b, SEED)
+    # The standard error of the mean is ~ std / sqrt(2000): a few percent of the scale.
+    assert (mean - expected).abs().max() < 0.05 * expected.abs().max()
+
+
+def test_bad_probability():
+    x, d, b, _ = vera_inputs((2,), 4, 3, 2, dtype=torch.float32, device="cpu")
+    for p in (-0.1, 1.0, "0.1", True):
+        with pytest.raises(ValueError, match="dropout must be a probability"):
+            vk.vera_linear(x, d, b, SEED, dropout=p)
+
+
+@pytest.mark.parametrize("backend,device", backend_device_params())
+def test_saved_for_backward_is_the_same_as_without_dropout(backend, device):
+    if backend == "cuda":
+        pytest.skip("the cuda backend has no dropout yet")
+    x = torch.randn(64, 48, device=device, requires_grad=True)
+    d, b = torch.randn(8, device=device), torch.randn(40, device=device)
+    saved = {}
+    for p in (0.0, 0.5):
+        sizes = []
+        with torch.autograd.graph.saved_tensors_hooks(
+                lambda t: sizes.append(t.untyped_storage().nbytes()) or t, lambda t: t):
+            vk.vera_linear(x, d, b, SEED, backend=backend, dropout=p)
+        saved[p] = sum(sizes)
+    assert saved[0.5] == saved[0.0] == 64 * 8 * 4 + (8 + 40) * 4  # h and the two vectors
+
+
+def test_module_dropout_trains_and_is_identity_in_eval():
+    torch.manual_seed(0)
+    layer = vk.VeRALinear(12, 10, r=4, seed=SEED, dropout=0.2).double()
+    with torch.no_grad():
+        layer.vera_lambda_b.normal_()
+    x = torch.randn(5, 12, dtype=torch.float64)
+    layer.eval()
+    with torch.no_grad():
+        no_dropout = layer.base_layer(x) + vera_linear_reference(
+            x, layer.vera_lambda_d, layer.vera_lambda_b, SEED)
+        torch.testing.assert_close(layer(x), no_dropout, rtol=1e-12, atol=1e-12)
+    layer.train()
+    with torch.no_grad():
+        assert not torch.allclose(layer(x), no_dropout)
+    linear = nn.Linear(12, 10)
+    assert vk.VeRALinear.from_linear(linear, r=4, dropout=0.1).dropout == 0.1
+    model = vk.apply_vera(nn.Sequential(nn.Linear(12, 10)), ["0"], r=4, dropout=0.25)
+    assert model[0].dropout == 0.25
+    with pytest.raises(ValueError, match="dropout"):
+        vk.VeRALinear(12, 10, r=4, dropout=1.5)

@@ -1,0 +1,131 @@
+"""Adapter dropout, regenerated from Philox instead of stored (docs/design.md, "Dropout").
+
+PEFT's ``vera_dropout`` drops the adapter's input: ``h = dropout(x) Aᵀ``. The
+mask here is a pure function of a per-call seed, the token row t and the
+feature j, on a third Philox stream (counter word c2 = 2):
+
+    key     = (call_seed & 0xFFFFFFFF, call_seed >> 32)
+    counter = (j >> 3, t, 2, 0)
+    u16     = bits [16 (j & 1), 16 (j & 1) + 16) of word ((j >> 1) & 3)
+    keep    = u16 >= threshold,   threshold = round(p · 65536)
+
+so one Philox call yields eight draws. Kept inputs are scaled by
+``65536 / (65536 - threshold)``: exactly unbiased for the probability
+actually used (p rounded to a multiple of 2⁻¹⁶). Backward regenerates the
+mask for dx, so nothing of size tokens x in is ever stored.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .projection import join_key, philox4x32_10, split_seed
+
+__all__ = ["DropoutMask", "STREAM", "draw_call_seed", "keep_mask", "scaled_mask_chunks", "drop_rows_",
+           "dropped"]
+
+STREAM = 2
+_LEVELS = 1 << 16
+# Rows of mask generated at once by the torch implementation (bounded temporaries).
+_CHUNK_ELEMENTS = 1 << 22
+
+
+@dataclass(frozen=True)
+class DropoutMask:
+    """One call's dropout: probability ``p`` in [0, 1) and the call's seed."""
+
+    p: float
+    seed: int
+
+    def __post_init__(self):
+        if not (isinstance(self.p, (int, float)) and 0.0 <= self.p < 1.0):
+            raise ValueError(f"dropout probability must be in [0, 1), got {self.p!r}")
+
+    @property
+    def threshold(self) -> int:
+        return min(_LEVELS - 1, round(self.p * _LEVELS))
+
+    @property
+    def scale(self) -> float:
+        """The factor for kept inputs, float32(1 / keep probability) for the threshold used.
+
+        Rounded to float32 once, like the projections' bound, so that every
+        backend multiplies by the very same number.
+        """
+        return torch.tensor(_LEVELS / (_LEVELS - self.threshold), dtype=torch.float32).item()
+
+    def key_words(self) -> tuple[int, int]:
+        return split_seed(self.seed)
+
+    def op_args(self) -> tuple[float, int, int]:
+        """``(p, key0, key1)`` for int64 interfaces (torch.library ops)."""
+        return (self.p, *self.key_words())
+
+    @staticmethod
+    def from_op_args(p: float, key0: int, key1: int) -> Optional["DropoutMask"]:
+        """The inverse of :meth:`op_args`; None for p = 0."""
+        return DropoutMask(p, join_key((key0, key1))) if p > 0 else None
+
+
+NO_DROPOUT_ARGS = (0.0, 0, 0)
+
+
+def draw_call_seed(device: torch.device) -> int:
+    """A fresh 64-bit seed from torch's default generator for ``device`` (no host sync).
+
+    CUDA generators are Philox counters: the seed is a hash of their seed and
+    offset, and the offset advances, as dropout kernels consume it. Either way
+    ``torch.manual_seed`` reproduces the sequence.
+    """
+    if device.type == "cuda":
+        gen = torch.cuda.default_generators[device.index if device.index is not None
+                                            else torch.cuda.current_device()]
+        offset = gen.get_offset()
+        gen.set_offset(offset + 4)
+        return (gen.initial_seed() * 0x9E3779B97F4A7C15 + offset) % (1 << 64)
+    return int(torch.randint(0, 1 << 62, (), dtype=torch.int64).item()) * 4 + 1
+
+
+def keep_mask(dropout: DropoutMask, row_start: int, rows: int, cols: int, device) -> Tensor:
+    """The spec's keep mask for rows ``[row_start, row_start + rows)`` x ``cols`` features (bool)."""
+    groups = math.ceil(cols / 8)  # one Philox call: 8 features
+    c0 = torch.arange(groups, dtype=torch.int64, device=device)
+    c1 = torch.arange(row_start, row_start + rows, dtype=torch.int64, device=device)[:, None]
+    zero = torch.zeros((), dtype=torch.int64, device=device)
+    words = philox4x32_10((c0, c1, zero + STREAM, zero), dropout.key_words())
+    # (rows, groups, 4 words, 2 halves) -> feature 8g + 2w + h
+    halves = torch.stack([torch.stack([w & 0xFFFF, w >> 16], dim=-1) for w in words], dim=-2)
+    draws = halves.reshape(rows, groups * 8)[:, :cols]
+    return draws >= dropout.threshold
+
+
+def scaled_mask_chunks(dropout: DropoutMask, rows: int, cols: int, dtype, device):
+    """``(start, stop, keep · scale)`` over row chunks, in float32 or wider (``dtype`` promoted).
+
+    Multiply a chunk of x (or of dx) by these in that precision, then round:
+    what the fused kernels do. Chunks keep the temporaries bounded (~4 M elements).
+    """
+    acc = torch.promote_types(dtype, torch.float32)
+    step = max(1, _CHUNK_ELEMENTS // max(1, cols))
+    for start in range(0, rows, step):
+        stop = min(rows, start + step)
+        mask = keep_mask(dropout, start, stop - start, cols, device)
+        yield start, stop, mask.to(acc) * dropout.scale
+
+
+def drop_rows_(t: Tensor, dropout: DropoutMask) -> Tensor:
+    """Apply the mask and scale to ``t`` (tokens x features) in place, chunk by chunk."""
+    for start, stop, factors in scaled_mask_chunks(dropout, t.shape[0], t.shape[1], t.dtype,
+                                                   t.device):
+        t[start:stop] = dropped(t[start:stop], factors)
+    return t
+
+
+def dropped(chunk: Tensor, factors: Tensor) -> Tensor:
+    """``chunk · factors`` in the factors' precision, rounded once to the chunk's dtype."""
+    return (chunk.to(factors.dtype) * factors).to(chunk.dtype)
