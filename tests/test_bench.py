@@ -238,3 +238,17 @@ def test_serve_mode_writes_rows_for_every_point(tmp_path):
             assert row[way]["median_ms"] > 0
         assert row["mixed_over_single"] == pytest.approx(
             row["mixed"]["median_ms"] / row["single"]["median_ms"])
+
+
+def test_dropout_rows_keep_ours_lean(tmp_path):
+    from vera_kernels.bench import cli
+
+    path = tmp_path / "dropout.json"
+    assert cli.main(["--quick", "--device", "cpu", "--dropout", "0.1", "--reps", "1",
+                     "--json", str(path)]) == 0
+    rows = {r["impl"]: r for r in json.loads(path.read_text())["results"]}
+    assert all(r["dropout"] == 0.1 for r in rows.values())
+    # Quick case: 64 tokens, 96 -> 80, r = 8, fp32. Ours keeps h alone (the mask is
+    # regenerated); the unfused layer also keeps the dropped input and the mask.
+    assert rows["ours-torch"]["saved_bytes"] == 64 * 8 * 4
+    assert rows["unfused"]["saved_bytes"] >= 64 * 8 * 4 + 64 * 96 * 4

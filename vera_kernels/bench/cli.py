@@ -70,6 +70,16 @@ def _dtypes(text: str) -> list:
     return names
 
 
+def _probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"dropout is a probability in [0, 1), got {text!r}")
+    return value
+
+
 def _seed(text: str) -> int:
     try:
         value = int(text)
@@ -114,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_seed, default=0, help="seed of the projections A and B")
     p.add_argument("--wide", action="store_true",
                    help="print every column, also those that mean nothing on a CPU")
+    p.add_argument("--dropout", type=_probability, default=0.0,
+                   help="adapter dropout of every VeRA implementation (PEFT's vera_dropout)")
     p.add_argument("--serve", action="store_true",
                    help="serving: a batch mixing N adapters vs one adapter, a call per adapter and "
                         "the base layer (--tokens and --adapters replace the grid)")
@@ -178,7 +190,8 @@ def _check_outputs(args) -> None:
 def cases_from(args, device: torch.device) -> list:
     preset = bench_cases.preset_for(device, args.quick)
     return bench_cases.grid(preset, device, shapes=args.shapes, tokens=args.tokens,
-                            ranks=args.ranks, dtypes=args.dtypes, seed=args.seed)
+                            ranks=args.ranks, dtypes=args.dtypes, seed=args.seed,
+                            dropout=args.dropout)
 
 
 def main(argv=None) -> int:

@@ -25,9 +25,10 @@ PROJECTION_STRATEGY = {"unfused": "stored A, B", "peft": "stored A, B", "base": 
 class UnfusedVeRA(nn.Module):
     """PEFT's formula with A and B materialized once and stored as buffers."""
 
-    def __init__(self, base: nn.Linear, r: int, seed: int):
+    def __init__(self, base: nn.Linear, r: int, seed: int, dropout: float = 0.0):
         super().__init__()
         self.base_layer = base
+        self.vera_dropout = nn.Dropout(dropout) if dropout else nn.Identity()
         weight = base.weight
         proj_a, proj_b = vera_projections(
             base.in_features, base.out_features, r, seed, dtype=weight.dtype, device=weight.device
@@ -39,7 +40,8 @@ class UnfusedVeRA(nn.Module):
 
     def forward(self, x):
         return vera_linear_with_projections(
-            x, self.vera_lambda_d, self.vera_lambda_b, self.vera_A, self.vera_B, self.base_layer(x)
+            self.vera_dropout(x), self.vera_lambda_d, self.vera_lambda_b, self.vera_A, self.vera_B,
+            self.base_layer(x),
         )
 
 
@@ -50,7 +52,8 @@ def peft_available() -> bool:
 def _peft_layer(base: nn.Linear, case: Case) -> nn.Module:
     from peft import VeraConfig, get_peft_model
 
-    model = get_peft_model(nn.Sequential(base), VeraConfig(r=case.r, target_modules=["0"]))
+    config = VeraConfig(r=case.r, target_modules=["0"], vera_dropout=case.dropout)
+    model = get_peft_model(nn.Sequential(base), config)
     return model.to(case.dtype)
 
 
@@ -73,11 +76,11 @@ def make_layer(name: str, case: Case) -> nn.Module:
     if name == "base":
         return base
     if name == "unfused":
-        layer = UnfusedVeRA(base, case.r, case.seed)
+        layer = UnfusedVeRA(base, case.r, case.seed, case.dropout)
     elif name == "peft":
         layer = _peft_layer(base, case)
     elif name.startswith("ours-"):
-        layer = VeRALinear.from_linear(base, case.r, seed=case.seed)
+        layer = VeRALinear.from_linear(base, case.r, seed=case.seed, dropout=case.dropout)
         layer.backend = name.removeprefix("ours-")
     else:
         raise ValueError(f"unknown implementation {name!r}")

@@ -81,6 +81,7 @@ def _row(name: str, work: _Workload, timings: dict, adapter: dict, bound: dict,
     row = {
         "in_features": case.in_features, "out_features": case.out_features,
         "tokens": case.tokens, "r": case.r, "dtype": DTYPE_NAMES[case.dtype], "impl": name,
+        "dropout": case.dropout,
         "strategy": impl.strategy(name, case),
         "generation_int_ops": impl.generation_int_ops(name, case),
         "saved_bytes": measure.saved_activation_bytes(work.layers[name], work.x_train) - base_saved,
