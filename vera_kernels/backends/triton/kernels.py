@@ -42,6 +42,7 @@ Token reductions (dd, db) are deterministic: each program writes its own
 fp32 partial row, summed afterwards in a fixed order; no atomics.
 """
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
@@ -159,14 +160,10 @@ def _vera_gemm_kernel(
             keep = dropout_scale_tile(drop_seed, drop_threshold, drop_scale, pid_m * BLOCK_M,
                                       k_start, BLOCK_M, BLOCK_K)
             x = (x.to(ACC_DTYPE) * keep.to(ACC_DTYPE)).to(DTYPE)
-        if SCALE_X:
-            if ROW_IDS:
-                scale = tl.load(x_scale_ptr + bank_rows[:, None] * stride_sx + offs_k[None, :],
-                                mask=has_adapter[:, None] & mask_k[None, :], other=0.0)
-                x = (x.to(ACC_DTYPE) * scale.to(ACC_DTYPE)).to(DTYPE)
-            else:
-                scale = tl.load(x_scale_ptr + offs_k, mask=mask_k, other=0.0)
-                x = (x.to(ACC_DTYPE) * scale.to(ACC_DTYPE)[None, :]).to(DTYPE)
+        if SCALE_X and ROW_IDS:  # a scale per row: it can only go on x
+            scale = tl.load(x_scale_ptr + bank_rows[:, None] * stride_sx + offs_k[None, :],
+                            mask=has_adapter[:, None] & mask_k[None, :], other=0.0)
+            x = (x.to(ACC_DTYPE) * scale.to(ACC_DTYPE)).to(DTYPE)
         if TRANSPOSED:
             t = tl.trans(_fetch_tile(proj_ptr, stride_pr, stride_pc, N, K, seed, bound,
                                      pid_n * BLOCK_N, k_start, STREAM, BLOCK_N, BLOCK_K,
@@ -174,6 +171,12 @@ def _vera_gemm_kernel(
         else:
             t = _fetch_tile(proj_ptr, stride_pr, stride_pc, K, N, seed, bound, k_start,
                             pid_n * BLOCK_N, STREAM, BLOCK_K, BLOCK_N, GENERATE, DTYPE)
+        if SCALE_X and not ROW_IDS:
+            # (x ⊙ s) T = x (diag(s) T): the scale goes on the generated tile,
+            # which passes through registers anyway, so x streams to the
+            # tensor cores untouched and the loop stays pipelined.
+            scale = tl.load(x_scale_ptr + offs_k, mask=mask_k, other=0.0)
+            t = (t.to(ACC_DTYPE) * scale.to(ACC_DTYPE)[:, None]).to(DTYPE)
         acc = tl.dot(x.to(DTYPE), t, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
     mask = mask_m[:, None] & mask_n[None, :]
     if EPILOGUE != STORE:  # sum over this program's rows
@@ -281,6 +284,14 @@ def _bank(t: Optional[torch.Tensor], dummy: torch.Tensor) -> tuple:
     return t, t.stride(0) if t.dim() == 2 else 0
 
 
+def _scaled_workspace(proj: Projection, scale: torch.Tensor, transposed: bool) -> Projection:
+    """``proj`` with T's rows (the K dim) scaled: P's columns if transposed, else its rows."""
+    ws = proj.workspace
+    acc = torch.promote_types(ws.dtype, torch.float32)
+    factor = scale.to(acc)[None, :] if transposed else scale.to(acc)[:, None]
+    return dataclasses.replace(proj, workspace=(ws.to(acc) * factor).to(ws.dtype))
+
+
 def gemm(
     x: torch.Tensor,
     proj: Projection,
@@ -300,7 +311,9 @@ def gemm(
 
     Args:
         x: (M, K) in the compute dtype, any strides.
-        x_scale: (K,) scaling x's columns. out_scale: (N,) scaling the result's
+        x_scale: (K,) scaling x's columns, applied as ``x (diag(x_scale) T)``:
+            to T's tiles in the kernel (generated) or to the workspace once
+            per launch (loaded). out_scale: (N,) scaling the result's
             columns; base: (M, N) added to it.
         row_ids: (M,) int32 adapter ids: the scales are then banks
             (n_adapters, K) / (n_adapters, N) with contiguous rows, and row m
@@ -320,6 +333,11 @@ def gemm(
     m, k = x.shape
     n = proj.rows if transposed else proj.cols
     dtype = x.dtype
+    if x_scale is not None and row_ids is None and proj.workspace is not None:
+        # A loaded projection is scaled once per launch here instead of per
+        # tile in the kernel, so both operands stream from memory untouched.
+        proj = _scaled_workspace(proj, x_scale, transposed)
+        x_scale = None
     if out is None and store:
         out = torch.empty(m, n, dtype=dtype, device=x.device)
     partial = None
