@@ -176,7 +176,11 @@ def _bad(**changes):
 @pytest.mark.parametrize(
     "args,error,match",
     [
-        (_bad(x=torch.randn(2, 3, 8).half()), TypeError, "lambda_d has dtype torch.float32 but x has dtype torch.float16"),
+        # float32 vectors are fine under half activations; float64 ones are not.
+        (_bad(x=torch.randn(2, 3, 8).half(), lambda_d=torch.randn(4).double()), TypeError,
+         "lambda_d has dtype torch.float64 but x has dtype torch.float16"),
+        (_bad(x=torch.randn(2, 3, 8).half()), TypeError,
+         "base_output has dtype torch.float32 but x has dtype torch.float16"),
         (_bad(x=torch.ones(2, 3, 8, dtype=torch.int32)), TypeError, "x must be float16, bfloat16, float32 or float64"),
         (_bad(x=[1.0, 2.0]), TypeError, "x must be a torch.Tensor"),
         (_bad(x=torch.randn(2, 3, 0)), ValueError, r"x must have shape \(\.\.\., in\) with in >= 1"),
@@ -296,3 +300,30 @@ def test_custom_ops_pass_opcheck():
             torch.ops.vera_kernels.vera_forward_into_base.default,
             (x.detach(), d.detach(), b.detach(), 1, 2, base.detach().clone(), "torch", pa, pb),
         )
+
+
+@pytest.mark.parametrize("backend,device", backend_device_params())
+def test_float32_vectors_with_half_activations(backend, device):
+    # The vectors lose nothing (PEFT keeps adapters in fp32): the kernels scale in fp32.
+    if backend == "cuda":
+        pytest.skip("the cuda backend takes vectors in x's dtype")
+    x, _, _, base = vera_inputs((3, 11), 21, 17, 6, dtype=torch.float16, device=device)
+    d, b = (torch.randn(n, device=device, dtype=torch.float32) for n in (6, 17))
+    got = _run(vk.vera_linear, x, d, b, base, backend=backend)
+    expected = _run(vera_linear_reference, *(t.double() for t in (x, d, b, base)))
+    assert [t.dtype for t in got] == [torch.float16, torch.float16, torch.float32,
+                                      torch.float32, torch.float16]
+    for name, g, e in zip(["y", "dx", "dd", "db", "dbase"], got, expected):
+        assert_close_scaled(g, e, _tol(torch.float16, GRAD_TOL_EPS), f"{backend} {name}")
+
+
+def test_module_keeps_float32_vectors_under_a_bf16_base():
+    layer = vk.VeRALinear(8, 6, r=3, dtype=torch.bfloat16)
+    assert layer.vera_lambda_d.dtype == layer.vera_lambda_b.dtype == torch.float32
+    with torch.no_grad():
+        layer.vera_lambda_b.normal_()
+    x = torch.randn(4, 8, dtype=torch.bfloat16)
+    y = layer(x)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert layer.vera_lambda_b.grad.dtype == torch.float32

@@ -80,12 +80,19 @@ def _autocast(tensors: list, device_type: str) -> list:
     return [t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t for t in tensors]
 
 
-def _check_alike(x: Tensor, named: dict) -> None:
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _check_alike(x: Tensor, named: dict, vectors: tuple = ()) -> None:
+    """Same device and dtype as x; the ``vectors`` may also be float32 when x is half."""
     for name, t in named.items():
         if t is None:
             continue
-        if t.dtype != x.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but x has dtype {x.dtype}; use one dtype")
+        wider_vector = name in vectors and x.dtype in HALF_DTYPES and t.dtype == torch.float32
+        if t.dtype != x.dtype and not wider_vector:
+            allowed = " (or float32 for the vectors)" if x.dtype in HALF_DTYPES else ""
+            raise TypeError(f"{name} has dtype {t.dtype} but x has dtype {x.dtype}; use one "
+                            f"dtype{allowed}")
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
 
@@ -156,7 +163,7 @@ def check_call(x, lambda_d, lambda_b, seed, base_output=None, *, backend=None, p
             f"and {tuple(lambda_b.shape)}"
         )
     _check_alike(x, {names[0]: lambda_d, names[1]: lambda_b, "base_output": base_output,
-                     "projections[0]": proj_a, "projections[1]": proj_b})
+                     "projections[0]": proj_a, "projections[1]": proj_b}, vectors=names)
     r, out_features = lambda_d.shape[-1], lambda_b.shape[-1]
     out_shape = (*x.shape[:-1], out_features)
     if base_output is not None and tuple(base_output.shape) != out_shape:

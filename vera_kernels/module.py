@@ -69,6 +69,14 @@ def decode_extra_state(state) -> dict:
     return {"seed": check_seed(state["seed"]), "r": state["r"], "merged": bool(state["merged"])}
 
 
+def _for(vector: Tensor, x: Tensor) -> Tensor:
+    """The vector as the op takes it for ``x``: float32 stays float32 under half
+    activations (scaled in float32 inside the kernels); anything else takes x's dtype."""
+    if vector.dtype == torch.float32 and x.dtype in (torch.float16, torch.bfloat16):
+        return vector
+    return vector.to(x.dtype)
+
+
 def _check_dropout(p) -> float:
     if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
         raise ValueError(f"dropout must be a probability in [0, 1), got {p!r}")
@@ -167,7 +175,10 @@ class VeRALinear(nn.Module):
         self.row_adapters: Optional[tuple] = None
 
     def _fresh_vectors(self) -> tuple[nn.Parameter, nn.Parameter]:
-        device, dtype = self.base_layer.weight.device, compute_dtype(self.base_layer)
+        # float32 at least (as PEFT keeps adapters): the kernels scale in
+        # float32 anyway, so half-precision vectors would only lose bits.
+        device = self.base_layer.weight.device
+        dtype = torch.promote_types(compute_dtype(self.base_layer), torch.float32)
         d = torch.full((self.r,), self.d_initial, device=device, dtype=dtype)
         b = torch.zeros(self.out_features, device=device, dtype=dtype)
         return nn.Parameter(d), nn.Parameter(b)
@@ -212,6 +223,18 @@ class VeRALinear(nn.Module):
     def out_features(self) -> int:
         return self._out_features
 
+    # As PEFT's layers: code that reads a linear layer's weight or bias (weight tying
+    # checks, dtype probes, initializers) sees the base layer's own tensors.
+    @property
+    def weight(self) -> Tensor:
+        """The base layer's weight (the same tensor, not a copy)."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Optional[Tensor]:
+        """The base layer's bias (the same tensor), or None."""
+        return self.base_layer.bias
+
     def _projection_pair(self, dtype: torch.dtype):
         """Explicit (A, B) in ``dtype``, or None when they come from the seed."""
         if self.projections is None:
@@ -234,8 +257,7 @@ class VeRALinear(nn.Module):
         if self.row_adapters is not None:
             return self._forward_rows(x, base, options)
         d, b = self.adapter_vectors(self.active_adapter)
-        # The vectors may be kept in a wider dtype than the activations.
-        return vera_linear(x, d.to(x.dtype), b.to(x.dtype), self.seed, base, **options)
+        return vera_linear(x, _for(d, x), _for(b, x), self.seed, base, **options)
 
     def _forward_rows(self, x: Tensor, base: Tensor, options: dict) -> Tensor:
         names, row_ids = self.row_adapters
@@ -243,8 +265,8 @@ class VeRALinear(nn.Module):
             raise ValueError(f"adapter_batch names {row_ids.shape[0]} batch rows, but the input "
                              f"has shape {tuple(x.shape)}")
         vectors = [self.adapter_vectors(name) for name in names]
-        d_bank = torch.stack([d.to(x.dtype) for d, _ in vectors])
-        b_bank = torch.stack([b.to(x.dtype) for _, b in vectors])
+        d_bank = torch.stack([_for(d, x) for d, _ in vectors])
+        b_bank = torch.stack([_for(b, x) for _, b in vectors])
         ids = row_ids.to(x.device).view(-1, *[1] * (x.dim() - 2)).expand(x.shape[:-1])
         return vera_linear_multi(x, d_bank, b_bank, ids, self.seed, base,
                                  check_ids=False, **options)

@@ -145,9 +145,14 @@ def _backward(grad, h, lambda_d, lambda_b, proj_a, proj_b, needed):
 # Adapter banks: each row's vectors differ, so nothing folds into the projections;
 # the per-row vectors are gathered (tokens x r, tokens x out temporaries).
 
+def _times_rows(t: Tensor, rows: Tensor) -> Tensor:
+    """``t ⊙ rows`` rounded to t's dtype (the vectors may be wider, e.g. float32 under bf16)."""
+    return (t * rows).to(t.dtype)
+
+
 def _forward_rows(h, d_bank, b_bank, proj_b, base, into_base, adapter_ids):
-    z = (h * row_vectors(d_bank, adapter_ids)) @ proj_b.T
-    b_rows = row_vectors(b_bank, adapter_ids)
+    z = _times_rows(h, row_vectors(d_bank, adapter_ids)) @ proj_b.T
+    b_rows = row_vectors(b_bank, adapter_ids).to(z.dtype)
     if base is None:
         return z.mul_(b_rows)
     return base.addcmul_(z, b_rows) if into_base else torch.addcmul(base, z, b_rows)
@@ -158,13 +163,14 @@ def _backward_rows(grad, h, d_bank, b_bank, proj_a, proj_b, needed, adapter_ids)
     dx = dd = db = None
     d_rows = row_vectors(d_bank, adapter_ids)
     if needed.x or needed.lambda_d:
-        u = (grad * row_vectors(b_bank, adapter_ids)) @ proj_b
+        u = _times_rows(grad, row_vectors(b_bank, adapter_ids)) @ proj_b
         if needed.lambda_d:
             dd = per_adapter_sum(u * h, adapter_ids, n).to(d_bank.dtype)
         if needed.x:
-            dx = (u * d_rows) @ proj_a
+            dx = _times_rows(u, d_rows) @ proj_a
     if needed.lambda_b:
-        db = per_adapter_sum(grad * ((h * d_rows) @ proj_b.T), adapter_ids, n).to(b_bank.dtype)
+        z = _times_rows(h, d_rows) @ proj_b.T
+        db = per_adapter_sum(grad * z, adapter_ids, n).to(b_bank.dtype)
     return Grads(dx, dd, db)
 
 
