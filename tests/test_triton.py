@@ -64,3 +64,19 @@ def test_triton_is_the_default_for_cuda_tensors():
     assert ops.resolve_backend(None, torch.device("cuda")) == "triton"
 
 
+
+
+def test_configs_that_cannot_launch_are_pruned():
+    # The GPU config list (the interpreter has its own): fp64 tiles of the big
+    # configs need more shared memory than sm_90 (227 KB) or sm_80 (163 KB) have.
+    import triton
+
+    configs = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_stages=s)
+               for n, k, s in [(32, 64, 3), (64, 128, 3), (256, 32, 3), (128, 64, 3)]]
+    assert kernels.pipeline_shared_bytes(configs[1], 8, block_m=64) == 3 * (64 * 128 + 128 * 64) * 8
+    for limit in (227 * 1024, 163 * 1024):
+        kept = kernels.fitting_configs(configs, 8, limit)
+        assert kept and all(kernels.pipeline_shared_bytes(c, 8) <= limit for c in kept)
+        assert configs[1] not in kept
+    assert kernels.fitting_configs(configs, 2, 227 * 1024) == configs  # bf16: all fit
+    assert kernels.fitting_configs(configs, 8, 1024) == [configs[0]]  # none fits: the smallest

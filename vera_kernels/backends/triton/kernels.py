@@ -226,6 +226,27 @@ def _configs():
     ]
 
 
+def pipeline_shared_bytes(config: triton.Config, element_bytes: int, block_m: int = BLOCK_M) -> int:
+    """Shared memory the software pipeline needs: an x tile and a T tile per stage."""
+    k, n = config.kwargs["BLOCK_K"], config.kwargs["BLOCK_N"]
+    return config.num_stages * (block_m * k + k * n) * element_bytes
+
+
+def fitting_configs(configs: list, element_bytes: int, shared_limit: int) -> list:
+    """The configs whose pipeline fits ``shared_limit`` bytes (the smallest one if none does)."""
+    fits = [c for c in configs if pipeline_shared_bytes(c, element_bytes) <= shared_limit]
+    return fits or [min(configs, key=lambda c: pipeline_shared_bytes(c, element_bytes))]
+
+
+def _prune(configs, named_args, **kwargs):
+    # Never autotune what cannot launch (fp64 tiles overflow shared memory):
+    # keep the configs that fit this device's opt-in shared memory.
+    x = named_args["x_ptr"]
+    props = torch.cuda.get_device_properties(x.device)
+    limit = getattr(props, "shared_memory_per_block_optin", 163 * 1024)  # older torch: sm_80's
+    return fitting_configs(configs, x.element_size(), limit)
+
+
 # M enters the autotuning key only through its power-of-two bucket, so a new
 # token count does not retune. Tensor dtypes join the key automatically. The
 # tuner runs each config several times: restoring out_ptr keeps an in-place
@@ -234,6 +255,7 @@ _vera_gemm = _vera_gemm_kernel if INTERPRETING else triton.autotune(
     _configs(),
     key=["M_BUCKET", "N", "K", "TRANSPOSED", "SCALE_X", "SCALE_OUT", "ROW_IDS", "DROPOUT",
          "HAS_BASE", "EPILOGUE", "GENERATE"],
+    prune_configs_by={"early_config_prune": _prune},
     restore_value=["out_ptr"],
 )(_vera_gemm_kernel)
 
