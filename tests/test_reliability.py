@@ -6,7 +6,6 @@ Each test names the defect it guards against; each failed on the code before its
 import copy
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
