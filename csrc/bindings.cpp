@@ -1,9 +1,11 @@
 // torch bindings of the CUDA kernels: the `vera_kernels_cuda` op library.
 //
 //   forward(x, lambda_d, lambda_b, key0, key1, base?, generate, proj_a?, proj_b?, into_base,
-//           adapter_ids?) -> (y, h)   (y is base itself when into_base)
+//           adapter_ids?, dropout_threshold, dropout_scale, dropout_key0, dropout_key1)
+//           -> (y, h)   (y is base itself when into_base)
 //   backward(grad, h, lambda_d, lambda_b, key0, key1, in_features, generate,
-//            need_dx, need_dd, need_db, proj_a?, proj_b?, adapter_ids?) -> (dx, dd, db)
+//            need_dx, need_dd, need_db, proj_a?, proj_b?, adapter_ids?,
+//            dropout_threshold, dropout_scale, dropout_key0, dropout_key1) -> (dx, dd, db)
 //            (a gradient not asked for comes back empty)
 //   projection(matrix, rows, cols, key0, key1, like) -> Tensor
 //   block_m() -> int   (kBlockM: token rows per thread block)
@@ -20,6 +22,14 @@
 // (vera_kernels/backends/banks.py, per_adapter_sum); dx is final either way.
 // This keeps one op per direction and leaves the segmented sum to the one
 // deterministic implementation every backend shares.
+//
+// Adapter dropout (vera_kernels/dropout.py): the dropout_* arguments are
+// DropoutMask's threshold, scale and key_words() as they are, not p, so the
+// spec's rounding of p and of the scale lives only on the Python side.
+// Threshold 0 (the default) is no dropout: every draw is kept at scale 1.
+// forward masks x as the h launch loads it; backward masks dx with the same
+// mask, regenerated, in the dx launch's epilogue. h (computed from the
+// dropped x) serves dd and db unchanged.
 //
 // The composition mirrors vera_kernels/backends/triton/backend.py; the kernels are in
 // vera_kernels.cu. Everything runs on the current CUDA stream.
@@ -86,6 +96,28 @@ void check_adapter_ids(const Tensor& ids, const Tensor& rows, const char* rows_n
   TORCH_CHECK(lambda_d.size(0) == lambda_b.size(0),
               "vera_kernels cuda backend: the banks lambda_d and lambda_b hold ", lambda_d.size(0),
               " and ", lambda_b.size(0), " adapters; they must hold the same adapters");
+}
+
+// The launches' dropout mask, or none for threshold 0.
+std::optional<vera::DropoutMask> dropout_mask(int64_t threshold, double scale, int64_t key0,
+                                              int64_t key1) {
+  TORCH_CHECK(threshold >= 0 && threshold < 65536,
+              "vera_kernels cuda backend: dropout_threshold must be in [0, 65536), got ",
+              threshold);
+  if (threshold == 0) return std::nullopt;
+  // The kernels multiply by exactly DropoutMask.scale, a float32 value.
+  TORCH_CHECK(std::isfinite(scale) && static_cast<double>(static_cast<float>(scale)) == scale,
+              "vera_kernels cuda backend: dropout_scale must be a finite float32 value, got ",
+              scale);
+  return vera::DropoutMask{key_word(key0, "dropout_key0"), key_word(key1, "dropout_key1"),
+                           static_cast<uint32_t>(threshold), static_cast<float>(scale)};
+}
+
+void set_dropout(vera::GemmParams& p, vera::Dropout mode,
+                 const std::optional<vera::DropoutMask>& mask) {
+  if (!mask.has_value()) return;
+  p.dropout = mode;
+  p.drop = *mask;
 }
 
 // The row stride of a bank (n_adapters x C); a plain vector has none.
@@ -179,7 +211,9 @@ std::tuple<Tensor, Tensor> vera_forward(const Tensor& x_in, const Tensor& lambda
                                         const std::optional<Tensor>& base, bool generate,
                                         const std::optional<Tensor>& proj_a,
                                         const std::optional<Tensor>& proj_b, bool into_base,
-                                        const std::optional<Tensor>& adapter_ids) {
+                                        const std::optional<Tensor>& adapter_ids,
+                                        int64_t dropout_threshold, double dropout_scale,
+                                        int64_t dropout_key0, int64_t dropout_key1) {
   TORCH_CHECK(x_in.is_cuda() && x_in.dim() == 2,
               "vera_kernels cuda backend: x must be a 2-D CUDA tensor");
   const bool banked = adapter_ids.has_value();
@@ -190,6 +224,7 @@ std::tuple<Tensor, Tensor> vera_forward(const Tensor& x_in, const Tensor& lambda
   const Tensor lambda_d = lambda_d_in.contiguous(), lambda_b = lambda_b_in.contiguous();
   const Tensor ids = banked ? adapter_ids->contiguous() : Tensor();
   const uint32_t k0 = key_word(key0, "key0"), k1 = key_word(key1, "key1");
+  const auto drop = dropout_mask(dropout_threshold, dropout_scale, dropout_key0, dropout_key1);
   const int64_t m = x_in.size(0), in = x_in.size(1), r = lambda_d.size(-1), out = lambda_b.size(-1);
 
   const Projection a = projection(kMatrixA, r, in, k0, k1, generate, x_in, proj_a);
@@ -198,7 +233,8 @@ std::tuple<Tensor, Tensor> vera_forward(const Tensor& x_in, const Tensor& lambda
   Tensor h = at::empty({m, r}, x_in.options());  // shared by every adapter of a bank
   vera::GemmParams p = gemm_params(x_in, nullptr, a, /*transposed=*/true, r);
   set_out(p, h);
-  run(x_in, p, "forward h = x A^T");
+  set_dropout(p, vera::Dropout::kX, drop);
+  run(x_in, p, "forward h = dropout(x) A^T");
 
   TORCH_CHECK(!into_base || base.has_value(), "vera_kernels cuda backend: into_base needs a base");
   // In place, each element of base is read and then written by the same thread.
@@ -225,7 +261,9 @@ std::tuple<Tensor, Tensor, Tensor> vera_backward(const Tensor& grad, const Tenso
                                                  bool need_dx, bool need_dd, bool need_db,
                                                  const std::optional<Tensor>& proj_a,
                                                  const std::optional<Tensor>& proj_b,
-                                                 const std::optional<Tensor>& adapter_ids) {
+                                                 const std::optional<Tensor>& adapter_ids,
+                                                 int64_t dropout_threshold, double dropout_scale,
+                                                 int64_t dropout_key0, int64_t dropout_key1) {
   TORCH_CHECK(h.is_cuda() && h.dim() == 2, "vera_kernels cuda backend: h must be a 2-D CUDA tensor");
   check_input(grad, "grad", h, 2);
   const bool banked = adapter_ids.has_value();
@@ -237,6 +275,7 @@ std::tuple<Tensor, Tensor, Tensor> vera_backward(const Tensor& grad, const Tenso
   const Tensor ids = banked ? adapter_ids->contiguous() : Tensor();
   const int32_t* row_ids = banked ? ids.data_ptr<int32_t>() : nullptr;
   const uint32_t k0 = key_word(key0, "key0"), k1 = key_word(key1, "key1");
+  const auto drop = dropout_mask(dropout_threshold, dropout_scale, dropout_key0, dropout_key1);
   const int64_t m = h.size(0), r = lambda_d.size(-1), out = lambda_b.size(-1);
   const Projection b = projection(kMatrixB, out, r, k0, k1, generate, h, proj_b);
 
@@ -265,6 +304,7 @@ std::tuple<Tensor, Tensor, Tensor> vera_backward(const Tensor& grad, const Tenso
       p = gemm_params(u, &lambda_d, a, /*transposed=*/false, in_features);
       p.row_ids = row_ids;
       set_out(p, dx);
+      set_dropout(p, vera::Dropout::kOut, drop);  // dx of the dropped x: the same mask
       run(h, p, "backward dx = (d u) A");
     }
   }
@@ -308,12 +348,14 @@ TORCH_LIBRARY(vera_kernels_cuda, m) {
   m.def(
       "forward(Tensor x, Tensor lambda_d, Tensor lambda_b, int key0, int key1, Tensor? base, "
       "bool generate, Tensor? proj_a=None, Tensor? proj_b=None, bool into_base=False, "
-      "Tensor? adapter_ids=None) -> (Tensor, Tensor)");
+      "Tensor? adapter_ids=None, int dropout_threshold=0, float dropout_scale=1.0, "
+      "int dropout_key0=0, int dropout_key1=0) -> (Tensor, Tensor)");
   m.def(
       "backward(Tensor grad, Tensor h, Tensor lambda_d, Tensor lambda_b, int key0, int key1, "
       "int in_features, bool generate, bool need_dx, bool need_dd, bool need_db, "
-      "Tensor? proj_a=None, Tensor? proj_b=None, Tensor? adapter_ids=None) "
-      "-> (Tensor, Tensor, Tensor)");
+      "Tensor? proj_a=None, Tensor? proj_b=None, Tensor? adapter_ids=None, "
+      "int dropout_threshold=0, float dropout_scale=1.0, int dropout_key0=0, "
+      "int dropout_key1=0) -> (Tensor, Tensor, Tensor)");
   m.def("projection(int matrix, int rows, int cols, int key0, int key1, Tensor like) -> Tensor");
 }
 

@@ -1,5 +1,6 @@
-// The projection spec (docs/design.md) for host and device: Philox4x32-10 and
-// the mapping from a Philox word to a projection value.
+// The projection spec (docs/design.md) for host and device: Philox4x32-10, the
+// mapping from a Philox word to a projection value, and the adapter dropout
+// mask (vera_kernels/dropout.py).
 //
 // Plain C++ when not compiled by nvcc, so a host program (tests) can check it
 // bit for bit against vera_kernels.projection without a GPU.
@@ -69,6 +70,32 @@ VERA_HD float projection_value(uint32_t word, float bound) {
 VERA_HD PhiloxWords projection_words(int stream, uint32_t row, uint32_t group, uint32_t key0,
                                      uint32_t key1) {
   return philox4x32_10(group, row, static_cast<uint32_t>(stream), 0u, key0, key1);
+}
+
+// One call's adapter dropout (vera_kernels/dropout.py, DropoutMask): feature j
+// of token row t is kept, and scaled by `scale`, when its 16-bit draw is
+// >= threshold. threshold and scale come from the Python side as they are
+// (round(p * 65536) and float32(65536 / (65536 - threshold))), so the spec's
+// arithmetic lives in one place.
+struct DropoutMask {
+  uint32_t key0, key1;  // the call seed's low and high words
+  uint32_t threshold;
+  float scale;
+};
+
+// The Philox words holding the draws of features 8*group .. 8*group+7 of token
+// row `row`: counter (group, row, 2, 0), the stream after A (0) and B (1).
+VERA_HD PhiloxWords dropout_words(const DropoutMask& mask, uint32_t row, uint32_t group) {
+  return philox4x32_10(group, row, 2u, 0u, mask.key0, mask.key1);
+}
+
+// keep * scale of feature 8*group + i (i in [0, 8)) from that group's words:
+// its draw is the 16-bit half (i & 1) of word (i >> 1). The word is picked
+// with selects, not w.w[i >> 1], so a run-time i keeps w in registers.
+VERA_HD float dropout_factor(const DropoutMask& mask, const PhiloxWords& w, int i) {
+  const uint32_t word = (i & 4) ? ((i & 2) ? w.w[3] : w.w[2]) : ((i & 2) ? w.w[1] : w.w[0]);
+  const uint32_t draw = (i & 1) ? word >> 16 : word & 0xFFFFu;
+  return draw >= mask.threshold ? mask.scale : 0.0f;
 }
 
 }  // namespace vera

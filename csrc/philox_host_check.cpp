@@ -4,6 +4,11 @@
 //   philox_host_check kat C0 C1 C2 C3 K0 K1     -> the four Philox words (hex)
 //   philox_host_check matrix M ROWS COLS SEED   -> the projection's float32 bit patterns (hex),
 //                                                  one row per line
+//   philox_host_check dropout ROWS COLS SEED THRESHOLD SCALE_BITS
+//                                               -> the dropout factors keep * scale (float32
+//                                                  bits, hex) of token rows x features, one
+//                                                  Philox call per 8 features as the kernels
+//                                                  make them; SCALE_BITS: the scale's bits
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -47,6 +52,25 @@ int main(int argc, char** argv) {
     }
     return 0;
   }
-  std::fprintf(stderr, "usage: %s kat C0 C1 C2 C3 K0 K1 | matrix M ROWS COLS SEED\n", argv[0]);
+  if (argc == 7 && std::strcmp(argv[1], "dropout") == 0) {
+    const uint64_t rows = arg(argv[2]), cols = arg(argv[3]), seed = arg(argv[4]);
+    const uint32_t scale_bits = static_cast<uint32_t>(arg(argv[6]));
+    vera::DropoutMask mask = {static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32),
+                              static_cast<uint32_t>(arg(argv[5])), 0.0f};
+    std::memcpy(&mask.scale, &scale_bits, sizeof mask.scale);
+    for (uint64_t row = 0; row < rows; ++row) {
+      for (uint64_t group = 0; group * 8 < cols; ++group) {
+        const vera::PhiloxWords w = vera::dropout_words(mask, static_cast<uint32_t>(row),
+                                                        static_cast<uint32_t>(group));
+        for (uint64_t col = group * 8; col < cols && col < group * 8 + 8; ++col)
+          std::printf("%s%08x", col ? " " : "",
+                      float_bits(vera::dropout_factor(mask, w, static_cast<int>(col % 8))));
+      }
+      std::printf("\n");
+    }
+    return 0;
+  }
+  std::fprintf(stderr, "usage: %s kat C0 C1 C2 C3 K0 K1 | matrix M ROWS COLS SEED | "
+               "dropout ROWS COLS SEED THRESHOLD SCALE_BITS\n", argv[0]);
   return 2;
 }

@@ -19,6 +19,10 @@
 // Adapter banks (GemmParams::row_ids): each token row gathers its own x_scale
 // and out_scale row. That mode is a separate instantiation (kBanked), so the
 // single-adapter kernel is exactly the code it was, with no per-row branch.
+//
+// Adapter dropout (GemmParams::dropout) is a template parameter as well: the
+// mask is regenerated from the dropout stream (philox.cuh) where it is used,
+// on x's tiles as they load (forward h) or on the output tile (backward dx).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -119,10 +123,18 @@ __device__ __forceinline__ typename Acc<T>::type scale_at(const T* scale, int64_
   }
 }
 
-template <typename T, bool kBanked>
+template <typename T, bool kBanked, Dropout kDrop>
 __global__ void __launch_bounds__(kThreads) gemm_kernel(const GemmParams p) {
   using AccT = typename Acc<T>::type;
-  constexpr int kLoadsX = (kBlockM * kBlockK) / kThreads;  // x elements per thread per K step
+  // The x tile is loaded in runs of kRun consecutive k of one row. Without
+  // dropout on x a run is one element, and a warp reads 2 rows x 16 k per pass.
+  // With it a run is the 8 features of one dropout Philox call, made once for
+  // all 8: the 128 runs of a tile are warps 0-3's, and warps 4-7 only fill the
+  // projection tile meanwhile.
+  constexpr int kRun = kDrop == Dropout::kX ? 8 : 1;
+  constexpr int kRunsPerRow = kBlockK / kRun;
+  constexpr int kRuns = kBlockM * kRunsPerRow;
+  constexpr int kPasses = (kRuns + kThreads - 1) / kThreads;  // runs per thread per K step
   __shared__ AccT x_tile[kBlockK][kBlockM];  // transposed: x_tile[kk][mm]
   __shared__ AccT t_tile[kBlockK][kBlockN];
   __shared__ AccT reduce[kThreads / 16][kBlockN];
@@ -134,11 +146,11 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(const GemmParams p) {
   const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kBlockN;
 
   // A thread loads the same x rows at every K step: read their bank rows once.
-  int32_t x_ids[kLoadsX] = {};
+  int32_t x_ids[kPasses] = {};
   if constexpr (kBanked) {
 #pragma unroll
-    for (int i = 0; i < kLoadsX; ++i) {
-      const int64_t m = m0 + (t + i * kThreads) / kBlockK;
+    for (int i = 0; i < kPasses; ++i) {
+      const int64_t m = m0 + (t + i * kThreads) / kRunsPerRow;
       x_ids[i] = m < p.M ? p.row_ids[m] : -1;
     }
   }
@@ -146,17 +158,30 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(const GemmParams p) {
   AccT acc[4][4] = {};
   for (int64_t k0 = 0; k0 < p.K; k0 += kBlockK) {
 #pragma unroll
-    for (int i = 0; i < kLoadsX; ++i) {
-      const int idx = t + i * kThreads;
-      const int mm = idx / kBlockK, kk = idx % kBlockK;
-      const int64_t m = m0 + mm, k = k0 + kk;
-      AccT v = 0;
-      if (m < p.M && k < p.K) {
-        v = to_acc(x[m * p.stride_xm + k * p.stride_xk]);
-        if (x_scale != nullptr)
-          v = to_acc(from_acc<T>(v * scale_at<kBanked>(x_scale, p.stride_sx, x_ids[i], k)));
+    for (int i = 0; i < kPasses; ++i) {
+      const int run = t + i * kThreads;
+      if (kRuns % kThreads != 0 && run >= kRuns) break;  // idle warps (dropout on x only)
+      const int mm = run / kRunsPerRow, kk0 = run % kRunsPerRow * kRun;
+      const int64_t m = m0 + mm;
+      PhiloxWords drop_w = {};
+      if constexpr (kDrop == Dropout::kX)
+        drop_w = dropout_words(p.drop, static_cast<uint32_t>(m),
+                               static_cast<uint32_t>((k0 + kk0) / 8));
+#pragma unroll
+      for (int e = 0; e < kRun; ++e) {
+        const int kk = kk0 + e;
+        const int64_t k = k0 + kk;
+        AccT v = 0;
+        if (m < p.M && k < p.K) {
+          v = to_acc(x[m * p.stride_xm + k * p.stride_xk]);
+          // Each factor rounds to T once, as the Triton kernel and the torch backend do.
+          if constexpr (kDrop == Dropout::kX)
+            v = to_acc(from_acc<T>(v * static_cast<AccT>(dropout_factor(p.drop, drop_w, e))));
+          if (x_scale != nullptr)
+            v = to_acc(from_acc<T>(v * scale_at<kBanked>(x_scale, p.stride_sx, x_ids[i], k)));
+        }
+        x_tile[kk][mm] = v;
       }
-      x_tile[kk][mm] = v;
     }
     fill_projection_tile<T>(t_tile, p, k0, n0);
     __syncthreads();
@@ -189,6 +214,12 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(const GemmParams p) {
     const int64_t m = m0 + ty * 4 + i;
     if (m >= p.M) continue;
     const int32_t id = kBanked && store && out_scale != nullptr ? p.row_ids[m] : 0;
+    // The thread's 4 columns are half of one dropout call's 8 features (its
+    // neighbour tx ^ 1 has the other half): one call per row, run by both.
+    PhiloxWords drop_w = {};
+    if constexpr (kDrop == Dropout::kOut)
+      drop_w = dropout_words(p.drop, static_cast<uint32_t>(m),
+                             static_cast<uint32_t>((n0 + tx * 4) / 8));
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       const int64_t n = n0 + tx * 4 + j;
@@ -196,6 +227,8 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(const GemmParams p) {
       if (reduces) column[j] += acc[i][j] * to_acc(aux[m * p.stride_am + n * p.stride_an]);
       if (store) {
         AccT v = acc[i][j];
+        if constexpr (kDrop == Dropout::kOut)
+          v *= static_cast<AccT>(dropout_factor(p.drop, drop_w, (tx & 1) * 4 + j));
         if (out_scale != nullptr) v *= scale_at<kBanked>(out_scale, p.stride_so, id, n);
         if (base != nullptr) v += to_acc(base[m * p.stride_bm + n * p.stride_bn]);
         out[m * p.stride_om + n * p.stride_on] = from_acc<T>(v);
@@ -231,16 +264,30 @@ __global__ void generate_kernel(T* out, int64_t rows, int64_t cols, uint32_t key
   }
 }
 
-template <typename T>
-cudaError_t launch_gemm(const GemmParams& p, cudaStream_t stream) {
+template <typename T, bool kBanked>
+cudaError_t launch_gemm_banked(const GemmParams& p, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>((p.N + kBlockN - 1) / kBlockN),
                   static_cast<unsigned>((p.M + kBlockM - 1) / kBlockM));
-  if (p.row_ids != nullptr) {
-    gemm_kernel<T, true><<<grid, kThreads, 0, stream>>>(p);
-  } else {
-    gemm_kernel<T, false><<<grid, kThreads, 0, stream>>>(p);
+  switch (p.dropout) {
+    case Dropout::kNone:
+      gemm_kernel<T, kBanked, Dropout::kNone><<<grid, kThreads, 0, stream>>>(p);
+      break;
+    case Dropout::kX:
+      gemm_kernel<T, kBanked, Dropout::kX><<<grid, kThreads, 0, stream>>>(p);
+      break;
+    case Dropout::kOut:
+      gemm_kernel<T, kBanked, Dropout::kOut><<<grid, kThreads, 0, stream>>>(p);
+      break;
+    default:
+      return cudaErrorInvalidValue;
   }
   return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_gemm(const GemmParams& p, cudaStream_t stream) {
+  return p.row_ids != nullptr ? launch_gemm_banked<T, true>(p, stream)
+                              : launch_gemm_banked<T, false>(p, stream);
 }
 
 template <typename T>

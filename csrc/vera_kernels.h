@@ -5,6 +5,8 @@
 #include <cuda_runtime_api.h>
 #include <stdint.h>
 
+#include "philox.cuh"
+
 namespace vera {
 
 enum class DType : int { kHalf, kBFloat16, kFloat, kDouble };
@@ -27,6 +29,15 @@ enum class Epilogue : int {
   kStore,           // out = acc * out_scale[n] + base[m, n]   (scale / base optional)
   kStoreReduceAux,  // both: store as kStore, and reduce as kReduceAux
   kReduceAux,       // partial[m_tile, n] = Σ_rows acc * aux[m, n]; nothing stored
+};
+
+// Adapter dropout (GemmParams::dropout), on the features of either operand;
+// rows are token rows in both cases. Each mode is its own kernel
+// instantiation, so kNone is exactly the kernel without dropout.
+enum class Dropout : int {
+  kNone,
+  kX,    // x's columns: each loaded x element times its factor (h = dropout(x) Aᵀ)
+  kOut,  // the output's columns: acc times its factor before it is stored (dx)
 };
 
 // acc (M x N) = (x ⊙ x_scale) (M x K) @ T (K x N), with
@@ -55,6 +66,8 @@ struct GemmParams {
   void* partial;  // (ceil(M / kBlockM), N), float (double for kDouble)
   int64_t M, N, K;
   Epilogue epilogue;
+  Dropout dropout;   // applied before x_scale (kX) or before out_scale and base (kOut);
+  DropoutMask drop;  // reductions use the undropped acc, as the Triton kernel does
 };
 
 cudaError_t gemm(DType dtype, const GemmParams& params, cudaStream_t stream);

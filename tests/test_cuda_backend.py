@@ -1,7 +1,9 @@
-"""The cuda backend without a GPU where possible: csrc/philox.cuh on the host,
-the extension built, linked, loaded, its ops registered, and the JIT build.
-With a GPU (`gpu` mark) its projection kernel too; values, gradients,
-strategies and determinism are in test_function.py and test_fused.py.
+"""The cuda backend without a GPU where possible: csrc/philox.cuh on the host
+(projections and dropout masks), the extension built, linked, loaded, its ops
+registered and called as their schemas say, and the JIT build. With a GPU
+(`gpu` mark) its projection kernel and dropout masks too; values, gradients,
+strategies and determinism are in test_function.py, test_fused.py and
+test_dropout.py.
 """
 
 import os
@@ -17,6 +19,8 @@ import torch
 import vera_kernels as vk
 from vera_kernels.backends import cuda as cuda_backend
 from vera_kernels import backends as ops
+from vera_kernels.backends.contract import NeededGrads, ProjectionSource
+from vera_kernels.dropout import DropoutMask, keep_mask
 from philox_model import KNOWN_ANSWERS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,6 +47,12 @@ def _run(binary, *args) -> str:
                           text=True, timeout=60).stdout
 
 
+def _hex_rows(text: str) -> np.ndarray:
+    """The host check's float32 bit patterns, one row per line."""
+    return np.array([[int(v, 16) for v in line.split()] for line in text.splitlines()],
+                    dtype=np.uint32)
+
+
 @pytest.mark.parametrize("counter,key,expected", KNOWN_ANSWERS)
 def test_host_philox_known_answers(host_check, counter, key, expected):
     words = _run(host_check, "kat", *counter, *key).split()
@@ -53,10 +63,37 @@ def test_host_philox_known_answers(host_check, counter, key, expected):
 @pytest.mark.parametrize("matrix,rows,cols", [("A", 5, 13), ("B", 11, 3), ("A", 3, 130), ("B", 9, 1)])
 def test_host_projection_bit_exact(host_check, matrix, rows, cols, seed):
     stream = {"A": 0, "B": 1}[matrix]
-    text = _run(host_check, "matrix", stream, rows, cols, seed)
-    bits = np.array([[int(v, 16) for v in line.split()] for line in text.splitlines()], dtype=np.uint32)
+    bits = _hex_rows(_run(host_check, "matrix", stream, rows, cols, seed))
     expected = vk.projection(matrix, rows, cols, seed).numpy().view(np.uint32)
     np.testing.assert_array_equal(bits, expected)
+
+
+def _spec_factors(dropout: DropoutMask, rows: int, cols: int) -> np.ndarray:
+    """keep · scale by the spec (vera_kernels/dropout.py), as float32 bit patterns."""
+    kept = keep_mask(dropout, 0, rows, cols, "cpu")
+    factors = torch.where(kept, torch.tensor(dropout.scale), torch.tensor(0.0)).float()
+    return factors.numpy().view(np.uint32)
+
+
+@pytest.mark.parametrize("seed", [0, 2**32 + 7, 2**63 + 17, 2**64 - 1])
+@pytest.mark.parametrize("rows,cols,p", [(5, 21, 0.3), (3, 8, 0.5), (70, 9, 0.1), (2, 130, 0.9),
+                                         (4, 3, 0.99999), (3, 5, 1e-6)])
+def test_host_dropout_mask_bit_exact(host_check, rows, cols, p, seed):
+    # philox.cuh's dropout_words / dropout_factor, one call per 8 features as the
+    # kernels use them, against the spec; p = 1e-6 rounds to threshold 0 (all kept).
+    dropout = DropoutMask(p, seed)
+    scale_bits = int(np.array(dropout.scale, dtype=np.float32).view(np.uint32))
+    bits = _hex_rows(_run(host_check, "dropout", rows, cols, seed, dropout.threshold, scale_bits))
+    np.testing.assert_array_equal(bits, _spec_factors(dropout, rows, cols))
+
+
+def test_dropout_args_are_the_spec_mask():
+    dropout = DropoutMask(0.3, 2**40 + 5)
+    threshold, scale, key0, key1 = cuda_backend._dropout_args(dropout)
+    assert (threshold, key0, key1) == (19661, 5, 2**8)
+    # The op takes the scale as a double and requires it to be float32-exact.
+    assert scale == dropout.scale == float(np.float32(scale))
+    assert cuda_backend._dropout_args(None) == (0, 1.0, 0, 0)  # threshold 0: no dropout
 
 
 def _toolkit_reason():
@@ -76,10 +113,12 @@ def test_prebuilt_extension_loads_and_registers_ops():
     cuda_backend.load()
     schemas = {name: str(getattr(torch.ops.vera_kernels_cuda, name).default._schema)
                for name in ("forward", "backward", "projection")}
-    assert ("Tensor? proj_b=None, bool into_base=False, Tensor? adapter_ids=None) "
-            "-> (Tensor, Tensor)") in schemas["forward"]
-    assert ("Tensor? proj_b=None, Tensor? adapter_ids=None) -> (Tensor, Tensor, Tensor)"
-            in schemas["backward"])
+    dropout_args = ("int dropout_threshold=0, float dropout_scale=1., int dropout_key0=0, "
+                    "int dropout_key1=0)")
+    assert ("Tensor? proj_b=None, bool into_base=False, Tensor? adapter_ids=None, "
+            f"{dropout_args} -> (Tensor, Tensor)") in schemas["forward"]
+    assert (f"Tensor? proj_b=None, Tensor? adapter_ids=None, {dropout_args} "
+            "-> (Tensor, Tensor, Tensor)") in schemas["backward"]
     # The reuse factor the benchmark reports is the header's kBlockM.
     header = (ROOT / "csrc" / "vera_kernels.h").read_text()
     assert f"kBlockM = {cuda_backend.BACKEND.reuse_factor};" in header
@@ -90,14 +129,57 @@ def test_prebuilt_extension_loads_and_registers_ops():
 
 @needs_toolkit
 @pytest.mark.parametrize("op", ["forward", "backward"])
-def test_ops_take_adapter_ids_last(op):
-    # CudaBackend passes adapter_ids positionally, last; an old prebuilt _C.so lacks it.
+def test_ops_take_adapter_ids_then_dropout_last(op):
+    # CudaBackend passes these positionally, last; an old prebuilt _C.so lacks them.
     cuda_backend.load()
     arguments = getattr(torch.ops.vera_kernels_cuda, op).default._schema.arguments
-    last = arguments[-1]
-    assert (last.name, str(last.type), last.has_default_value(), last.default_value) == (
-        "adapter_ids", "Optional[Tensor]", True, None)
-    assert len(arguments) == {"forward": 11, "backward": 14}[op]
+    tail = [(a.name, str(a.type), a.has_default_value(), a.default_value) for a in arguments[-5:]]
+    assert tail == [("adapter_ids", "Optional[Tensor]", True, None),
+                    ("dropout_threshold", "int", True, 0), ("dropout_scale", "float", True, 1.0),
+                    ("dropout_key0", "int", True, 0), ("dropout_key1", "int", True, 0)]
+    assert len(arguments) == {"forward": 15, "backward": 18}[op]
+
+
+class _RecordingOps:
+    """Stands in for torch.ops.vera_kernels_cuda: records each call's positional arguments."""
+
+    def __init__(self):
+        self.calls = {}
+
+    def block_m(self):
+        return 64
+
+    def forward(self, *args):
+        self.calls["forward"] = args
+        return args[0], args[0]
+
+    def backward(self, *args):
+        self.calls["backward"] = args
+        return args[0], args[0], args[0]
+
+
+@needs_toolkit
+def test_backend_passes_the_dropout_mask_as_the_schemas_name_it(monkeypatch):
+    # No GPU needed: CudaBackend's calls are bound to the registered schemas by name.
+    cuda_backend.load()
+    schemas = {op: getattr(torch.ops.vera_kernels_cuda, op).default._schema
+               for op in ("forward", "backward")}
+    recorder = _RecordingOps()
+    monkeypatch.setattr(torch.ops, "vera_kernels_cuda", recorder)
+    dropout = DropoutMask(0.25, 2**33 + 3)
+    x, d, b = torch.ones(3, 4), torch.ones(2), torch.ones(5)
+    source = ProjectionSource.from_seed(7)
+    cuda_backend.BACKEND.forward(x, d, b, source, None, dropout=dropout)
+    cuda_backend.BACKEND.backward(torch.ones(3, 5), torch.ones(3, 2), d, b, source, 4,
+                                  NeededGrads(True, False, False), dropout=dropout)
+    expected = {"dropout_threshold": dropout.threshold, "dropout_scale": dropout.scale,
+                "dropout_key0": 3, "dropout_key1": 2, "key0": 7, "key1": 0}
+    for op, schema in schemas.items():
+        args = recorder.calls[op]
+        assert len(args) == len(schema.arguments)
+        named = {a.name: v for a, v in zip(schema.arguments, args)}
+        assert {k: named[k] for k in expected} == expected
+        assert named["adapter_ids"] is None
 
 
 @needs_toolkit
@@ -117,7 +199,7 @@ def test_jit_build_without_prebuilt_extension(tmp_path):
                           timeout=900, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "vera_kernels_cuda::forward(" in proc.stdout
-    assert "Tensor? adapter_ids=None) -> (Tensor, Tensor)" in proc.stdout
+    assert "int dropout_key1=0) -> (Tensor, Tensor)" in proc.stdout
     assert list(tmp_path.rglob("vera_kernels_cuda*.so")), "no JIT-built library in the cache"
 
 
@@ -145,6 +227,29 @@ def test_cuda_projection_kernel_bit_exact(matrix, rows, cols, dtype):
         {"A": 0, "B": 1}[matrix], rows, cols, seed & 0xFFFFFFFF, seed >> 32, like
     )
     assert torch.equal(got, vk.projection(matrix, rows, cols, seed, dtype=dtype, device="cuda"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+@pytest.mark.parametrize("tokens,features", [(70, 21), (129, 130), (5, 8)])
+def test_cuda_dropout_masks_bit_exact(tokens, features, dtype):
+    # With identity projections (r = in = out) and unit vectors, h = dropout(x) and
+    # dx = dropout(grad) exactly: each is one product with one nonzero term.
+    cuda_backend.load()
+    dropout = DropoutMask(0.3, 2**40 + 9)
+    eye = torch.eye(features, dtype=dtype, device="cuda")
+    ones = torch.ones(features, dtype=dtype, device="cuda")
+    x = torch.randn(tokens, features, dtype=dtype, device="cuda")
+    grad = torch.randn(tokens, features, dtype=dtype, device="cuda")
+    args = cuda_backend._dropout_args(dropout)
+    expected = keep_mask(dropout, 0, tokens, features, "cuda").float() * dropout.scale
+    acc = torch.promote_types(dtype, torch.float32)
+    _, h = torch.ops.vera_kernels_cuda.forward(x, ones, ones, 0, 0, None, False, eye, eye, False,
+                                               None, *args)
+    assert torch.equal(h, (x.to(acc) * expected.to(acc)).to(dtype))
+    dx, _, _ = torch.ops.vera_kernels_cuda.backward(grad, h, ones, ones, 0, 0, features, False,
+                                                    True, False, False, eye, eye, None, *args)
+    assert torch.equal(dx, (grad.to(acc) * expected.to(acc)).to(dtype))
 
 
 @pytest.mark.gpu

@@ -47,8 +47,6 @@ def _with_mask(x, d, b, base, dropout):
 @pytest.mark.parametrize("backend,device", backend_device_params())
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_every_backend_applies_the_same_mask(backend, device, dtype):
-    if backend == "cuda":
-        pytest.skip("the cuda backend has no dropout yet (it raises NotImplementedError)")
     x, d, b, base = vera_inputs((37,), 29, 23, 6, dtype=dtype, device=device)
     leaves = [t.requires_grad_(True) for t in (x, d, b, base)]
     y = vk.vera_linear(*leaves[:3], SEED, leaves[3], backend=backend, dropout=P, dropout_seed=99)
@@ -91,8 +89,6 @@ def test_bad_probability():
 
 @pytest.mark.parametrize("backend,device", backend_device_params())
 def test_saved_for_backward_is_the_same_as_without_dropout(backend, device):
-    if backend == "cuda":
-        pytest.skip("the cuda backend has no dropout yet")
     x = torch.randn(64, 48, device=device, requires_grad=True)
     d, b = torch.randn(8, device=device), torch.randn(40, device=device)
     saved = {}

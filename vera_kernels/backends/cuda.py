@@ -12,6 +12,7 @@ from typing import Optional
 
 import torch
 
+from ..dropout import DropoutMask
 from .banks import per_adapter_sum
 from .contract import Grads
 from .strategy import RegeneratingBackend
@@ -95,21 +96,19 @@ class CudaBackend(RegeneratingBackend):
 
     def forward(self, x, lambda_d, lambda_b, source, base, *, into_base=False, adapter_ids=None,
                 dropout=None):
-        _no_dropout_yet(dropout)
         load()
         return torch.ops.vera_kernels_cuda.forward(
             x, lambda_d, lambda_b, *source.key_words(), base, self.generates(x.shape[0]),
-            source.a, source.b, into_base, adapter_ids,
+            source.a, source.b, into_base, adapter_ids, *_dropout_args(dropout),
         )
 
     def backward(self, grad, h, lambda_d, lambda_b, source, in_features, needed, adapter_ids=None,
                  dropout=None):
-        _no_dropout_yet(dropout)
         load()
         dx, dd, db = torch.ops.vera_kernels_cuda.backward(
             grad, h, lambda_d, lambda_b, *source.key_words(), in_features,
             self.generates(h.shape[0]), needed.x, needed.lambda_d, needed.lambda_b,
-            source.a, source.b, adapter_ids,
+            source.a, source.b, adapter_ids, *_dropout_args(dropout),
         )
         if adapter_ids is not None:
             # Banked, the op returns dd and db per token row (u ⊙ h, g ⊙ z): summed
@@ -125,7 +124,12 @@ class CudaBackend(RegeneratingBackend):
 BACKEND = CudaBackend()
 
 
-def _no_dropout_yet(dropout) -> None:
-    if dropout is not None:
-        raise NotImplementedError("the cuda backend has no adapter dropout yet: use the triton or "
-                                  "torch backend, or dropout=0")
+def _dropout_args(dropout: Optional[DropoutMask]) -> tuple:
+    """The ops' trailing ``(dropout_threshold, dropout_scale, dropout_key0, dropout_key1)``.
+
+    The mask's threshold and float32 scale as the spec rounds them, so the
+    kernels need not repeat that rounding; threshold 0 is no dropout.
+    """
+    if dropout is None:
+        return (0, 1.0, 0, 0)
+    return (dropout.threshold, dropout.scale, *dropout.key_words())
