@@ -305,8 +305,6 @@ def test_custom_ops_pass_opcheck():
 @pytest.mark.parametrize("backend,device", backend_device_params())
 def test_float32_vectors_with_half_activations(backend, device):
     # The vectors lose nothing (PEFT keeps adapters in fp32): the kernels scale in fp32.
-    if backend == "cuda":
-        pytest.skip("the cuda backend takes vectors in x's dtype")
     x, _, _, base = vera_inputs((3, 11), 21, 17, 6, dtype=torch.float16, device=device)
     d, b = (torch.randn(n, device=device, dtype=torch.float32) for n in (6, 17))
     got = _run(vk.vera_linear, x, d, b, base, backend=backend)

@@ -97,6 +97,9 @@ class CudaBackend(RegeneratingBackend):
     def forward(self, x, lambda_d, lambda_b, source, base, *, into_base=False, adapter_ids=None,
                 dropout=None):
         load()
+        # The extension takes the vectors in the compute dtype (float32 ones
+        # under half activations are rounded here; Triton scales in float32).
+        lambda_d, lambda_b = lambda_d.to(x.dtype), lambda_b.to(x.dtype)
         return torch.ops.vera_kernels_cuda.forward(
             x, lambda_d, lambda_b, *source.key_words(), base, self.generates(x.shape[0]),
             source.a, source.b, into_base, adapter_ids, *_dropout_args(dropout),
@@ -105,6 +108,8 @@ class CudaBackend(RegeneratingBackend):
     def backward(self, grad, h, lambda_d, lambda_b, source, in_features, needed, adapter_ids=None,
                  dropout=None):
         load()
+        dtypes = lambda_d.dtype, lambda_b.dtype  # the gradients' (the vectors may be wider)
+        lambda_d, lambda_b = lambda_d.to(h.dtype), lambda_b.to(h.dtype)
         dx, dd, db = torch.ops.vera_kernels_cuda.backward(
             grad, h, lambda_d, lambda_b, *source.key_words(), in_features,
             self.generates(h.shape[0]), needed.x, needed.lambda_d, needed.lambda_b,
@@ -114,11 +119,12 @@ class CudaBackend(RegeneratingBackend):
             # Banked, the op returns dd and db per token row (u ⊙ h, g ⊙ z): summed
             # per adapter here, in the fixed order every backend shares.
             if needed.lambda_d:
-                dd = per_adapter_sum(dd, adapter_ids, lambda_d.shape[0]).to(lambda_d.dtype)
+                dd = per_adapter_sum(dd, adapter_ids, lambda_d.shape[0])
             if needed.lambda_b:
-                db = per_adapter_sum(db, adapter_ids, lambda_b.shape[0]).to(lambda_b.dtype)
-        return Grads(dx if needed.x else None, dd if needed.lambda_d else None,
-                     db if needed.lambda_b else None)
+                db = per_adapter_sum(db, adapter_ids, lambda_b.shape[0])
+        return Grads(dx if needed.x else None,
+                     dd.to(dtypes[0]) if needed.lambda_d else None,
+                     db.to(dtypes[1]) if needed.lambda_b else None)
 
 
 BACKEND = CudaBackend()
