@@ -12,11 +12,14 @@ from .model import (
     apply_vera,
     disable_vera,
     load_vera_state_dict,
+    merge_and_unload,
     merge_vera,
+    unload,
     unmerge_vera,
     vera_state_dict,
 )
 from .module import VeRALinear
+from .peft_compat import get_nb_trainable_parameters, print_trainable_parameters
 from .peft_interop import from_peft, save_peft_adapter
 from .projection import projection
 
@@ -34,6 +37,10 @@ __all__ = [
     "disable_vera",
     "merge_vera",
     "unmerge_vera",
+    "merge_and_unload",
+    "unload",
+    "get_nb_trainable_parameters",
+    "print_trainable_parameters",
     "from_peft",
     "save_peft_adapter",
     "save_adapter",

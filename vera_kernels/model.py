@@ -1,18 +1,23 @@
-"""Whole-model helpers: put VeRA layers into a model, save and load just the adapter."""
+"""Whole-model helpers: put VeRA layers into a model, save and load just the adapter.
+
+Beside the VeRA vectors a model may train, as in PEFT, whole modules (``modules_to_save``,
+e.g. a classifier head) and biases (``bias="all"`` / ``"vera_only"``). The model remembers
+them (``trained_extras``), and the adapter carries them: ``vera_state_dict`` /
+``load_vera_state_dict``, ``save_adapter`` and ``save_peft_adapter`` include their tensors.
+"""
 
 from __future__ import annotations
 
 import contextlib
-import re
 import warnings
 from collections.abc import Mapping
-from typing import Iterator, Optional, Union
+from typing import Iterator, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
-from .base_layers import is_adaptable
 from .module import VeRALinear
+from .peft_compat import matches, output_head, select_targets
 from .projection import check_seed
 
 __all__ = [
@@ -24,29 +29,37 @@ __all__ = [
     "disable_vera",
     "merge_vera",
     "unmerge_vera",
+    "merge_and_unload",
+    "unload",
+    "trained_extras",
 ]
 
 CONFIG_KEY = "vera_config"
-
-
-def _matches(name: str, target_modules: Union[str, list[str], tuple[str, ...]]) -> bool:
-    # As PEFT: a string is a regex matched against the full name; a list holds
-    # names matched exactly or as a dotted suffix.
-    if isinstance(target_modules, str):
-        return re.fullmatch(target_modules, name) is not None
-    return any(name == t or name.endswith("." + t) for t in target_modules)
+# The entry of CONFIG_KEY's mapping that names what is trained beside the vectors. No
+# module path starts with a dot, so it can never be a layer's name.
+TRAINED_KEY = ".trained"
+# Where a model remembers its trained extras, and where a PeftModel converted by from_peft
+# keeps the model it became (plain attributes: they are not state).
+TRAINED_ATTR = "_vera_trained_extras"
+CONVERTED_ATTR = "_vera_kernels_converted_to"
+BIAS_OPTIONS = ("none", "all", "vera_only")
+NO_EXTRAS = {"modules_to_save": [], "bias": "none"}
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The user's model inside DDP / torch.compile wrappers (which prefix its names).
+    """The user's model inside DDP / torch.compile wrappers (which prefix its names), or
+    inside a PeftModel that ``from_peft`` converted.
 
     FSDP2's ``fully_shard`` works in place and needs no unwrapping.
     """
     while True:
+        converted = vars(model).get(CONVERTED_ATTR)
         if isinstance(model, nn.parallel.DistributedDataParallel):
             model = model.module
         elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
             model = model._orig_mod  # torch.compile's OptimizedModule
+        elif converted is not None:
+            model = converted
         else:
             return model
 
@@ -88,6 +101,119 @@ def _copy_into(param: torch.Tensor, value: torch.Tensor) -> None:
     param.copy_(value)
 
 
+# What a model trains beside the vectors ------------------------------------------------
+
+def trained_extras(model: nn.Module) -> dict:
+    """``{"modules_to_save": [full names], "bias": "none" | "all" | "vera_only"}``: what
+    ``model`` trains beside its VeRA vectors (set by ``apply_vera`` or ``from_peft``)."""
+    extras = vars(unwrap(model)).get(TRAINED_ATTR) or NO_EXTRAS
+    return {"modules_to_save": list(extras["modules_to_save"]), "bias": extras["bias"]}
+
+
+def _set_trained(root: nn.Module, extras: dict) -> None:
+    value = {"modules_to_save": sorted(extras["modules_to_save"]), "bias": extras["bias"]}
+    if value == NO_EXTRAS:
+        vars(root).pop(TRAINED_ATTR, None)
+    else:
+        vars(root)[TRAINED_ATTR] = value
+
+
+def _describe(extras: dict) -> str:
+    return f"modules_to_save={extras['modules_to_save']}, bias={extras['bias']!r}"
+
+
+def _bias_params(root: nn.Module, bias: str) -> dict:
+    """The biases PEFT's ``bias`` option trains, by parameter name."""
+    if bias == "all":  # every bias of the model
+        return {n: p for n, p in root.named_parameters() if n == "bias" or n.endswith(".bias")}
+    if bias == "vera_only":  # the biases of the adapted layers
+        return {f"{n}.base_layer.bias" if n else "base_layer.bias": layer.base_layer.bias
+                for n, layer in vera_layers(root) if layer.base_layer.bias is not None}
+    return {}
+
+
+def _check_saved_modules(root: nn.Module, saved: Sequence[str]) -> None:
+    """Each module to save exists, holds no VeRA layer, and shares no parameter with a
+    module outside it (training it would silently change that one too, which PEFT's
+    modules_to_save, a separate copy, does not)."""
+    modules = dict(root.named_modules())
+    in_vera = tuple(f"{n}." for n, m in modules.items() if n and isinstance(m, VeRALinear))
+    owner = {}
+    for name in saved:
+        if name not in modules:
+            raise ValueError(f"module to save {name!r} is not in the model")
+        if name.startswith(in_vera) or any(isinstance(m, VeRALinear) for m in modules[name].modules()):
+            raise ValueError(f"module to save {name!r} is, holds or lies inside a VeRA layer; "
+                             "a module is either adapted or saved whole")
+        owner.update({id(p): name for p in modules[name].parameters()})
+    inside = tuple(f"{n}." for n in saved)
+    for pname, param in root.named_parameters(remove_duplicate=False):
+        if id(param) in owner and not pname.startswith(inside):
+            raise ValueError(
+                f"module to save {owner[id(param)]!r} shares a parameter with {pname!r} (tied "
+                "weights): training it would change both, which PEFT (a separate copy) would "
+                "not reproduce; untie them first (e.g. tie_word_embeddings=False)")
+
+
+def _trained_tensors(root: nn.Module, extras: dict) -> dict:
+    """The live tensors ``extras`` names, by state-dict key: every module to save's state
+    (parameters and buffers) and the trained biases."""
+    _check_saved_modules(root, extras["modules_to_save"])
+    tensors = {}
+    for name in extras["modules_to_save"]:
+        for key, value in root.get_submodule(name).state_dict(keep_vars=True).items():
+            if not isinstance(value, torch.Tensor):
+                raise ValueError(f"module to save {name!r} has non-tensor state {key!r}, "
+                                 "which an adapter file cannot hold")
+            tensors[f"{name}.{key}"] = value
+    for key, param in _bias_params(root, extras["bias"]).items():
+        tensors.setdefault(key, param)  # a saved module's bias is already there
+    return tensors
+
+
+def _mark_trainable(root: nn.Module) -> None:
+    # Exactly the vectors of every adapter and the trained extras require grad.
+    root.requires_grad_(False)
+    for _, layer in vera_layers(root):
+        for adapter in layer.adapter_names():
+            for vector in layer.adapter_vectors(adapter):
+                vector.requires_grad_(True)
+    for tensor in _trained_tensors(root, trained_extras(root)).values():
+        if isinstance(tensor, nn.Parameter):
+            tensor.requires_grad_(True)
+
+
+def _combined_extras(root: nn.Module, modules_to_save, bias: str) -> dict:
+    """The model's extras plus those asked for (apply_vera adds; it never un-trains)."""
+    if bias not in BIAS_OPTIONS:
+        raise ValueError(f"bias must be one of {BIAS_OPTIONS}, got {bias!r}")
+    if modules_to_save is None:
+        modules_to_save = []
+    if isinstance(modules_to_save, str) or not all(isinstance(m, str) and m for m in modules_to_save):
+        raise ValueError(f"modules_to_save must be a list of module names, got {modules_to_save!r}")
+    current = trained_extras(root)
+    if bias != "none" and current["bias"] not in ("none", bias):
+        raise ValueError(f"apply_vera(bias={bias!r}): the model already trains bias={current['bias']!r}")
+    saved = set(current["modules_to_save"])
+    names = [n for n, _ in root.named_modules() if n]
+    for wanted in modules_to_save:
+        hits = [n for n in names if matches(n, [wanted])]
+        if not hits:
+            raise ValueError(f"modules_to_save entry {wanted!r} matches no module of the model")
+        saved.update(hits)
+    # A module inside another saved module is saved with it.
+    outermost = [n for n in saved if not any(n.startswith(o + ".") for o in saved)]
+    return {"modules_to_save": sorted(outermost), "bias": bias if bias != "none" else current["bias"]}
+
+
+def _warn_kept_extras(root: nn.Module, action: str) -> None:
+    extras = trained_extras(root)
+    if extras != NO_EXTRAS:
+        warnings.warn(f"{action}: the model also trains {_describe(extras)}; those keep their "
+                      "trained values (the model holds no other copy), so this is not the base "
+                      "model's output", stacklevel=3)
+
+
 def apply_vera(
     model: nn.Module,
     target_modules: Union[str, list[str], tuple[str, ...]],
@@ -96,50 +222,55 @@ def apply_vera(
     seed: int = 0,
     d_initial: float = 0.1,
     dropout: float = 0.0,
+    modules_to_save: Optional[Sequence[str]] = None,
+    bias: str = "none",
+    exclude_modules: Optional[Union[str, Sequence[str]]] = None,
+    layers_to_transform: Optional[Union[int, list[int]]] = None,
+    layers_pattern: Optional[Union[str, list[str]]] = None,
 ) -> nn.Module:
-    """Replace the matching ``nn.Linear`` (or ``Conv1D``) submodules by ``VeRALinear``; freeze the rest.
+    """Replace the targeted ``nn.Linear`` (or ``Conv1D``) submodules by ``VeRALinear``; freeze the rest.
+
+    Targets are chosen by PEFT's rules and option names (see ``peft_compat``).
 
     Args:
         model: modified in place (and returned).
-        target_modules: a regex matched against full module names, or a list
-            of names matched exactly or as a dotted suffix (``"q_proj"``
-            matches ``"layers.0.attn.q_proj"``), as PEFT does.
-        r, seed, d_initial: as for ``VeRALinear``; every layer shares the seed.
+        target_modules: a regex matched against full module names, a list of names
+            matched exactly or as a dotted suffix (``"q_proj"`` matches
+            ``"layers.0.attn.q_proj"``), or ``"all-linear"``: every linear layer but the
+            output head (``model.get_output_embeddings()``).
+        r, seed, d_initial, dropout: as for ``VeRALinear``; every layer shares the seed.
+        modules_to_save: names (exact or dotted suffix) of modules trained whole beside
+            the adapter, e.g. ``["lm_head"]`` or a classifier: they become trainable, are
+            never adapted, and every adapter format carries their weights.
+        bias: ``"none"``, ``"all"`` (every bias of the model trains) or ``"vera_only"``
+            (the biases of the adapted layers), as PEFT's ``bias``.
+        exclude_modules: a regex or list of names never adapted.
+        layers_to_transform, layers_pattern: adapt suffix-matched names only in these
+            layer indices (PEFT's rule: the index after ``<layers_pattern>.``, or after the
+            first numbered segment).
 
     Returns:
-        ``model``, in which only the VeRA vectors require grad.
+        ``model``, in which only the VeRA vectors and the extras above require grad.
 
     Raises:
-        ValueError: nothing matched. TypeError: a match is not an nn.Linear.
+        ValueError: nothing matched, a bad option, a ``modules_to_save`` entry matching
+            nothing or tied to a module outside it. TypeError: a match is not an nn.Linear.
     """
-    if not isinstance(target_modules, (str, list, tuple)) or not target_modules:
-        raise ValueError(f"target_modules must be a regex or a non-empty list, got {target_modules!r}")
-    inside_vera = tuple(f"{name}." for name, _ in vera_layers(model) if name)
-    matched = []
-    for name, module in model.named_modules():
-        if not name or name.startswith(inside_vera) or not _matches(name, target_modules):
-            continue
-        if not (is_adaptable(module) or isinstance(module, VeRALinear)):
-            raise TypeError(
-                f"target module {name!r} is a {type(module).__name__}; "
-                "VeRA supports nn.Linear and transformers' Conv1D"
-            )
-        matched.append((name, module))
-    if not matched:
-        raise ValueError(f"target_modules {target_modules!r} matched no nn.Linear in the model")
-    _check_same_adapter(model, r, check_seed(seed))
+    root = unwrap(model)
+    extras = _combined_extras(root, modules_to_save, bias)
+    matched = select_targets(root, target_modules, exclude_modules=exclude_modules,
+                             layers_to_transform=layers_to_transform,
+                             layers_pattern=layers_pattern, skip=extras["modules_to_save"])
+    _check_same_adapter(root, r, check_seed(seed))
+    _check_saved_modules(root, extras["modules_to_save"])
 
     for name, module in matched:
         if isinstance(module, VeRALinear):
             continue  # already adapted
-        replace_submodule(model, name, VeRALinear.from_linear(module, r, seed=seed, d_initial=d_initial,
-                                                              dropout=dropout))
-
-    model.requires_grad_(False)
-    for _, layer in vera_layers(model):
-        for adapter in layer.adapter_names():
-            for vector in layer.adapter_vectors(adapter):
-                vector.requires_grad_(True)
+        replace_submodule(root, name, VeRALinear.from_linear(module, r, seed=seed, d_initial=d_initial,
+                                                             dropout=dropout))
+    _set_trained(root, extras)
+    _mark_trainable(root)
     return model
 
 
@@ -158,8 +289,10 @@ def _check_same_adapter(model: nn.Module, r: int, seed: int) -> None:
 def disable_vera(model: nn.Module):
     """Within the block, every VeRA layer computes its base layer alone (e.g. a DPO reference).
 
-    Merged layers are unmerged for the duration and merged again afterwards.
+    Merged layers are unmerged for the duration and merged again afterwards. Modules to
+    save and trained biases (``trained_extras``) keep their trained values: a warning says so.
     """
+    _warn_kept_extras(unwrap(model), "disable_vera")
     layers = [layer for _, layer in vera_layers(model)]
     merged = [layer for layer in layers if layer.merged]
     for layer in merged:
@@ -192,6 +325,78 @@ def unmerge_vera(model: nn.Module) -> nn.Module:
     return model
 
 
+def _vera_layer_list(root: nn.Module) -> list:
+    layers = list(vera_layers(root))
+    if not layers:
+        raise ValueError("model has no VeRALinear layers")
+    return layers
+
+
+def _put_base_layers_back(root: nn.Module, layers: list) -> nn.Module:
+    for name, layer in layers:
+        if not name:  # the model is a single VeRA layer
+            return layer.base_layer
+        replace_submodule(root, name, layer.base_layer)
+    _set_trained(root, NO_EXTRAS)  # a plain model from here on
+    return root
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """A plain model computing what ``model`` computes now: each VeRA layer's active
+    adapter folded into its base weight, and the base layer put back in its place.
+
+    In place; returns the unwrapped model, of the original architecture (its
+    ``save_pretrained`` output loads with e.g. ``LlamaForCausalLM.from_pretrained``).
+    Modules to save and trained biases stay as trained. A quantized base weight is
+    requantized (lossy, warned), as ``VeRALinear.merge``.
+    """
+    root = unwrap(model)
+    layers = _vera_layer_list(root)
+    mixed = [name for name, layer in layers if layer.row_adapters is not None]
+    if mixed:
+        raise RuntimeError(f"merge_and_unload inside adapter_batch (layers {mixed[:3]}...): "
+                           "one adapter per model can be merged")
+    for _, layer in layers:
+        if not (layer.merged or layer.disabled or layer.active_adapter is None):
+            layer.merge()
+    _untie_diverged_embeddings(root)
+    return _put_base_layers_back(root, layers)
+
+
+def _untie_diverged_embeddings(root: nn.Module) -> None:
+    # PEFT's rule on merging: an output head trained apart from the input embedding (a
+    # modules_to_save copy of a tied lm_head) must not be re-tied when the saved model
+    # loads, which a config still saying tie_word_embeddings=True would do.
+    config = getattr(root, "config", None)
+    if not getattr(config, "tie_word_embeddings", False):
+        return
+    try:
+        head, embedding = output_head(root), root.get_input_embeddings()
+    except (AttributeError, NotImplementedError):  # not a model with embeddings
+        return
+    weights = [getattr(m, "weight", None) for m in (head, embedding)]
+    if all(isinstance(w, torch.Tensor) for w in weights) and weights[0].data_ptr() != weights[1].data_ptr():
+        config.tie_word_embeddings = False
+        warnings.warn("merge_and_unload: the output head is no longer tied to the input "
+                      "embedding; set tie_word_embeddings=False in the model's config", stacklevel=3)
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """The base model back: every VeRA layer replaced by its base layer, adapters dropped.
+
+    Base weights are left as they were (a merged layer is unmerged first, exact up to the
+    weight's rounding). Modules to save and trained biases keep their trained values (the
+    model holds no other copy; warned). In place; returns the unwrapped model.
+    """
+    root = unwrap(model)
+    layers = _vera_layer_list(root)
+    _warn_kept_extras(root, "unload")
+    for _, layer in layers:
+        if layer.merged:
+            layer.unmerge()
+    return _put_base_layers_back(root, layers)
+
+
 def _layer_config(layer: VeRALinear) -> dict:
     return {
         # Explicit projections belong to the model, not to the adapter file.
@@ -204,44 +409,81 @@ def _layer_config(layer: VeRALinear) -> dict:
 
 def vera_state_dict(model: nn.Module, adapter: str = "default") -> dict:
     """One adapter alone (``"default"``: the one apply_vera made): every layer's two vectors
-    plus what rebuilds its projections.
+    plus what rebuilds its projections, and the tensors the model trains beside them.
 
     Keys are ``"<layer>.vera_lambda_d"`` / ``"<layer>.vera_lambda_b"`` (tensors)
     and ``"vera_config"``: ``{layer: {"seed", "r", "in_features", "out_features"}}``.
+    A model with modules to save or trained biases (``trained_extras``) adds their
+    tensors under the model's own keys (``"lm_head.weight"``,
+    ``"<layer>.base_layer.bias"``) and ``vera_config[".trained"]``:
+    ``{"modules_to_save": [...], "bias": ...}``; those are shared by all the model's
+    adapters, so every adapter's state dict carries them.
     Suitable for ``torch.save`` (and ``torch.load(weights_only=True)``). Layer
     names are those of the unwrapped model, so a checkpoint taken under DDP or
     FSDP2 (whole vectors, gathered; a collective there, so call it on every
     rank) loads into a plain single-process model.
     """
+    root = unwrap(model)
     state: dict = {}
-    config = {}
-    for name, layer in vera_layers(model):
+    config: dict = {}
+    for name, layer in _vera_layer_list(root):
         lambda_d, lambda_b = layer.adapter_vectors(adapter)
         state[f"{name}.vera_lambda_d"] = _full(lambda_d.detach())
         state[f"{name}.vera_lambda_b"] = _full(lambda_b.detach())
         config[name] = _layer_config(layer)
-    if not config:
-        raise ValueError("model has no VeRALinear layers")
+    extras = trained_extras(root)
+    if extras != NO_EXTRAS:
+        config[TRAINED_KEY] = extras
+        for key, tensor in _trained_tensors(root, extras).items():
+            state[key] = _full(tensor.detach())
     state[CONFIG_KEY] = config
     return state
 
 
-def _vector_problem(value, expected: torch.Tensor) -> Optional[str]:
+def _tensor_problem(value, expected: torch.Tensor) -> Optional[str]:
     if not isinstance(value, torch.Tensor):
         return f"expected a tensor, got {type(value).__name__}"
-    if not value.is_floating_point():
+    if expected.is_floating_point() and not value.is_floating_point():
         return f"expected a floating-point tensor, got {value.dtype}"
+    if not expected.is_floating_point() and value.dtype != expected.dtype:
+        return f"expected a {expected.dtype} tensor, got {value.dtype}"
     if tuple(value.shape) != tuple(expected.shape):
         return f"expected shape {tuple(expected.shape)}, got {tuple(value.shape)}"
     return None
 
 
-def _check_vera_state_dict(layers: dict, state_dict, strict: bool) -> None:
-    """Raise ValueError naming the first problem of ``state_dict`` for ``layers``; copy nothing."""
+def _config_of(state_dict) -> Mapping:
     if not isinstance(state_dict, Mapping) or not isinstance(state_dict.get(CONFIG_KEY), Mapping):
         raise ValueError(f"not a vera_state_dict: no {CONFIG_KEY!r} mapping")
-    saved = state_dict[CONFIG_KEY]
-    missing, unexpected = sorted(set(layers) - set(saved)), sorted(set(saved) - set(layers))
+    return state_dict[CONFIG_KEY]
+
+
+def _saved_extras(state_dict) -> dict:
+    """The trained extras a state dict carries (checked), as ``trained_extras`` gives them."""
+    extras = _config_of(state_dict).get(TRAINED_KEY, NO_EXTRAS)
+    names = extras.get("modules_to_save") if isinstance(extras, Mapping) else None
+    if not isinstance(extras, Mapping) or set(extras) != set(NO_EXTRAS) \
+            or extras["bias"] not in BIAS_OPTIONS or not isinstance(names, (list, tuple)) \
+            or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"state dict entry {CONFIG_KEY}[{TRAINED_KEY!r}]: expected "
+                         f"{{'modules_to_save': [names], 'bias': one of {BIAS_OPTIONS}}}, got {extras!r}")
+    return {"modules_to_save": sorted(names), "bias": extras["bias"]}
+
+
+def _check_vera_state_dict(layers: dict, state_dict, strict: bool,
+                           extras: Optional[dict] = None) -> None:
+    """Raise ValueError naming the first problem of ``state_dict`` for ``layers`` (and the
+    ``extras`` tensors, by key); copy nothing. ``extras=None``: the state dict must carry
+    vectors alone (``add_adapter``: extras are the model's, not an adapter's)."""
+    saved = _config_of(state_dict)
+    if extras is None and TRAINED_KEY in saved:
+        raise ValueError(
+            f"this state dict also carries {_describe(_saved_extras(state_dict))}, which a model "
+            "holds once, not per adapter: load it with load_vera_state_dict (or load_adapter "
+            "without adapter_name)")
+    extras = extras or {}
+    saved_layers = set(saved) - {TRAINED_KEY}
+    missing, unexpected = sorted(set(layers) - saved_layers), sorted(saved_layers - set(layers))
     if missing or unexpected:
         raise ValueError(
             "VeRA layers differ between model and state dict: "
@@ -252,15 +494,16 @@ def _check_vera_state_dict(layers: dict, state_dict, strict: bool) -> None:
             raise ValueError(
                 f"VeRA layer {name!r}: state dict has {saved[name]}, model has {_layer_config(layer)}"
             )
-        for vector in ("vera_lambda_d", "vera_lambda_b"):
-            key = f"{name}.{vector}"
-            if key not in state_dict:
-                raise ValueError(f"state dict has no {key!r}")
-            problem = _vector_problem(state_dict[key], getattr(layer, vector))
-            if problem is not None:
-                raise ValueError(f"state dict entry {key!r}: {problem}")
-    known = {CONFIG_KEY} | {f"{n}.{v}" for n in layers for v in ("vera_lambda_d", "vera_lambda_b")}
-    unknown = sorted(str(k) for k in state_dict if k not in known)
+    expected = {f"{n}.{v}": getattr(layer, v) for n, layer in layers.items()
+                for v in ("vera_lambda_d", "vera_lambda_b")}
+    expected.update(extras)
+    for key, tensor in expected.items():
+        if key not in state_dict:
+            raise ValueError(f"state dict has no {key!r}")
+        problem = _tensor_problem(state_dict[key], tensor)
+        if problem is not None:
+            raise ValueError(f"state dict entry {key!r}: {problem}")
+    unknown = sorted(str(k) for k in state_dict if k != CONFIG_KEY and k not in expected)
     if unknown and strict:
         raise ValueError(f"state dict has unknown keys {unknown} (strict=False loads without them)")
     if unknown:
@@ -270,17 +513,27 @@ def _check_vera_state_dict(layers: dict, state_dict, strict: bool) -> None:
 def load_vera_state_dict(model: nn.Module, state_dict: dict, *, strict: bool = True,
                          adapter: str = "default") -> None:
     """Copy the vectors of ``vera_state_dict`` output into ``model``'s VeRA layers (into
-    ``adapter``'s vectors).
+    ``adapter``'s vectors), and the tensors of its modules to save and trained biases.
 
     Atomic: every layer, key, tensor type and exact shape (and each layer's
     seed, r and shape) is checked before anything is copied; on any problem
     a ValueError names it and the model is left untouched. Unknown keys are
-    an error, or a warning with ``strict=False``. Merged layers stay merged,
+    an error, or a warning with ``strict=False``. The state dict's modules to
+    save and bias option must be the model's; a model without any takes them
+    on (they become trainable and remembered, as ``apply_vera`` would make them).
+    Merged layers stay merged,
     with the loaded vectors: the old adapter is taken out of the base weight
     and the new one folded in, so the base weight never drifts.
     """
     layers = dict(vera_layers(model))
-    _check_vera_state_dict(layers, state_dict, strict)
+    root = unwrap(model)
+    saved, current = _saved_extras(state_dict), trained_extras(root)
+    adopt = current == NO_EXTRAS and saved != NO_EXTRAS
+    if current != saved and not adopt:
+        raise ValueError(f"the model trains {_describe(current)} beside its vectors, the state "
+                         f"dict carries {_describe(saved)}: they must be the same")
+    extras = _trained_tensors(root, saved)
+    _check_vera_state_dict(layers, state_dict, strict, extras)
     for layer in layers.values():
         layer.adapter_vectors(adapter)  # KeyError naming the adapters if absent
     with torch.no_grad():
@@ -293,3 +546,10 @@ def load_vera_state_dict(model: nn.Module, state_dict: dict, *, strict: bool = T
             _copy_into(lambda_b, state_dict[f"{name}.vera_lambda_b"])
             if merged:
                 layer.merge()
+        for key, tensor in extras.items():
+            _copy_into(tensor, state_dict[key])
+    if adopt:
+        _set_trained(root, saved)
+        for tensor in extras.values():
+            if isinstance(tensor, nn.Parameter):
+                tensor.requires_grad_(True)
