@@ -214,10 +214,18 @@ def test_table_fits_120_columns_on_cpu_and_wide_shows_all():
         assert len(line) <= report.TABLE_WIDTH, line
     # Small, noisy timings: 3 significant digits, the spread capped at 99%.
     fast = {"median_ms": 0.0123456, "p20_ms": 0.001, "p80_ms": 0.1}
-    line = report.table_row(_row(forward=fast), narrow)
-    assert len(line) <= report.TABLE_WIDTH and "0.0123±99%" in line and "1235±99%" in line
+    line = report.table_row(_row(forward_backward=fast, backward=_row()["forward"]),
+                            report.columns(cpu, wide=True))
+    assert "0.0123±99%" in line and "1235±99%" in line
     assert [name for name, _ in report.columns(cpu, wide=True)] == [name for name, _ in report.COLUMNS]
-    assert report.columns(cuda) == report.COLUMNS
+    assert report.columns(cuda, wide=True) == report.COLUMNS
+    # On CUDA too, with the GPU columns filled and the longest strategy name.
+    gpu_row = _row(peak_bytes=123456 * 2**20, roofline_fraction=0.999, impl="ours-triton",
+                   strategy="Philox, workspace")
+    for line in (report.table_header(report.columns(cuda)),
+                 report.table_row(gpu_row, report.columns(cuda))):
+        assert len(line) <= report.TABLE_WIDTH, line
+    assert "%roof" in report.table_header(report.columns(cuda))
     wide_header = report.table_header(report.columns(cpu, wide=True))
     assert all(name in wide_header for name in report.GPU_COLUMNS)
     assert not any(name in report.table_header(narrow) for name in report.GPU_COLUMNS)

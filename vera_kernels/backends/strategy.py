@@ -47,7 +47,7 @@ class RegeneratingBackend(Backend):
         return strategy_for(tokens, self.reuse_factor) == "generate"
 
     def projection_strategy(self, tokens: int) -> str:
-        return f"{strategy_for(tokens, self.reuse_factor)} (Philox in-kernel)"
+        return f"Philox, {strategy_for(tokens, self.reuse_factor)}"
 
     def generation_int_ops(self, tokens: int, r: int, in_features: int, out_features: int) -> int:
         passes = -(-tokens // self.reuse_factor) if self.generates(tokens) else 1

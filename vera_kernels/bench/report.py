@@ -134,6 +134,9 @@ COLUMNS = [
 # allocator's figure, and the adapter's throughput and roofline fraction are
 # figures of GPU kernels against the vendor's peaks.
 GPU_COLUMNS = {"peak MB", "GB/s", "TFLOP/s", "%roof"}
+# Shown with --wide only: forward and backward alone (in the JSON either way)
+# on any device, and the rates behind %roof on CUDA, so the table fits 120 columns.
+WIDE_ONLY = {"fwd ms", "bwd ms", "GB/s", "TFLOP/s"}
 TABLE_WIDTH = 120  # what the table fits on a CPU; prose is wrapped to it too
 LEGEND = (
     "ms: median ± half the 20-80% spread, in % of the median (99: that or more); x unfused / "
@@ -145,8 +148,12 @@ LEGEND = (
 
 
 def columns(device: torch.device, wide: bool = False) -> list:
-    """The table's columns on ``device``: all of them on CUDA or when ``wide``."""
-    return [c for c in COLUMNS if wide or device.type == "cuda" or c[0] not in GPU_COLUMNS]
+    """The table's columns on ``device`` (all of them when ``wide``): without the ones only
+    a GPU fills on a CPU, and without the ``WIDE_ONLY`` details."""
+    if wide:
+        return list(COLUMNS)
+    return [c for c in COLUMNS
+            if c[0] not in WIDE_ONLY and (device.type == "cuda" or c[0] not in GPU_COLUMNS)]
 
 
 def _line(cells: list, cols: list) -> str:
