@@ -113,7 +113,8 @@ def test_extra_repr_and_state():
     text = repr(layer)
     assert "in_features=6, out_features=5, r=2, seed=1099511627776, merged=False" in text
     state = layer.state_dict()
-    assert decode_extra_state(state["_extra_state"]) == {"seed": 2**40, "r": 2, "merged": False}
+    assert decode_extra_state(state["_extra_state"]) == {"seed": 2**40, "r": 2, "merged": False,
+                                                        "merged_adapter": None}
     other = vk.VeRALinear(6, 5, r=2, seed=0)
     other.load_state_dict(state)
     assert other.seed == 2**40

@@ -285,3 +285,109 @@ def test_mixed_batch_generate_equals_each_row_alone():
         assert torch.equal(mixed[row, -6:], alone[0, -6:]), f"row {row} ({name})"
         outputs.add(tuple(alone[0, -6:].tolist()))
     assert len(outputs) >= 3  # the adapters learned different things
+
+
+# --- regressions found by an adversarial review -------------------------------------------
+
+def _two_adapter_mlp():
+    model = _mlp()
+    _randomize(model, "default")
+    vk.add_adapter(model, "fr")
+    _randomize(model, "fr")
+    return model
+
+
+def _weights(model):
+    return [layer.base_layer.weight.detach().clone() for _, layer in vk.model.vera_layers(model)]
+
+
+@pytest.mark.parametrize("keys", ["all vectors", "fr only"])
+def test_loading_the_merged_non_default_adapter_keeps_the_weight_in_step(keys):
+    model = _two_adapter_mlp()
+    original = _weights(model)
+    vk.set_adapter(model, "fr")
+    vk.merge_vera(model)
+    new = {k: v * 2 for k, v in model.state_dict().items() if "vera_lambda" in k
+           and (keys == "all vectors" or "vera_adapters.fr" in k)}
+    model.load_state_dict(new, strict=False)
+    fresh = _two_adapter_mlp()
+    fresh.load_state_dict(new, strict=False)
+    vk.set_adapter(fresh, "fr")
+    x = torch.randn(4, 9, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), fresh(x), rtol=1e-12, atol=1e-12)
+    vk.unmerge_vera(model)
+    for got, want in zip(_weights(model), original):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_a_merged_state_remembers_which_adapter_is_merged():
+    model = _two_adapter_mlp()
+    original = _weights(model)
+    vk.set_adapter(model, "fr")
+    vk.merge_vera(model)
+    other = _two_adapter_mlp()  # active adapter: "default"
+    other.load_state_dict(model.state_dict())
+    assert other[0].merged_adapter == "fr"
+    vk.unmerge_vera(other)
+    for got, want in zip(_weights(other), original):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    # Without the merged adapter's vectors, unmerging is refused, not guessed.
+    plain = _mlp()
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if "vera_adapters" not in k})
+    with pytest.raises(RuntimeError, match="holds adapter 'fr'"):
+        plain[0].unmerge()
+
+
+def test_bank_gradients_do_not_leak_between_adapters():
+    from vera_kernels.backends.banks import per_adapter_sum
+
+    values = torch.randn(64, 5, dtype=torch.float64)
+    values[:32] *= 1e8
+    ids = torch.tensor([0] * 32 + [1] * 32)
+    totals = per_adapter_sum(values, ids, 3)
+    torch.testing.assert_close(totals[1], values[32:].sum(0), rtol=1e-14, atol=0)
+    assert torch.equal(totals[2], torch.zeros(5, dtype=torch.float64))
+
+
+def test_adapter_batch_of_no_adapters_is_the_base_model():
+    model = _two_adapter_mlp()
+    x = torch.randn(2, 3, 9, dtype=torch.float64)
+    with torch.no_grad():
+        vk.set_adapter(model, None)
+        base = model(x)
+        with vk.adapter_batch(model, [None, None]):
+            assert torch.equal(model(x), base)
+
+
+def test_save_adapter_and_trainer_save_the_active_adapter(tmp_path):
+    model = _two_adapter_mlp()
+    vk.set_adapter(model, "fr")
+    vk.save_adapter(model, tmp_path)
+    loaded = vk.load_adapter(_mlp(), tmp_path)
+    for (_, got), (_, want) in zip(vk.model.vera_layers(loaded), vk.model.vera_layers(model)):
+        assert torch.equal(got.vera_lambda_b, want.adapter_vectors("fr")[1])
+
+
+def _with_head():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(9, 8), nn.BatchNorm1d(8), nn.Linear(8, 6))
+    return vk.apply_vera(model, ["0", "2"], r=4, seed=SEED, modules_to_save=["1"])
+
+
+def test_other_adapters_never_overwrite_the_shared_modules_to_save(tmp_path):
+    model, other = _with_head(), _with_head()
+    with torch.no_grad():
+        other[1].weight.add_(1.0)
+    vk.add_adapter(model, "fr")
+    before = model[1].weight.detach().clone()
+    with pytest.raises(ValueError, match="once for all its adapters"):
+        vk.load_vera_state_dict(model, vk.vera_state_dict(other), adapter="fr")
+    assert torch.equal(model[1].weight, before)
+    # Half-size adapter files round the vectors only, never the module's tensors.
+    model(torch.randn(4, 9))  # BatchNorm counts a batch
+    vk.save_adapter(model, tmp_path, dtype=torch.bfloat16)
+    fresh = torch.nn.Sequential(nn.Linear(9, 8), nn.BatchNorm1d(8), nn.Linear(8, 6))
+    vk.load_adapter(fresh, tmp_path)
+    assert fresh[1].num_batches_tracked.dtype == torch.int64
+    assert torch.equal(fresh[1].running_mean, model[1].running_mean)

@@ -131,7 +131,7 @@ def test_modules_to_save_refuses_what_it_cannot_carry():
     model = vk.apply_vera(_llama(), ["q_proj"], r=4, modules_to_save=["lm_head"])
     state = vk.vera_state_dict(model)
     # One lm_head per model, not per adapter: an extra adapter cannot bring its own.
-    with pytest.raises(ValueError, match="which a model holds once, not per adapter"):
+    with pytest.raises(ValueError, match="holds once for all its adapters, not per adapter"):
         vk.add_adapter(model, "other", state)
     # A model that trains its lm_head cannot load a state without it (and the reverse).
     plain_state = vk.vera_state_dict(vk.apply_vera(_llama(), ["q_proj"], r=4))

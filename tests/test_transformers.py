@@ -98,7 +98,8 @@ def test_save_pretrained_writes_safetensors_with_the_seed(tmp_path):
     state = load_file(tmp_path / "model.safetensors")
     extra = [k for k in state if k.endswith("_extra_state")]
     assert len(extra) == 2 * len(TARGETS)
-    assert decode_extra_state(state[extra[0]]) == {"seed": SEED, "r": 8, "merged": False}
+    assert decode_extra_state(state[extra[0]]) == {"seed": SEED, "r": 8, "merged": False,
+                                                   "merged_adapter": None}
     fresh = _vera_llama()
     with torch.no_grad():
         for p in fresh.parameters():

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .model import CONFIG_KEY, apply_vera, load_vera_state_dict, vera_layers, vera_state_dict
-from .adapters import add_adapter
+from .adapters import active_adapter, add_adapter
 from .base_layers import base_shape, is_adaptable
 from .module import DEFAULT_ADAPTER
 
@@ -47,10 +47,11 @@ def _one(layers: list, what: str, value_of):
 
 def save_adapter(model: nn.Module, directory: PathLike, adapter: Optional[str] = None, *,
                  dtype: Optional[torch.dtype] = None) -> None:
-    """Write ``model``'s VeRA adapter (vectors + config) into ``directory`` (created if needed).
+    """Write one VeRA adapter of ``model`` (vectors + config) into ``directory`` (created if
+    needed): ``adapter``, by default the active one (the one being trained).
 
-    ``dtype`` stores the vectors in another floating dtype (e.g. bfloat16 for
-    half-size files); by default they are stored as they are.
+    ``dtype`` stores the vectors (only) in another floating dtype (e.g.
+    bfloat16 for half-size files); by default they are stored as they are.
 
     Under torch.distributed call it on every rank (FSDP2-sharded vectors are
     gathered collectively); rank 0 writes.
@@ -63,7 +64,7 @@ def save_adapter(model: nn.Module, directory: PathLike, adapter: Optional[str] =
 
     from . import __version__
 
-    state = vera_state_dict(model, adapter or DEFAULT_ADAPTER)  # gathers sharded vectors
+    state = vera_state_dict(model, adapter or active_adapter(model))  # gathers sharded vectors
     layers = list(vera_layers(model))
     config = {
         "format": FORMAT,
@@ -84,12 +85,17 @@ def save_adapter(model: nn.Module, directory: PathLike, adapter: Optional[str] =
         return  # every rank gathered (a collective under FSDP2); rank 0 writes
     if dtype is not None and not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating dtype, got {dtype}")
-    tensors = {key: value.detach().to(device="cpu", dtype=dtype or value.dtype).contiguous()
+    tensors = {key: value.detach().to(device="cpu", dtype=dtype if _is_vector(key) and dtype
+                                      else value.dtype).contiguous()
                for key, value in state.items()}
     os.makedirs(directory, exist_ok=True)
     save_file(tensors, os.path.join(directory, WEIGHTS_NAME), metadata={"format": FORMAT})
     with open(os.path.join(directory, CONFIG_NAME), "w") as f:
         json.dump(config, f, indent=1)
+
+
+def _is_vector(key: str) -> bool:
+    return key.endswith((".vera_lambda_d", ".vera_lambda_b"))
 
 
 def read_adapter_config(directory: PathLike) -> dict:

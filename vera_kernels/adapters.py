@@ -25,7 +25,8 @@ from torch import nn
 from .model import _check_vera_state_dict, _copy_into, vera_layers
 from .module import DEFAULT_ADAPTER
 
-__all__ = ["add_adapter", "set_adapter", "delete_adapter", "list_adapters", "adapter_batch"]
+__all__ = ["add_adapter", "set_adapter", "delete_adapter", "list_adapters", "adapter_batch",
+           "active_adapter"]
 
 
 def _layers(model: nn.Module) -> dict:
@@ -33,6 +34,15 @@ def _layers(model: nn.Module) -> dict:
     if not layers:
         raise ValueError("the model has no VeRA layers: apply_vera first")
     return layers
+
+
+def active_adapter(model: nn.Module) -> str:
+    """The adapter every row uses now (``"default"`` while the base model alone is active)."""
+    names = {layer.active_adapter for layer in _layers(model).values()}
+    if len(names) != 1:
+        raise ValueError(f"the VeRA layers have different active adapters {sorted(map(str, names))}: "
+                         "set_adapter(model, name) first")
+    return names.pop() or DEFAULT_ADAPTER
 
 
 def list_adapters(model: nn.Module) -> list[str]:

@@ -16,7 +16,7 @@ from typing import Iterator, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .module import VeRALinear
+from .module import DEFAULT_ADAPTER, VeRALinear
 from .peft_compat import matches, output_head, select_targets
 from .projection import check_seed
 
@@ -479,8 +479,7 @@ def _check_vera_state_dict(layers: dict, state_dict, strict: bool,
     if extras is None and TRAINED_KEY in saved:
         raise ValueError(
             f"this state dict also carries {_describe(_saved_extras(state_dict))}, which a model "
-            "holds once, not per adapter: load it with load_vera_state_dict (or load_adapter "
-            "without adapter_name)")
+            "holds once for all its adapters, not per adapter: add_adapter takes vectors alone")
     extras = extras or {}
     saved_layers = set(saved) - {TRAINED_KEY}
     missing, unexpected = sorted(set(layers) - saved_layers), sorted(saved_layers - set(layers))
@@ -510,6 +509,18 @@ def _check_vera_state_dict(layers: dict, state_dict, strict: bool,
         warnings.warn(f"load_vera_state_dict: ignoring unknown keys {unknown}", stacklevel=3)
 
 
+def _check_shared_extras_unchanged(state_dict, extras: dict, adapter: str) -> None:
+    # Modules to save and trained biases exist once per model, for every
+    # adapter: loading another adapter must not overwrite them.
+    changed = [key for key, tensor in extras.items()
+               if not torch.equal(state_dict[key].to(tensor.device, tensor.dtype), tensor.detach())]
+    if changed:
+        raise ValueError(
+            f"loading adapter {adapter!r} would overwrite {changed[:3]}..., which the model holds "
+            "once for all its adapters (modules to save, trained biases); load vectors alone "
+            "into other adapters")
+
+
 def load_vera_state_dict(model: nn.Module, state_dict: dict, *, strict: bool = True,
                          adapter: str = "default") -> None:
     """Copy the vectors of ``vera_state_dict`` output into ``model``'s VeRA layers (into
@@ -536,16 +547,18 @@ def load_vera_state_dict(model: nn.Module, state_dict: dict, *, strict: bool = T
     _check_vera_state_dict(layers, state_dict, strict, extras)
     for layer in layers.values():
         layer.adapter_vectors(adapter)  # KeyError naming the adapters if absent
+    if adapter != DEFAULT_ADAPTER:
+        _check_shared_extras_unchanged(state_dict, extras, adapter)
     with torch.no_grad():
         for name, layer in layers.items():
-            merged = layer.merged
+            merged = layer.merged_adapter == adapter  # the weight holds the vectors we replace
             if merged:
                 layer.unmerge()
             lambda_d, lambda_b = layer.adapter_vectors(adapter)
             _copy_into(lambda_d, state_dict[f"{name}.vera_lambda_d"])
             _copy_into(lambda_b, state_dict[f"{name}.vera_lambda_b"])
             if merged:
-                layer.merge()
+                layer.merge(adapter)
         for key, tensor in extras.items():
             _copy_into(tensor, state_dict[key])
     if adopt:

@@ -48,25 +48,32 @@ class AdapterVectors(nn.Module):
         self.vera_lambda_d, self.vera_lambda_b = lambda_d, lambda_b
 
 
-def encode_extra_state(seed: int, r: int, merged: bool) -> Tensor:
-    """``int64[version, seed low word, seed high word, r, merged]``: any 64-bit seed fits."""
-    return torch.tensor([EXTRA_STATE_VERSION, seed & 0xFFFFFFFF, seed >> 32, r, int(merged)],
-                        dtype=torch.int64)
+def encode_extra_state(seed: int, r: int, merged_adapter: Optional[str] = None) -> Tensor:
+    """``int64[version, seed low word, seed high word, r, merged, *name]``: any 64-bit seed
+    fits; ``name`` (utf-8 bytes) is the merged adapter's when it is not ``"default"``."""
+    name = b"" if merged_adapter in (None, DEFAULT_ADAPTER) else merged_adapter.encode()
+    return torch.tensor([EXTRA_STATE_VERSION, seed & 0xFFFFFFFF, seed >> 32, r,
+                         int(merged_adapter is not None), *name], dtype=torch.int64)
 
 
 def decode_extra_state(state) -> dict:
-    """``{"seed", "r", "merged"}`` from an encoded tensor, or from the older dict form."""
+    """``{"seed", "r", "merged", "merged_adapter"}`` from an encoded tensor, or from the
+    older dict form (whose merged adapter is ``"default"``)."""
     if isinstance(state, Tensor):
-        if state.dtype != torch.int64 or state.shape != (5,) or state[0] != EXTRA_STATE_VERSION:
-            raise ValueError(f"expected int64[{EXTRA_STATE_VERSION}, seed_lo, seed_hi, r, merged], "
-                             f"got {state!r}")
-        _, low, high, r, merged = state.tolist()
+        if state.dtype != torch.int64 or state.dim() != 1 or state.numel() < 5 \
+                or state[0] != EXTRA_STATE_VERSION:
+            raise ValueError(f"expected int64[{EXTRA_STATE_VERSION}, seed_lo, seed_hi, r, merged, "
+                             f"*name], got {state!r}")
+        _, low, high, r, merged, *name = state.tolist()
         if not (0 <= low < 2**32 and 0 <= high < 2**32):
             raise ValueError(f"seed words out of range: {low}, {high}")
-        state = {"seed": low | (high << 32), "r": r, "merged": merged}
+        state = {"seed": low | (high << 32), "r": r, "merged": merged,
+                 "merged_adapter": bytes(name).decode() if name else DEFAULT_ADAPTER}
     if not isinstance(state, dict) or not {"seed", "r", "merged"} <= set(state):
         raise ValueError(f"expected the extra state of a VeRALinear, got {state!r}")
-    return {"seed": check_seed(state["seed"]), "r": state["r"], "merged": bool(state["merged"])}
+    merged = bool(state["merged"])
+    return {"seed": check_seed(state["seed"]), "r": state["r"], "merged": merged,
+            "merged_adapter": state.get("merged_adapter", DEFAULT_ADAPTER) if merged else None}
 
 
 def _for(vector: Tensor, x: Tensor) -> Tensor:
@@ -161,12 +168,13 @@ class VeRALinear(nn.Module):
         self.r = r
         self.seed = seed
         self.d_initial = float(d_initial)
-        self.merged = False
+        self.merged_adapter: Optional[str] = None  # whose delta the base weight holds
         self.disabled = False
         self.backend = None
         self.dropout = _check_dropout(dropout)
         self.projections: Optional[SharedProjections] = None
         self.vera_lambda_d, self.vera_lambda_b = self._fresh_vectors()
+        self.register_load_state_dict_post_hook(VeRALinear._finish_load)
         # Adapters beyond "default" (whose vectors are vera_lambda_d / _b):
         # name -> AdapterVectors. All share this layer's seed and r.
         self.vera_adapters = nn.ModuleDict()
@@ -246,7 +254,8 @@ class VeRALinear(nn.Module):
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"expected input of shape (..., {self.in_features}), got {shape}")
         base = self.base_layer(x)
-        if self.merged or self.disabled or (self.active_adapter is None and not self.row_adapters):
+        if self.merged or self.disabled or (self.active_adapter is None and not self.row_adapters) \
+                or (self.row_adapters is not None and not self.row_adapters[0]):  # rows all None
             return base
         # The adapter is added into base's buffer (it is this call's own
         # temporary) unless a forward hook may have kept a reference to it:
@@ -276,10 +285,16 @@ class VeRALinear(nn.Module):
         # lose more than the weight's own rounding.
         return torch.promote_types(compute_dtype(self.base_layer), torch.float32)
 
+    @property
+    def merged(self) -> bool:
+        """Whether the base weight holds an adapter (``merged_adapter``)."""
+        return self.merged_adapter is not None
+
     @torch.no_grad()
-    def delta_weight(self) -> Tensor:
-        """The adapter as a dense matrix ``diag(b) B diag(d) A`` (float32, or float64 for a
-        float64 base), laid out like the base weight."""
+    def delta_weight(self, adapter: Optional[str] = None) -> Tensor:
+        """An adapter (the merged one, else the active one) as a dense matrix
+        ``diag(b) B diag(d) A`` (float32, or float64 for a float64 base), laid out like
+        the base weight."""
         dtype = self._merge_dtype()
         explicit = self._projection_pair(dtype)
         if explicit is not None:
@@ -288,7 +303,8 @@ class VeRALinear(nn.Module):
             device = self.base_layer.weight.device
             proj_a = cached_projection("A", self.r, self.in_features, self.seed, dtype, device)
             proj_b = cached_projection("B", self.out_features, self.r, self.seed, dtype, device)
-        lambda_d, lambda_b = self.adapter_vectors(self.active_adapter)
+        lambda_d, lambda_b = self.adapter_vectors(adapter or self.merged_adapter
+                                                  or self.active_adapter)
         scaled_b = proj_b * lambda_b.to(dtype)[:, None] * lambda_d.to(dtype)
         delta = scaled_b @ proj_a  # (out, in)
         return delta.T if self.fan_in_fan_out else delta
@@ -297,33 +313,43 @@ class VeRALinear(nn.Module):
     def _fold(self, sign: int) -> None:
         # A quantized weight is dequantized, changed and requantized (lossy, warned).
         dense = dense_weight(self.base_layer).to(self._merge_dtype())
-        store_dense_weight(self.base_layer, dense + sign * self.delta_weight())
+        store_dense_weight(self.base_layer, dense + sign * self.delta_weight(self.merged_adapter))
 
-    def merge(self) -> None:
-        """Fold the adapter into ``base_layer.weight``; forward then runs the base layer only."""
+    def merge(self, adapter: Optional[str] = None) -> None:
+        """Fold an adapter (default: the active one) into ``base_layer.weight``; forward then
+        runs the base layer only."""
         if self.merged:
             warnings.warn("VeRALinear.merge(): already merged, nothing done", stacklevel=2)
             return
         if self.row_adapters is not None:
             raise RuntimeError("cannot merge while adapter_batch mixes adapters per row")
-        if self.active_adapter is None:
+        adapter = adapter or self.active_adapter
+        if adapter is None:
             raise RuntimeError("no active adapter to merge (set_adapter(model, None) is active)")
-        self._fold(+1)
-        self.merged = True
+        self.adapter_vectors(adapter)  # KeyError naming the adapters if absent
+        self.merged_adapter = adapter
+        try:
+            self._fold(+1)
+        except BaseException:
+            self.merged_adapter = None
+            raise
 
     def unmerge(self) -> None:
         """Take the adapter back out of ``base_layer.weight`` (exact up to the weight's rounding)."""
         if not self.merged:
             warnings.warn("VeRALinear.unmerge(): not merged, nothing done", stacklevel=2)
             return
+        if self.merged_adapter not in self.adapter_names():
+            raise RuntimeError(f"the base weight holds adapter {self.merged_adapter!r}, which this "
+                               f"layer does not have ({self.adapter_names()}): add it to unmerge")
         self._fold(-1)
-        self.merged = False
+        self.merged_adapter = None
 
     def get_extra_state(self) -> Tensor:
         # The seed is part of the module's state: the projections follow from
         # it. A tensor (not a dict), so that safetensors-based checkpoints
         # (transformers' save_pretrained, the Trainer, accelerate) can hold it.
-        return encode_extra_state(self.seed, self.r, self.merged)
+        return encode_extra_state(self.seed, self.r, self.merged_adapter)
 
     def _extra_state_problem(self, state) -> Optional[str]:
         """Why ``state`` cannot be this layer's extra state, or None."""
@@ -340,7 +366,11 @@ class VeRALinear(nn.Module):
         if problem is not None:
             raise ValueError(problem)
         decoded = decode_extra_state(state)
-        self.seed, self.merged = decoded["seed"], decoded["merged"]
+        self.seed, self.merged_adapter = decoded["seed"], decoded["merged_adapter"]
+
+    def _vector_keys(self, prefix: str, adapter: str) -> list[str]:
+        inner = "" if adapter == DEFAULT_ADAPTER else f"vera_adapters.{adapter}."
+        return [f"{prefix}{inner}{name}" for name in ("vera_lambda_d", "vera_lambda_b")]
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
@@ -363,21 +393,29 @@ class VeRALinear(nn.Module):
         if problems:
             error_msgs.extend(problems)
             return
-        # The merged flag describes the base weight. When the state dict
-        # brings new vectors but not that weight, the weight must follow the
-        # vectors: take the old adapter out, load, fold the new one in.
-        loads_vectors = any(prefix + n in state_dict for n in ("vera_lambda_d", "vera_lambda_b"))
+        # The merged state describes the base weight. When the state dict
+        # brings new vectors of the merged adapter but not that weight, the
+        # weight must follow them: take the old adapter out now, fold the new
+        # one in once every submodule has loaded (_finish_load; an adapter
+        # other than "default" keeps its vectors in a child module).
+        was_merged = self.merged_adapter
         loads_weight = prefix + "base_layer.weight" in state_dict
-        was_merged = self.merged
-        remerge = was_merged and loads_vectors and not loads_weight
+        remerge = was_merged is not None and not loads_weight and any(
+            key in state_dict for key in self._vector_keys(prefix, was_merged))
         if remerge:
             self.unmerge()
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
-        if not loads_weight:  # a saved merged flag does not describe this weight
-            self.merged = was_merged and not remerge
-            if remerge:
-                self.merge()
+        if not loads_weight:  # a saved merged state does not describe this weight
+            self.merged_adapter = None if remerge else was_merged
+        self._merge_after_load = was_merged if remerge else None
+
+    @staticmethod
+    def _finish_load(module: "VeRALinear", incompatible_keys) -> None:
+        adapter = getattr(module, "_merge_after_load", None)
+        if adapter:
+            module._merge_after_load = None
+            module.merge(adapter)
 
     def extra_repr(self) -> str:
         source = "explicit projections" if self.projections is not None else f"seed={self.seed}"

@@ -5,8 +5,9 @@
 
 Trainer checkpoints already hold the whole model (VeRA layers included: their
 state is tensors only), so ``resume_from_checkpoint`` continues exactly; the
-callback adds ``checkpoint-N/vera_adapter/``, the adapter alone
-(:func:`vera_kernels.save_adapter`), loadable onto a fresh base model.
+callback adds ``checkpoint-N/vera_adapter/``, the adapter being trained (the
+active one) alone (:func:`vera_kernels.save_adapter`), loadable onto a fresh
+base model.
 """
 
 from __future__ import annotations

@@ -19,18 +19,16 @@ def per_adapter_sum(values: Tensor, adapter_ids: Tensor, n_adapters: int) -> Ten
     """``out[a] = Σ_{t: adapter_ids[t] == a} values[t]``, (n_adapters, C) in float32 or wider.
 
     Deterministic on every device (index_add_ on CUDA is not: it adds with
-    atomics): rows are ordered by adapter with a stable sort, summed by a
-    float64 prefix sum, and each adapter's total is the difference of the
-    prefix sums at its segment's ends. Rows with id -1 are dropped.
+    atomics): rows are ordered by adapter with a stable sort and each
+    adapter's segment is summed on its own, in float64 (a segmented reduction:
+    one adapter's magnitude never enters another's sum). Rows with id -1 are
+    dropped.
     """
     acc = torch.promote_types(values.dtype, torch.float32)
     slots = torch.where(adapter_ids >= 0, adapter_ids, n_adapters).long()  # -1 -> a last slot
     order = torch.argsort(slots, stable=True)
-    prefix = torch.cumsum(values[order].to(torch.float64), dim=0)
-    prefix = torch.cat([prefix.new_zeros(1, values.shape[1]), prefix])
-    ends = torch.cumsum(torch.bincount(slots, minlength=n_adapters + 1), dim=0)
-    at_ends = prefix[ends]
-    totals = at_ends - torch.cat([at_ends.new_zeros(1, values.shape[1]), at_ends[:-1]])
+    lengths = torch.bincount(slots, minlength=n_adapters + 1)
+    totals = torch.segment_reduce(values[order].to(torch.float64), "sum", lengths=lengths, axis=0)
     return totals[:n_adapters].to(acc)
 
 
