@@ -226,26 +226,24 @@ def main(argv=None) -> int:
         for row in case_rows:
             print(report.table_row(row, cols), flush=True)
         rows += case_rows
-    if args.json:
-        # On CUDA, do_bench times by a time budget, not by a number of repetitions.
-        report.write_json(args.json, info, ["vera-bench", *argv], rows,
-                          reps if device.type == "cpu" else None)
-        print(f"wrote {args.json}")
-    if args.plot:
-        report.write_plot(args.plot, info, rows)
-        print(f"wrote {args.plot}")
-    return 0
+    return _write_outputs(args, argv, device, reps, info, rows, report.write_plot)
 
 
 def _serve(args, argv: list, device: torch.device, names: list, reps: int) -> int:
     """``--serve``: the mixed-adapter batch on our fastest backend for the device."""
     ours = [n.removeprefix("ours-") for n in names if n.startswith("ours-")]
     info, rows = serve.run(device, ours[0], reps, tokens=args.tokens, adapters=args.adapters)
+    return _write_outputs(args, argv, device, reps, info, rows, serve.write_plot)
+
+
+def _write_outputs(args, argv: list, device: torch.device, reps: int, info: dict, rows: list,
+                   write_plot) -> int:
     if args.json:
+        # On CUDA, do_bench times by a time budget, not by a number of repetitions.
         report.write_json(args.json, info, ["vera-bench", *argv], rows,
                           reps if device.type == "cpu" else None)
         print(f"wrote {args.json}")
     if args.plot:
-        serve.write_plot(args.plot, info, rows)
+        write_plot(args.plot, info, rows)
         print(f"wrote {args.plot}")
     return 0
