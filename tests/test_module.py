@@ -232,3 +232,53 @@ def test_state_dict_sees_through_compile_wrapper():
     compiled = torch.compile(model)  # names get an "_orig_mod." prefix on the wrapper
     assert vk.vera_state_dict(compiled).keys() == vk.vera_state_dict(model).keys()
     vk.load_vera_state_dict(compiled, vk.vera_state_dict(model))
+
+
+def _allocations(step) -> list:
+    """Sizes (bytes) of the CPU allocations ``step`` makes, from torch.profiler's memory events."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    return [e.self_cpu_memory_usage for e in prof.events() if e.self_cpu_memory_usage > 0]
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.skipif(
+    "triton" not in vk.available_backends("cpu"), reason="needs Triton (the interpreter on CPU)"))])
+def test_training_step_allocates_no_extra_tokens_sized_tensors(backend):
+    # Base layer and adapter are one autograd node: the adapter goes into the
+    # base output's buffer, its dx into the base layer's dx.
+    tokens, n_in, n_out, r = 97, 61, 43, 5  # distinct sizes, so allocations tell apart
+    layer = vk.VeRALinear(n_in, n_out, r, seed=3, bias=True).double()
+    layer.backend = backend
+    with torch.no_grad():
+        layer.vera_lambda_b.normal_()
+    x = torch.randn(tokens, n_in, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(tokens, n_out, dtype=torch.float64)
+
+    def step():
+        y = layer(x)
+        torch.autograd.grad(y, [x, layer.vera_lambda_d, layer.vera_lambda_b], grad)
+
+    step()  # warm caches (projections)
+    sizes = _allocations(step)
+    assert sizes.count(tokens * n_out * 8) == 1  # y
+    assert sizes.count(tokens * n_in * 8) == 1  # dx
+    # ... and the gradients are those of the base layer plus the reference adapter.
+    leaves = [x.detach().requires_grad_(True), layer.vera_lambda_d.detach().requires_grad_(True),
+              layer.vera_lambda_b.detach().requires_grad_(True)]
+    y_ref = layer.base_layer(leaves[0]) + vera_linear_reference(*leaves, 3)
+    expected = torch.autograd.grad(y_ref, leaves, grad)
+    got = torch.autograd.grad(layer(x), [x, layer.vera_lambda_d, layer.vera_lambda_b], grad)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-10)
+
+
+def test_changing_the_base_weight_before_backward_is_caught():
+    layer = vk.VeRALinear(8, 6, 3, seed=1).double()
+    x = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
+    y = layer(x)
+    with torch.no_grad():
+        layer.base_layer.weight.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()

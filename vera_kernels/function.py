@@ -56,20 +56,22 @@ def _guard_double_backward(grads: Grads, *inputs) -> Grads:
     return Grads(*(None if g is None else next(guarded) for g in grads))
 
 
-def _save(ctx, x, lambda_d, lambda_b, source, backend, adapter_ids, dropout, h) -> None:
+def _save(ctx, x, lambda_d, lambda_b, source, backend, adapter_ids, dropout, h, *extra) -> None:
     # An explicit source holds frozen inputs: keeping it keeps references, no
     # copies. Dropout keeps its seed only: the mask is regenerated.
-    ctx.save_for_backward(h, lambda_d, lambda_b, adapter_ids)
+    ctx.save_for_backward(h, lambda_d, lambda_b, adapter_ids, *extra)
     ctx.source, ctx.backend, ctx.in_features, ctx.dropout = source, backend, x.shape[1], dropout
 
 
-def _input_grads(ctx, grad_y: Tensor, needed: NeededGrads, backward: Callable) -> Grads:
-    """The backend's gradients for ``needed`` (through ``backward``: the op, or the eager call)."""
+def _input_grads(ctx, saved: tuple, grad_y: Tensor, needed: NeededGrads, backward: Callable,
+                 **options) -> Grads:
+    """The backend's gradients for ``needed`` (through ``backward``: the op, or the eager
+    call), from ``saved`` = ``ctx.saved_tensors`` (unpacked once: checkpointing allows no more)."""
     if not needed.any():
         return Grads(None, None, None)
-    h, lambda_d, lambda_b, adapter_ids = ctx.saved_tensors
+    h, lambda_d, lambda_b, adapter_ids = saved[:4]
     grads = backward(grad_y, h, lambda_d, lambda_b, ctx.source, ctx.in_features, ctx.backend,
-                     needed, adapter_ids, ctx.dropout)
+                     needed, adapter_ids, ctx.dropout, **options)
     return _guard_double_backward(grads, grad_y, lambda_d, lambda_b)
 
 
@@ -82,7 +84,7 @@ def _setup_context(ctx, inputs, output):
 
 def _op_backward(ctx, grad_y, _grad_h):
     needed, need_base = ops.op_needed_grads(ctx.needs_input_grad)
-    grads = _input_grads(ctx, grad_y, needed, ops.backward_op)
+    grads = _input_grads(ctx, ctx.saved_tensors, grad_y, needed, ops.backward_op)
     return ops.op_input_grads(grads, grad_y if need_base else None)
 
 
@@ -103,8 +105,68 @@ class _VeRAFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         need_x, need_d, need_b, need_base = ctx.needs_input_grad[:4]
-        grads = _input_grads(ctx, grad_y, NeededGrads(need_x, need_d, need_b), ops.run_backward)
+        grads = _input_grads(ctx, ctx.saved_tensors, grad_y, NeededGrads(need_x, need_d, need_b),
+                             ops.run_backward)
         return (*grads, grad_y if need_base else None, None, None, None, None)
+
+
+class _VeRALayerFunction(torch.autograd.Function):
+    """A frozen dense base layer and the adapter in one autograd node (eager training).
+
+    Forward adds the adapter into the base output's buffer (the base layer's
+    backward never needs its output); backward computes the base layer's dx
+    and the adapter's dx is added into that buffer by the backend (Triton: in
+    the dx kernel's epilogue), so no separate tokens x in adapter dx, no
+    tokens x out adapter output, and no add pass exist.
+    """
+
+    @staticmethod
+    def forward(ctx, x, lambda_d, lambda_b, weight, bias, weight_in_out, source, backend,
+                adapter_ids, dropout):
+        base = _dense_base(x, weight, bias, weight_in_out)
+        y, h = ops.run_forward(x, lambda_d, lambda_b, source, base, backend, into_base=True,
+                               adapter_ids=adapter_ids, dropout=dropout)
+        # The weight is saved (a reference) so that changing it before backward is caught.
+        _save(ctx, x, lambda_d, lambda_b, source, backend, adapter_ids, dropout, h, weight)
+        ctx.weight_in_out = weight_in_out
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        need_x, need_d, need_b = ctx.needs_input_grad[:3]
+        saved = ctx.saved_tensors
+        dx_base = None
+        if need_x:
+            weight = saved[4]
+            dx_base = grad_y @ (weight.T if ctx.weight_in_out else weight)
+        grads = _input_grads(ctx, saved, grad_y, NeededGrads(need_x, need_d, need_b),
+                             ops.run_backward, dx_into=dx_base)
+        return (*grads, None, None, None, None, None, None, None)
+
+
+def _dense_base(x: Tensor, weight: Tensor, bias: Optional[Tensor], weight_in_out: bool) -> Tensor:
+    if not weight_in_out:
+        return torch.nn.functional.linear(x, weight, bias)
+    return torch.addmm(bias, x, weight) if bias is not None else x @ weight  # Conv1D: (in, out)
+
+
+def vera_linear_layer(x: Tensor, weight: Tensor, bias: Optional[Tensor], weight_in_out: bool,
+                      lambda_d: Tensor, lambda_b: Tensor, seed: Optional[int], *,
+                      adapter_ids: Optional[Tensor] = None, **options) -> Tensor:
+    """``base(x) + adapter`` for a frozen dense base layer, as one autograd node (eager).
+
+    ``weight`` is (out, in) (``nn.Linear``) or (in, out) (``weight_in_out``,
+    transformers' Conv1D); neither it nor ``bias`` may require grad. The other
+    arguments are ``vera_linear``'s / ``vera_linear_multi``'s (with
+    ``adapter_ids``); ``check_ids=False`` for ids the caller checked.
+    """
+    if adapter_ids is None:
+        call = check_call(x, lambda_d, lambda_b, seed, **options)
+    else:
+        call = check_call(x, lambda_d, lambda_b, seed, adapter_ids=adapter_ids, **options)
+    y = _VeRALayerFunction.apply(call.x, call.lambda_d, call.lambda_b, weight, bias, weight_in_out,
+                                 call.source, call.backend, call.adapter_ids, call.dropout)
+    return y.reshape(call.out_shape)
 
 
 def _forward(call: VeRACall) -> Tensor:

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from .base_layers import base_shape, compute_dtype, dense_weight, is_adaptable, is_conv1d, \
     store_dense_weight
-from .function import vera_linear, vera_linear_multi
+from .function import vera_linear, vera_linear_layer, vera_linear_multi
 from .projection import cached_projection, check_seed
 
 __all__ = ["VeRALinear", "SharedProjections"]
@@ -253,22 +253,31 @@ class VeRALinear(nn.Module):
         if not isinstance(x, Tensor) or x.dim() == 0 or x.shape[-1] != self.in_features:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"expected input of shape (..., {self.in_features}), got {shape}")
-        base = self.base_layer(x)
         if self.merged or self.disabled or (self.active_adapter is None and not self.row_adapters) \
                 or (self.row_adapters is not None and not self.row_adapters[0]):  # rows all None
-            return base
+            return self.base_layer(x)
+        options = dict(backend=self.backend, projections=self._projection_pair(x.dtype),
+                       dropout=self.dropout if self.training else 0.0)
+        vectors = self._vectors_for(x)  # (lambda_d, lambda_b) or (banks, ids)
+        if self._one_node(x, vectors):
+            weight, bias = self.base_layer.weight, self.base_layer.bias
+            return vera_linear_layer(x, weight, bias, self.fan_in_fan_out, *vectors[:2], self.seed,
+                                     adapter_ids=vectors[2], **options,
+                                     **({} if vectors[2] is None else {"check_ids": False}))
+        base = self.base_layer(x)
         # The adapter is added into base's buffer (it is this call's own
         # temporary) unless a forward hook may have kept a reference to it:
         # hooks must see the base layer's output, in every grad mode.
-        hooked = bool(self.base_layer._forward_hooks or nn.modules.module._global_forward_hooks)
-        options = dict(backend=self.backend, projections=self._projection_pair(x.dtype),
-                       into_base=not hooked, dropout=self.dropout if self.training else 0.0)
-        if self.row_adapters is not None:
-            return self._forward_rows(x, base, options)
-        d, b = self.adapter_vectors(self.active_adapter)
-        return vera_linear(x, _for(d, x), _for(b, x), self.seed, base, **options)
+        options["into_base"] = not self._hooked()
+        if vectors[2] is not None:
+            return vera_linear_multi(x, *vectors, self.seed, base, check_ids=False, **options)
+        return vera_linear(x, *vectors[:2], self.seed, base, **options)
 
-    def _forward_rows(self, x: Tensor, base: Tensor, options: dict) -> Tensor:
+    def _vectors_for(self, x: Tensor) -> tuple:
+        """``(lambda_d, lambda_b, None)``, or ``(d_bank, b_bank, ids)`` under adapter_batch."""
+        if self.row_adapters is None:
+            d, b = self.adapter_vectors(self.active_adapter)
+            return _for(d, x), _for(b, x), None
         names, row_ids = self.row_adapters
         if x.dim() < 2 or x.shape[0] != row_ids.shape[0]:
             raise ValueError(f"adapter_batch names {row_ids.shape[0]} batch rows, but the input "
@@ -277,8 +286,27 @@ class VeRALinear(nn.Module):
         d_bank = torch.stack([_for(d, x) for d, _ in vectors])
         b_bank = torch.stack([_for(b, x) for _, b in vectors])
         ids = row_ids.to(x.device).view(-1, *[1] * (x.dim() - 2)).expand(x.shape[:-1])
-        return vera_linear_multi(x, d_bank, b_bank, ids, self.seed, base,
-                                 check_ids=False, **options)
+        return d_bank, b_bank, ids
+
+    def _hooked(self) -> bool:
+        """Whether a hook could see (or change) the base layer's input or output."""
+        hooks = nn.modules.module
+        return bool(self.base_layer._forward_hooks or self.base_layer._forward_pre_hooks
+                    or hooks._global_forward_hooks or hooks._global_forward_pre_hooks)
+
+    def _one_node(self, x: Tensor, vectors: tuple) -> bool:
+        """Whether the base layer and the adapter can train as one autograd node: eager
+        training through a plain dense base layer that is frozen and unobserved."""
+        base = self.base_layer
+        weight, bias = base.weight, base.bias
+        return (torch.is_grad_enabled() and not torch.compiler.is_compiling()
+                and (x.requires_grad or vectors[0].requires_grad or vectors[1].requires_grad)
+                and (type(base) is nn.Linear or is_conv1d(base))
+                and type(weight) in (Tensor, nn.Parameter) and weight.dtype == x.dtype
+                and not weight.requires_grad and not (bias is not None and bias.requires_grad)
+                and not self._hooked()
+                and not (torch.amp.is_autocast_available(x.device.type)
+                         and torch.is_autocast_enabled(x.device.type)))
 
     def _merge_dtype(self) -> torch.dtype:
         # float32 at least, float64 for a float64 weight: merging must not

@@ -67,12 +67,14 @@ def run_forward(x: Tensor, lambda_d: Tensor, lambda_b: Tensor, source: Projectio
 def run_backward(grad: Tensor, h: Tensor, lambda_d: Tensor, lambda_b: Tensor,
                  source: ProjectionSource, in_features: int, backend: str,
                  needed: NeededGrads, adapter_ids: Optional[Tensor] = None,
-                 dropout: Optional[DropoutMask] = None) -> Grads:
-    """The gradients ``needed`` asks for (None for the others) from the named backend."""
+                 dropout: Optional[DropoutMask] = None, dx_into: Optional[Tensor] = None) -> Grads:
+    """The gradients ``needed`` asks for (None for the others) from the named backend; dx is
+    added into ``dx_into`` when given."""
     lambda_d, lambda_b = lambda_d.contiguous(), lambda_b.contiguous()
     with _no_autocast(h):
         return _backend_for(h, backend).backward(grad, h, lambda_d, lambda_b, source,
-                                                 in_features, needed, adapter_ids, dropout)
+                                                 in_features, needed, adapter_ids, dropout,
+                                                 dx_into=dx_into)
 
 
 # ---------------------------------------------------------------------------

@@ -123,9 +123,12 @@ class Backend(abc.ABC):
     def backward(self, grad: Tensor, h: Tensor, lambda_d: Tensor, lambda_b: Tensor,
                  source: ProjectionSource, in_features: int, needed: NeededGrads,
                  adapter_ids: Optional[Tensor] = None,
-                 dropout: Optional[DropoutMask] = None) -> Grads:
+                 dropout: Optional[DropoutMask] = None,
+                 dx_into: Optional[Tensor] = None) -> Grads:
         """The gradients ``needed`` asks for, from the upstream gradient and the saved h
-        (dx through the forward's dropout mask, regenerated)."""
+        (dx through the forward's dropout mask, regenerated). With ``dx_into``
+        (tokens x in, e.g. the base layer's dx) dx is added into it in place
+        and returned as the x gradient: no separate tokens x in tensor."""
 
     # What the benchmark reports about a backend.
 

@@ -106,7 +106,7 @@ class CudaBackend(RegeneratingBackend):
         )
 
     def backward(self, grad, h, lambda_d, lambda_b, source, in_features, needed, adapter_ids=None,
-                 dropout=None):
+                 dropout=None, dx_into=None):
         load()
         dtypes = lambda_d.dtype, lambda_b.dtype  # the gradients' (the vectors may be wider)
         lambda_d, lambda_b = lambda_d.to(h.dtype), lambda_b.to(h.dtype)
@@ -122,6 +122,8 @@ class CudaBackend(RegeneratingBackend):
                 dd = per_adapter_sum(dd, adapter_ids, lambda_d.shape[0])
             if needed.lambda_b:
                 db = per_adapter_sum(db, adapter_ids, lambda_b.shape[0])
+        if needed.x and dx_into is not None:
+            dx = dx_into.add_(dx)  # the extension has no accumulating dx epilogue (yet)
         return Grads(dx if needed.x else None,
                      dd.to(dtypes[0]) if needed.lambda_d else None,
                      db.to(dtypes[1]) if needed.lambda_b else None)

@@ -100,14 +100,18 @@ class TorchBackend(Backend):
         return y, h
 
     def backward(self, grad, h, lambda_d, lambda_b, source, in_features, needed: NeededGrads,
-                 adapter_ids=None, dropout=None):
+                 adapter_ids=None, dropout=None, dx_into=None):
         proj_a, proj_b = _projections(source, in_features, lambda_b.shape[-1], lambda_d.shape[-1], h)
+        # One adapter without dropout adds dx into dx_into with addmm itself.
+        direct = dx_into if adapter_ids is None and dropout is None else None
         if adapter_ids is not None:
             grads = _backward_rows(grad, h, lambda_d, lambda_b, proj_a, proj_b, needed, adapter_ids)
         else:
-            grads = _backward(grad, h, lambda_d, lambda_b, proj_a, proj_b, needed)
+            grads = _backward(grad, h, lambda_d, lambda_b, proj_a, proj_b, needed, direct)
         if dropout is not None and grads.x is not None:
             drop_rows_(grads.x, dropout)  # the mask regenerated: dx of the dropped input
+        if dx_into is not None and direct is None and grads.x is not None:
+            grads = grads._replace(x=dx_into.add_(grads.x))
         return grads
 
 
@@ -122,7 +126,7 @@ def _shrink(x: Tensor, proj_a: Tensor, dropout) -> Tensor:
     return h
 
 
-def _backward(grad, h, lambda_d, lambda_b, proj_a, proj_b, needed):
+def _backward(grad, h, lambda_d, lambda_b, proj_a, proj_b, needed, dx_into=None):
     dx = dd = db = None
     scale_b, scale_d, scale_h = _fold_scales(h.dtype, lambda_b, lambda_d, h)
     if needed.lambda_d or needed.lambda_b:
@@ -136,9 +140,13 @@ def _backward(grad, h, lambda_d, lambda_b, proj_a, proj_b, needed):
         dd = (lambda_b.to(acc) @ pb).to(lambda_d.dtype) if needed.lambda_d else None
     if needed.x:
         u = grad @ _scaled(proj_b, lambda_b, None, (scale_b, 1.0))  # (tokens, r), / scale_b
-        dx = u @ _scaled(proj_a, lambda_d, None, (scale_d, 1.0))
-        if scale_b * scale_d != 1.0:
-            dx.mul_(scale_b * scale_d)
+        scaled_a = _scaled(proj_a, lambda_d, None, (scale_d, 1.0))
+        if dx_into is not None:
+            dx = dx_into.addmm_(u, scaled_a, alpha=scale_b * scale_d)
+        else:
+            dx = u @ scaled_a
+            if scale_b * scale_d != 1.0:
+                dx.mul_(scale_b * scale_d)
     return Grads(dx, dd, db)
 
 

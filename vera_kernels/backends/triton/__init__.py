@@ -45,9 +45,9 @@ class TritonBackend(RegeneratingBackend):
                                dropout)
 
     def backward(self, grad, h, lambda_d, lambda_b, source, in_features, needed, adapter_ids=None,
-                 dropout=None):
+                 dropout=None, dx_into=None):
         return _impl().backward(self, grad, h, lambda_d, lambda_b, source, in_features, needed,
-                                adapter_ids, dropout)
+                                adapter_ids, dropout, dx_into)
 
 
 def _impl():

@@ -43,7 +43,7 @@ def forward(backend, x, lambda_d, lambda_b, source, base, into_base, adapter_ids
 
 
 def backward(backend, grad, h, lambda_d, lambda_b, source, in_features, needed, adapter_ids=None,
-             dropout=None):
+             dropout=None, dx_into=None):
     generate = backend.generates(h.shape[0])
     r, out_features = lambda_d.shape[-1], lambda_b.shape[-1]
     proj_b = _projection("B", out_features, r, source, h, generate)
@@ -59,8 +59,9 @@ def backward(backend, grad, h, lambda_d, lambda_b, source, in_features, needed, 
                   else dd_partials.sum(0)).to(lambda_d.dtype)
         if needed.x:
             proj_a = _projection("A", r, in_features, source, h, generate)
+            # Into dx_into: its tile is read and written by the same program.
             dx = kernels.gemm(u, proj_a, transposed=False, x_scale=lambda_d, row_ids=adapter_ids,
-                              dropout=dropout, dropout_on="out").out
+                              dropout=dropout, dropout_on="out", base=dx_into, out=dx_into).out
     if needed.lambda_b and banked:
         # z = (d ⊙ h) Bᵀ is stored here (a tokens x out transient) to be summed per adapter.
         z = kernels.gemm(h, proj_b, transposed=True, x_scale=lambda_d, row_ids=adapter_ids).out
