@@ -214,16 +214,31 @@ def _vera_gemm_kernel(
 BLOCK_M = 16 if INTERPRETING else 64
 
 
+# (BLOCK_N, BLOCK_K, num_warps, num_stages). Tensor-core dtypes (bf16, fp16,
+# tf32) take the first list. Without tensor cores (fp32 at IEEE precision,
+# fp64) tl.dot runs on FMA units, where big tiles only add registers and
+# spill (the compile check measured it): those take the small tiles.
+TENSOR_CORE_TILES = [
+    (32, 64, 4, 3), (32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 8, 3),
+    (64, 32, 4, 4), (128, 32, 8, 3), (128, 64, 8, 3), (256, 32, 8, 3),
+]
+FMA_TILES = [(32, 32, 4, 2), (64, 32, 8, 2), (32, 16, 4, 2)]
+
+
+def _config(tile) -> "triton.Config":
+    n, k, warps, stages = tile
+    return triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=warps, num_stages=stages)
+
+
+def _tile(config) -> tuple:
+    return (config.kwargs["BLOCK_N"], config.kwargs["BLOCK_K"], config.num_warps,
+            config.num_stages)
+
+
 def _configs():
     if INTERPRETING:  # autotune cannot run in the interpreter; small blocks keep it fast
         return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 16}, num_warps=1)]
-    return [
-        triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=st)
-        for n, k, w, st in [
-            (32, 64, 4, 3), (32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 8, 3),
-            (64, 32, 4, 4), (128, 32, 8, 3), (128, 64, 8, 3), (256, 32, 8, 3),
-        ]
-    ]
+    return [_config(tile) for tile in TENSOR_CORE_TILES + FMA_TILES]
 
 
 def pipeline_shared_bytes(config: triton.Config, element_bytes: int, block_m: int = BLOCK_M) -> int:
@@ -238,10 +253,18 @@ def fitting_configs(configs: list, element_bytes: int, shared_limit: int) -> lis
     return fits or [min(configs, key=lambda c: pipeline_shared_bytes(c, element_bytes))]
 
 
+def uses_tensor_cores(dtype: torch.dtype, input_precision: str) -> bool:
+    return dtype in (torch.float16, torch.bfloat16) or (
+        dtype == torch.float32 and input_precision == "tf32")
+
+
 def _prune(configs, named_args, **kwargs):
-    # Never autotune what cannot launch (fp64 tiles overflow shared memory):
-    # keep the configs that fit this device's opt-in shared memory.
+    # Never autotune what spills or cannot launch: the tiles of the dtype's
+    # units, and of those the ones that fit the device's opt-in shared memory.
     x = named_args["x_ptr"]
+    tiles = set(TENSOR_CORE_TILES if uses_tensor_cores(x.dtype, kwargs["INPUT_PRECISION"])
+                else FMA_TILES)
+    configs = [c for c in configs if _tile(c) in tiles] or configs
     props = torch.cuda.get_device_properties(x.device)
     limit = getattr(props, "shared_memory_per_block_optin", 163 * 1024)  # older torch: sm_80's
     return fitting_configs(configs, x.element_size(), limit)
