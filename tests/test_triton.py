@@ -71,12 +71,35 @@ def test_configs_that_cannot_launch_are_pruned():
     # configs need more shared memory than sm_90 (227 KB) or sm_80 (163 KB) have.
     import triton
 
-    configs = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_stages=s)
+    configs = [triton.Config({"BLOCK_M": 64, "BLOCK_N": n, "BLOCK_K": k}, num_stages=s)
                for n, k, s in [(32, 64, 3), (64, 128, 3), (256, 32, 3), (128, 64, 3)]]
-    assert kernels.pipeline_shared_bytes(configs[1], 8, block_m=64) == 3 * (64 * 128 + 128 * 64) * 8
+    assert kernels.pipeline_shared_bytes(configs[1], 8) == 3 * (64 * 128 + 128 * 64) * 8
     for limit in (227 * 1024, 163 * 1024):
         kept = kernels.fitting_configs(configs, 8, limit)
         assert kept and all(kernels.pipeline_shared_bytes(c, 8) <= limit for c in kept)
         assert configs[1] not in kept
     assert kernels.fitting_configs(configs, 2, 227 * 1024) == configs  # bf16: all fit
     assert kernels.fitting_configs(configs, 8, 1024) == [configs[0]]  # none fits: the smallest
+
+
+def test_reductions_do_not_depend_on_the_block_m_picked(monkeypatch):
+    # The autotuner may pick BLOCK_M 64 or 128 while the partial-sum buffer has
+    # a row per MIN_BLOCK_M rows: a program covering several groups writes each.
+    x, d, b, base = (t.requires_grad_(True) for t in
+                     vk_inputs(70, 23, 19, 6))
+    results = []
+    for block_m in (kernels.MIN_BLOCK_M, 2 * kernels.MIN_BLOCK_M, 4 * kernels.MIN_BLOCK_M):
+        monkeypatch.setitem(kernels.INTERPRETER_TILE, "BLOCK_M", block_m)
+        y = vk.vera_linear(x, d, b, SEED, base, backend="triton")
+        results.append(torch.autograd.grad(y, (x, d, b), torch.ones_like(y)))
+    for other in results[1:]:
+        for a, c in zip(results[0], other):
+            torch.testing.assert_close(a, c, rtol=1e-12, atol=1e-12)
+
+
+def vk_inputs(tokens, n_in, n_out, r):
+    gen = torch.Generator().manual_seed(7)
+    return (torch.randn(tokens, n_in, generator=gen, dtype=torch.float64),
+            torch.randn(r, generator=gen, dtype=torch.float64),
+            torch.randn(n_out, generator=gen, dtype=torch.float64),
+            torch.randn(tokens, n_out, generator=gen, dtype=torch.float64))

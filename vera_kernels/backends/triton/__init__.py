@@ -37,7 +37,7 @@ class TritonBackend(RegeneratingBackend):
 
     @property
     def reuse_factor(self) -> int:
-        return _impl().kernels.BLOCK_M
+        return _impl().kernels.MIN_BLOCK_M  # at least; the autotuner may pick 128
 
     def forward(self, x, lambda_d, lambda_b, source, base, *, into_base=False, adapter_ids=None,
                 dropout=None):

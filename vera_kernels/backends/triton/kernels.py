@@ -30,7 +30,7 @@ dominant for thousands of tokens at r = 256.
 Hence two strategies, chosen per launch by the caller (``backend.py``):
 
 * ``GENERATE=True``: tiles generated in registers from the seed; reuse factor
-  = BLOCK_M rows (a meta-parameter, set by the launcher). No projection ever
+  = BLOCK_M rows (64 or 128, autotuned). No projection ever
   touches memory. Best when tokens are few (decoding, small batches).
 * ``GENERATE=False``: the same tile generator first writes A and B once per
   launch into a small workspace (r · (in + out) elements, L2-resident), and
@@ -136,6 +136,7 @@ def _vera_gemm_kernel(
     ACC_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,  # token rows sharing each generated tile: the reuse factor
+    PARTIAL_ROWS: tl.constexpr,  # rows behind each partial-sum row (divides BLOCK_M)
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -179,11 +180,17 @@ def _vera_gemm_kernel(
             t = (t.to(ACC_DTYPE) * scale.to(ACC_DTYPE)[:, None]).to(DTYPE)
         acc = tl.dot(x.to(DTYPE), t, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
     mask = mask_m[:, None] & mask_n[None, :]
-    if EPILOGUE != STORE:  # sum over this program's rows
+    if EPILOGUE != STORE:  # sum over this program's rows, PARTIAL_ROWS at a time
         aux = tl.load(aux_ptr + rows[:, None] * stride_am + offs_n[None, :] * stride_an,
                       mask=mask, other=0.0)
-        partial = tl.sum(acc * aux.to(ACC_DTYPE), axis=0)
-        tl.store(partial_ptr + pid_m * N + offs_n, partial, mask=mask_n)
+        GROUPS: tl.constexpr = BLOCK_M // PARTIAL_ROWS
+        products = tl.reshape(acc * aux.to(ACC_DTYPE), (GROUPS, PARTIAL_ROWS, BLOCK_N))
+        partial = tl.sum(products, axis=1)
+        # The buffer has a row per PARTIAL_ROWS rows whatever BLOCK_M the
+        # autotuner picked: every row is written once, summed in one order.
+        groups = pid_m * GROUPS + tl.arange(0, GROUPS)
+        tl.store(partial_ptr + groups[:, None] * N + offs_n[None, :], partial,
+                 mask=(groups[:, None] * PARTIAL_ROWS < M) & mask_n[None, :])
     if EPILOGUE != REDUCE:
         if DROPOUT == DROP_OUT:
             keep = dropout_scale_tile(drop_seed, drop_threshold, drop_scale, pid_m * BLOCK_M,
@@ -209,42 +216,48 @@ def _vera_gemm_kernel(
 # Launch configuration
 # ----------------------------------------------------------------------------
 
-# The reduction partials have one row per BLOCK_M tile, so BLOCK_M is chosen
-# by the launcher (not autotuned) and the buffers can be sized before launch.
-BLOCK_M = 16 if INTERPRETING else 64
+# The smallest BLOCK_M: the reuse factor the projection strategy assumes, and
+# the rows behind each row of the reduction partials, so their buffers can be
+# sized before launch whatever BLOCK_M the autotuner picks.
+MIN_BLOCK_M = 16 if INTERPRETING else 64
 
-
-# (BLOCK_N, BLOCK_K, num_warps, num_stages). Tensor-core dtypes (bf16, fp16,
-# tf32) take the first list. Without tensor cores (fp32 at IEEE precision,
-# fp64) tl.dot runs on FMA units, where big tiles only add registers and
-# spill (the compile check measured it): those take the small tiles.
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). Tensor-core dtypes (bf16,
+# fp16, tf32) take the first list. Without tensor cores (fp32 at IEEE
+# precision, fp64) tl.dot runs on FMA units, where big tiles only add
+# registers and spill (the compile check measured it): those take small tiles.
 TENSOR_CORE_TILES = [
-    (32, 64, 4, 3), (32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 8, 3),
-    (64, 32, 4, 4), (128, 32, 8, 3), (128, 64, 8, 3), (256, 32, 8, 3),
+    (64, 32, 64, 4, 3), (64, 32, 128, 4, 3), (64, 64, 64, 4, 3), (64, 64, 128, 8, 3),
+    (64, 64, 32, 4, 4), (64, 128, 32, 8, 3), (64, 128, 64, 8, 3), (64, 256, 32, 8, 3),
+    (128, 64, 64, 8, 3), (128, 128, 32, 8, 3),
 ]
-FMA_TILES = [(32, 32, 4, 2), (64, 32, 8, 2), (32, 16, 4, 2)]
+FMA_TILES = [(64, 32, 32, 4, 2), (64, 64, 32, 8, 2), (64, 32, 16, 4, 2)]
 
 
 def _config(tile) -> "triton.Config":
-    n, k, warps, stages = tile
-    return triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=warps, num_stages=stages)
+    m, n, k, warps, stages = tile
+    return triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=warps,
+                         num_stages=stages)
 
 
 def _tile(config) -> tuple:
-    return (config.kwargs["BLOCK_N"], config.kwargs["BLOCK_K"], config.num_warps,
-            config.num_stages)
+    kw = config.kwargs
+    return (kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], config.num_warps, config.num_stages)
+
+
+# Autotuning cannot run in the interpreter: one small tile keeps it fast.
+INTERPRETER_TILE = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}
 
 
 def _configs():
-    if INTERPRETING:  # autotune cannot run in the interpreter; small blocks keep it fast
-        return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 16}, num_warps=1)]
+    if INTERPRETING:
+        return [triton.Config(dict(INTERPRETER_TILE), num_warps=1)]
     return [_config(tile) for tile in TENSOR_CORE_TILES + FMA_TILES]
 
 
-def pipeline_shared_bytes(config: triton.Config, element_bytes: int, block_m: int = BLOCK_M) -> int:
+def pipeline_shared_bytes(config: triton.Config, element_bytes: int) -> int:
     """Shared memory the software pipeline needs: an x tile and a T tile per stage."""
-    k, n = config.kwargs["BLOCK_K"], config.kwargs["BLOCK_N"]
-    return config.num_stages * (block_m * k + k * n) * element_bytes
+    m, k, n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_K"], config.kwargs["BLOCK_N"]
+    return config.num_stages * (m * k + k * n) * element_bytes
 
 
 def fitting_configs(configs: list, element_bytes: int, shared_limit: int) -> list:
@@ -365,7 +378,7 @@ def gemm(
             takes bank row ``row_ids[m]`` (-1: zero scales, the adapter is off).
         dropout: the call's dropout mask (rows are tokens), applied to x's
             columns (``dropout_on="x"``) or to the result's (``"out"``).
-        reduce_with: (M, N); also compute per-BLOCK_M-tile partial sums over
+        reduce_with: (M, N); also compute partial sums over each MIN_BLOCK_M
             rows of ``acc ⊙ reduce_with`` (sum them over dim 0).
         store: write the result (False only together with ``reduce_with``).
         out: (M, N) to write the result into (may be ``base`` itself: each
@@ -373,7 +386,7 @@ def gemm(
 
     Returns:
         ``GemmResult(out, partials)``: ``out`` None when not stored, ``partials``
-        (one fp32 row per BLOCK_M rows; fp64 for fp64) None without ``reduce_with``.
+        (one fp32 row per MIN_BLOCK_M rows; fp64 for fp64) None without ``reduce_with``.
     """
     m, k = x.shape
     n = proj.rows if transposed else proj.cols
@@ -388,9 +401,9 @@ def gemm(
     partial = None
     if reduce_with is not None:
         acc = torch.float64 if dtype == torch.float64 else torch.float32
-        partial = torch.empty(triton.cdiv(m, BLOCK_M), n, dtype=acc, device=x.device)
+        partial = torch.empty(triton.cdiv(m, MIN_BLOCK_M), n, dtype=acc, device=x.device)
     epilogue = STORE if reduce_with is None else (STORE_AND_REDUCE if store else REDUCE)
-    grid = lambda meta: (triton.cdiv(m, BLOCK_M), triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
     _vera_gemm[grid](
         x, x.stride(0), x.stride(1),
         *_bank(x_scale, x),
@@ -409,7 +422,7 @@ def gemm(
         EPILOGUE=epilogue.value,
         GENERATE=proj.workspace is None, DTYPE=_TORCH_TO_TL[dtype],
         ACC_DTYPE=tl.float64 if dtype == torch.float64 else tl.float32,
-        INPUT_PRECISION=_input_precision(dtype), BLOCK_M=BLOCK_M,
-        **({"BLOCK_N": 16, "BLOCK_K": 16} if INTERPRETING else {}),
+        INPUT_PRECISION=_input_precision(dtype), PARTIAL_ROWS=MIN_BLOCK_M,
+        **(INTERPRETER_TILE if INTERPRETING else {}),
     )
     return GemmResult(out if store else None, partial)
