@@ -184,6 +184,13 @@ vera::GemmParams gemm_params(const Tensor& x, const Tensor* x_scale, const Proje
   return p;
 }
 
+// The epilogue adds `base` (read and written by the same thread when it is `out`).
+void set_base(vera::GemmParams& p, const Tensor& base) {
+  p.base = base.data_ptr();
+  p.stride_bm = base.stride(0);
+  p.stride_bn = base.stride(1);
+}
+
 void set_out(vera::GemmParams& p, const Tensor& out) {
   p.out = out.data_ptr();
   p.stride_om = out.stride(0);
@@ -246,9 +253,7 @@ std::tuple<Tensor, Tensor> vera_forward(const Tensor& x_in, const Tensor& lambda
   p.row_ids = banked ? ids.data_ptr<int32_t>() : nullptr;
   if (base.has_value()) {
     check_input(*base, "base", x_in, 2);
-    p.base = base->data_ptr();
-    p.stride_bm = base->stride(0);
-    p.stride_bn = base->stride(1);
+    set_base(p, *base);
   }
   run(x_in, p, "forward y = (d h) B^T b + base");
   return {y, h};
@@ -263,7 +268,8 @@ std::tuple<Tensor, Tensor, Tensor> vera_backward(const Tensor& grad, const Tenso
                                                  const std::optional<Tensor>& proj_b,
                                                  const std::optional<Tensor>& adapter_ids,
                                                  int64_t dropout_threshold, double dropout_scale,
-                                                 int64_t dropout_key0, int64_t dropout_key1) {
+                                                 int64_t dropout_key0, int64_t dropout_key1,
+                                                 const std::optional<Tensor>& dx_into) {
   TORCH_CHECK(h.is_cuda() && h.dim() == 2, "vera_kernels cuda backend: h must be a 2-D CUDA tensor");
   check_input(grad, "grad", h, 2);
   const bool banked = adapter_ids.has_value();
@@ -300,10 +306,18 @@ std::tuple<Tensor, Tensor, Tensor> vera_backward(const Tensor& grad, const Tenso
     }
     if (need_dx) {
       const Projection a = projection(kMatrixA, r, in_features, k0, k1, generate, h, proj_a);
-      dx = at::empty({m, in_features}, h.options());
+      if (dx_into.has_value()) {  // add into the caller's dx (the base layer's): no new tensor
+        check_input(*dx_into, "dx_into", h, 2);
+        TORCH_CHECK(dx_into->size(0) == m && dx_into->size(1) == in_features,
+                    "vera_kernels cuda backend: dx_into must be (tokens, in_features)");
+        dx = *dx_into;
+      } else {
+        dx = at::empty({m, in_features}, h.options());
+      }
       p = gemm_params(u, &lambda_d, a, /*transposed=*/false, in_features);
       p.row_ids = row_ids;
       set_out(p, dx);
+      if (dx_into.has_value()) set_base(p, dx);
       set_dropout(p, vera::Dropout::kOut, drop);  // dx of the dropped x: the same mask
       run(h, p, "backward dx = (d u) A");
     }
@@ -355,7 +369,7 @@ TORCH_LIBRARY(vera_kernels_cuda, m) {
       "int in_features, bool generate, bool need_dx, bool need_dd, bool need_db, "
       "Tensor? proj_a=None, Tensor? proj_b=None, Tensor? adapter_ids=None, "
       "int dropout_threshold=0, float dropout_scale=1.0, int dropout_key0=0, "
-      "int dropout_key1=0) -> (Tensor, Tensor, Tensor)");
+      "int dropout_key1=0, Tensor? dx_into=None) -> (Tensor, Tensor, Tensor)");
   m.def("projection(int matrix, int rows, int cols, int key0, int key1, Tensor like) -> Tensor");
 }
 

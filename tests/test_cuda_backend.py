@@ -117,8 +117,8 @@ def test_prebuilt_extension_loads_and_registers_ops():
                     "int dropout_key1=0)")
     assert ("Tensor? proj_b=None, bool into_base=False, Tensor? adapter_ids=None, "
             f"{dropout_args} -> (Tensor, Tensor)") in schemas["forward"]
-    assert (f"Tensor? proj_b=None, Tensor? adapter_ids=None, {dropout_args} "
-            "-> (Tensor, Tensor, Tensor)") in schemas["backward"]
+    assert (f"Tensor? proj_b=None, Tensor? adapter_ids=None, {dropout_args[:-1]}, "
+            "Tensor? dx_into=None) -> (Tensor, Tensor, Tensor)") in schemas["backward"]
     # The reuse factor the benchmark reports is the header's kBlockM.
     header = (ROOT / "csrc" / "vera_kernels.h").read_text()
     assert f"kBlockM = {cuda_backend.BACKEND.reuse_factor};" in header
@@ -133,11 +133,16 @@ def test_ops_take_adapter_ids_then_dropout_last(op):
     # CudaBackend passes these positionally, last; an old prebuilt _C.so lacks them.
     cuda_backend.load()
     arguments = getattr(torch.ops.vera_kernels_cuda, op).default._schema.arguments
-    tail = [(a.name, str(a.type), a.has_default_value(), a.default_value) for a in arguments[-5:]]
-    assert tail == [("adapter_ids", "Optional[Tensor]", True, None),
-                    ("dropout_threshold", "int", True, 0), ("dropout_scale", "float", True, 1.0),
-                    ("dropout_key0", "int", True, 0), ("dropout_key1", "int", True, 0)]
-    assert len(arguments) == {"forward": 15, "backward": 18}[op]
+    tail = [(a.name, str(a.type), a.has_default_value(), a.default_value) for a in arguments]
+    start = [a.name for a in arguments].index("adapter_ids")
+    assert tail[start:start + 5] == [
+        ("adapter_ids", "Optional[Tensor]", True, None),
+        ("dropout_threshold", "int", True, 0), ("dropout_scale", "float", True, 1.0),
+        ("dropout_key0", "int", True, 0), ("dropout_key1", "int", True, 0)]
+    # backward ends with dx_into: the base layer's dx, which the adapter's is added into.
+    assert tail[start + 5:] == ([] if op == "forward"
+                                else [("dx_into", "Optional[Tensor]", True, None)])
+    assert len(arguments) == {"forward": 15, "backward": 19}[op]
 
 
 class _RecordingOps:
@@ -180,6 +185,11 @@ def test_backend_passes_the_dropout_mask_as_the_schemas_name_it(monkeypatch):
         named = {a.name: v for a, v in zip(schema.arguments, args)}
         assert {k: named[k] for k in expected} == expected
         assert named["adapter_ids"] is None
+    dx_into = torch.zeros(3, 4)
+    cuda_backend.BACKEND.backward(torch.ones(3, 5), torch.ones(3, 2), d, b, source, 4,
+                                  NeededGrads(True, False, False), dx_into=dx_into)
+    named = dict(zip([a.name for a in schemas["backward"].arguments], recorder.calls["backward"]))
+    assert named["dx_into"] is dx_into
 
 
 @needs_toolkit

@@ -113,7 +113,7 @@ class CudaBackend(RegeneratingBackend):
         dx, dd, db = torch.ops.vera_kernels_cuda.backward(
             grad, h, lambda_d, lambda_b, *source.key_words(), in_features,
             self.generates(h.shape[0]), needed.x, needed.lambda_d, needed.lambda_b,
-            source.a, source.b, adapter_ids, *_dropout_args(dropout),
+            source.a, source.b, adapter_ids, *_dropout_args(dropout), dx_into,
         )
         if adapter_ids is not None:
             # Banked, the op returns dd and db per token row (u ⊙ h, g ⊙ z): summed
@@ -122,8 +122,6 @@ class CudaBackend(RegeneratingBackend):
                 dd = per_adapter_sum(dd, adapter_ids, lambda_d.shape[0])
             if needed.lambda_b:
                 db = per_adapter_sum(db, adapter_ids, lambda_b.shape[0])
-        if needed.x and dx_into is not None:
-            dx = dx_into.add_(dx)  # the extension has no accumulating dx epilogue (yet)
         return Grads(dx if needed.x else None,
                      dd.to(dtypes[0]) if needed.lambda_d else None,
                      db.to(dtypes[1]) if needed.lambda_b else None)
