@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .backends import ProjectionSource, resolve_backend
-from .dropout import DropoutMask, draw_call_seed
+from .dropout import DropoutMask, check_probability, draw_call_seed
 from .projection import SUPPORTED_DTYPES, check_seed
 
 __all__ = ["VeRACall", "check_call"]
@@ -124,11 +124,10 @@ def _check_adapter_ids(ids, x: Tensor, n_adapters: int, check_range: bool) -> Te
 
 
 def _check_dropout(p, seed, device: torch.device) -> Optional[DropoutMask]:
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
-        raise ValueError(f"dropout must be a probability in [0, 1), got {p!r}")
+    p = check_probability(p)
     if p == 0:
         return None
-    return DropoutMask(float(p), draw_call_seed(device) if seed is None else check_seed(seed))
+    return DropoutMask(p, draw_call_seed(device) if seed is None else check_seed(seed))
 
 
 def check_call(x, lambda_d, lambda_b, seed, base_output=None, *, backend=None, projections=None,

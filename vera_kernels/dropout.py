@@ -26,13 +26,20 @@ from torch import Tensor
 
 from .projection import join_key, philox4x32_10, split_seed
 
-__all__ = ["DropoutMask", "STREAM", "draw_call_seed", "keep_mask", "scaled_mask_chunks", "drop_rows_",
+__all__ = ["check_probability", "DropoutMask", "STREAM", "draw_call_seed", "keep_mask", "scaled_mask_chunks", "drop_rows_",
            "dropped"]
 
 STREAM = 2
 _LEVELS = 1 << 16
 # Rows of mask generated at once by the torch implementation (bounded temporaries).
 _CHUNK_ELEMENTS = 1 << 22
+
+
+def check_probability(p) -> float:
+    """``p`` as a float in [0, 1), the dropout probabilities this package takes; ValueError else."""
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout must be a probability in [0, 1), got {p!r}")
+    return float(p)
 
 
 @dataclass(frozen=True)
@@ -43,8 +50,7 @@ class DropoutMask:
     seed: int
 
     def __post_init__(self):
-        if not (isinstance(self.p, (int, float)) and 0.0 <= self.p < 1.0):
-            raise ValueError(f"dropout probability must be in [0, 1), got {self.p!r}")
+        check_probability(self.p)
 
     @property
     def threshold(self) -> int:

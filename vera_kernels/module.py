@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from .base_layers import base_shape, compute_dtype, dense_weight, is_adaptable, is_conv1d, \
     store_dense_weight
+from .dropout import check_probability
 from .function import vera_linear, vera_linear_layer, vera_linear_multi
 from .projection import cached_projection, check_seed
 
@@ -82,12 +83,6 @@ def _for(vector: Tensor, x: Tensor) -> Tensor:
     if vector.dtype == torch.float32 and x.dtype in (torch.float16, torch.bfloat16):
         return vector
     return vector.to(x.dtype)
-
-
-def _check_dropout(p) -> float:
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
-        raise ValueError(f"dropout must be a probability in [0, 1), got {p!r}")
-    return float(p)
 
 
 def _check_positive(name: str, value) -> None:
@@ -171,7 +166,7 @@ class VeRALinear(nn.Module):
         self.merged_adapter: Optional[str] = None  # whose delta the base weight holds
         self.disabled = False
         self.backend = None
-        self.dropout = _check_dropout(dropout)
+        self.dropout = check_probability(dropout)
         self.projections: Optional[SharedProjections] = None
         self.vera_lambda_d, self.vera_lambda_b = self._fresh_vectors()
         self.register_load_state_dict_post_hook(VeRALinear._finish_load)
