@@ -22,7 +22,8 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from .model import CONFIG_KEY, apply_vera, load_vera_state_dict, vera_layers, vera_state_dict
+from .model import (CONFIG_KEY, apply_vera, load_vera_state_dict, shared_value, vera_layers,
+                    vera_state_dict)
 from .adapters import active_adapter, add_adapter
 from .base_layers import base_shape, is_adaptable
 from .module import DEFAULT_ADAPTER
@@ -38,11 +39,9 @@ PathLike = Union[str, os.PathLike]
 
 
 def _one(layers: list, what: str, value_of):
-    values = {value_of(layer) for _, layer in layers}
-    if len(values) != 1:
-        raise ValueError(f"save_adapter: the VeRA layers differ in {what} ({sorted(values, key=repr)}); "
-                         "an adapter file describes layers that share it")
-    return values.pop()
+    return shared_value((layer for _, layer in layers), value_of,
+                        f"save_adapter: the VeRA layers differ in {what} ({{values}}); "
+                        "an adapter file describes layers that share it")
 
 
 def save_adapter(model: nn.Module, directory: PathLike, adapter: Optional[str] = None, *,

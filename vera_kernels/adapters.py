@@ -22,7 +22,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .model import _check_vera_state_dict, _copy_into, vera_layers
+from .model import _check_vera_state_dict, _copy_into, shared_value, vera_layers
 from .module import DEFAULT_ADAPTER
 
 __all__ = ["add_adapter", "set_adapter", "delete_adapter", "list_adapters", "adapter_batch",
@@ -38,11 +38,10 @@ def _layers(model: nn.Module) -> dict:
 
 def active_adapter(model: nn.Module) -> str:
     """The adapter every row uses now (``"default"`` while the base model alone is active)."""
-    names = {layer.active_adapter for layer in _layers(model).values()}
-    if len(names) != 1:
-        raise ValueError(f"the VeRA layers have different active adapters {sorted(map(str, names))}: "
-                         "set_adapter(model, name) first")
-    return names.pop() or DEFAULT_ADAPTER
+    name = shared_value(_layers(model).values(), lambda layer: layer.active_adapter,
+                        "the VeRA layers have different active adapters {values}: "
+                        "set_adapter(model, name) first")
+    return name or DEFAULT_ADAPTER
 
 
 def list_adapters(model: nn.Module) -> list[str]:

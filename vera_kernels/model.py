@@ -77,6 +77,15 @@ def vera_layers(model: nn.Module) -> Iterator[tuple[str, VeRALinear]]:
             yield name, module
 
 
+def shared_value(layers, value_of, message: str):
+    """The one value ``value_of`` gives every layer; ValueError(``message``) when they differ
+    (``{values}`` in the message becomes the sorted values found)."""
+    values = {value_of(layer) for layer in layers}
+    if len(values) != 1:
+        raise ValueError(message.format(values=sorted(values, key=repr)))
+    return values.pop()
+
+
 def _is_dtensor(t: torch.Tensor) -> bool:
     # FSDP2 shards parameters as DTensors. Imported on demand: the module costs
     # ~0.4 s to import, and only sharded models need it.

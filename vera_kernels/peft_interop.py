@@ -37,8 +37,8 @@ from typing import Optional, Union
 from torch import nn
 
 from .base_layers import is_conv1d
-from .model import CONFIG_KEY, CONVERTED_ATTR, _set_trained, replace_submodule, trained_extras, \
-    unwrap, vera_layers, vera_state_dict
+from .model import CONFIG_KEY, CONVERTED_ATTR, _set_trained, replace_submodule, shared_value, \
+    trained_extras, unwrap, vera_layers, vera_state_dict
 from .module import SharedProjections, VeRALinear
 from .projection import projection, projection_bound
 
@@ -166,11 +166,8 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
 
 def _one_value(layers: list, what: str, value_of) -> object:
     """The value all layers share (PEFT stores one per adapter); ValueError otherwise."""
-    values = {value_of(layer) for _, layer in layers}
-    if len(values) != 1:
-        raise ValueError(f"save_peft_adapter: PEFT needs one {what} for all layers, "
-                         f"got {sorted(values, key=repr)}")
-    return values.pop()
+    return shared_value((layer for _, layer in layers), value_of,
+                        f"save_peft_adapter: PEFT needs one {what} for all layers, got {{values}}")
 
 
 def _export_projections(layers: list, r: int, exact_training: bool):
