@@ -89,8 +89,9 @@ class CudaBackend(RegeneratingBackend):
             return None
         return None if prebuilt_library() is not None else _jit_build_possible()
 
-    @property
+    @functools.cached_property
     def reuse_factor(self) -> int:
+        # Asked on every launch (the strategy choice): read from the extension once.
         load()
         return torch.ops.vera_kernels_cuda.block_m()  # kBlockM in csrc/vera_kernels.h
 
