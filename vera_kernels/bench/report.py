@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import importlib.metadata
 import importlib.util
@@ -205,29 +206,39 @@ def write_json(path: str, info: dict, command: list, rows: list, reps: Optional[
         json.dump(doc, f, indent=1)
 
 
-def write_plot(path: str, info: dict, rows: list) -> None:
-    """Speedup over unfused (forward+backward) against tokens: a line per shape, r, dtype and backend."""
+@contextlib.contextmanager
+def figure(path: str, title: str, xlabel: str, ylabel: str, figsize=(9, 5.5)):
+    """The axes of a figure (log2 x axis, a legend) that is saved as a PNG at ``path`` on exit."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fig, ax = plt.subplots(figsize=figsize)
+    try:
+        yield ax
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+    finally:
+        plt.close(fig)
+
+
+def write_plot(path: str, info: dict, rows: list) -> None:
+    """Speedup over unfused (forward+backward) against tokens: a line per shape, r, dtype and backend."""
     lines: dict = {}
     for row in rows:
         if not row["impl"].startswith("ours-") or row.get("speedup_vs_unfused") is None:
             continue
         label = f"{row['in_features']}x{row['out_features']} r={row['r']} {row['dtype']} {row['impl']}"
         lines.setdefault(label, []).append((row["tokens"], row["speedup_vs_unfused"]))
-    fig, ax = plt.subplots(figsize=(9, 5.5))
-    for label, points in sorted(lines.items()):
-        points.sort()
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
-    ax.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("tokens")
-    ax.set_ylabel("speedup over unfused PyTorch (forward+backward)")
-    ax.set_title(f"vera-bench on {info['device_name']}")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with figure(path, f"vera-bench on {info['device_name']}", "tokens",
+                "speedup over unfused PyTorch (forward+backward)") as ax:
+        for label, points in sorted(lines.items()):
+            points.sort()
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+        ax.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")

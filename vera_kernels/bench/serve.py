@@ -108,24 +108,12 @@ def run(device: torch.device, backend: str, reps: int, tokens=None, adapters=Non
 
 def write_plot(path: str, info: dict, rows: list) -> None:
     """Mixed-batch time against N, a line per token count, with the single-adapter time dashed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for t in sorted({row["tokens"] for row in rows}):
-        points = sorted((row["adapters"], row) for row in rows if row["tokens"] == t)
-        line, = ax.plot([n for n, _ in points], [row["mixed"]["median_ms"] for _, row in points],
-                        marker="o", label=f"mixed, {t} tokens")
-        ax.plot([n for n, _ in points], [row["single"]["median_ms"] for _, row in points],
-                linestyle="--", color=line.get_color(), label=f"one adapter, {t} tokens")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("adapters in the batch (N)")
-    ax.set_ylabel("ms per layer call")
-    ax.set_title(f"vera-bench --serve on {info['device_name']}")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with report.figure(path, f"vera-bench --serve on {info['device_name']}",
+                       "adapters in the batch (N)", "ms per layer call", figsize=(8, 5)) as ax:
+        ax.set_yscale("log")
+        for t in sorted({row["tokens"] for row in rows}):
+            points = sorted((row["adapters"], row) for row in rows if row["tokens"] == t)
+            line, = ax.plot([n for n, _ in points], [r["mixed"]["median_ms"] for _, r in points],
+                            marker="o", label=f"mixed, {t} tokens")
+            ax.plot([n for n, _ in points], [r["single"]["median_ms"] for _, r in points],
+                    linestyle="--", color=line.get_color(), label=f"one adapter, {t} tokens")
