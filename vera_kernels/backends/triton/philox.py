@@ -9,7 +9,26 @@ import torch
 import triton
 import triton.language as tl
 
+from ... import dropout
 from ...projection import MATRICES, projection_bound
+
+
+DROPOUT_STREAM: tl.constexpr = tl.constexpr(dropout.STREAM)
+
+
+@triton.jit
+def _philox_words(seed, row_start, first_group, STREAM: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+                  GROUPS: tl.constexpr):
+    """Philox4x32-10 of the counters (first_group + g, row_start + t, STREAM, 0), keyed by
+    the seed's two words, for a (BLOCK_ROWS, GROUPS) block of (t, g):
+    ``words[t, g, i, j]`` = word 2i + j of call (t, g)."""
+    rows = (row_start + tl.arange(0, BLOCK_ROWS)).to(tl.uint32)
+    groups = (first_group + tl.arange(0, GROUPS)).to(tl.uint32)
+    c0 = tl.broadcast_to(groups[None, :], (BLOCK_ROWS, GROUPS))
+    c1 = tl.broadcast_to(rows[:, None], (BLOCK_ROWS, GROUPS))
+    zero = c0 * 0
+    w0, w1, w2, w3 = tl.philox(seed, c0, c1, zero + STREAM, zero)
+    return tl.join(tl.join(w0, w2), tl.join(w1, w3))
 
 
 @triton.jit
@@ -34,15 +53,9 @@ def projection_tile(
     Elements past the matrix edge are finite garbage: callers mask the other
     operand (or the store), never rely on zeros here.
     """
-    GROUPS: tl.constexpr = BLOCK_COLS // 4
-    rows = (row_start + tl.arange(0, BLOCK_ROWS)).to(tl.uint32)
-    groups = (col_start // 4 + tl.arange(0, GROUPS)).to(tl.uint32)
-    c0 = tl.broadcast_to(groups[None, :], (BLOCK_ROWS, GROUPS))
-    c1 = tl.broadcast_to(rows[:, None], (BLOCK_ROWS, GROUPS))
-    zero = c0 * 0
-    w0, w1, w2, w3 = tl.philox(seed, c0, c1, zero + STREAM, zero)
-    # Column 4g + k takes word k: join twice gives [..., i, j] = word 2i + j.
-    words = tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), (BLOCK_ROWS, BLOCK_COLS))
+    # Column 4g + k takes word k.
+    words = tl.reshape(_philox_words(seed, row_start, col_start // 4, STREAM, BLOCK_ROWS,
+                                     BLOCK_COLS // 4), (BLOCK_ROWS, BLOCK_COLS))
     v = (words >> 8).to(tl.float32) * 1.1920928955078125e-07 - 1.0  # 2^-23; exact
     return v * bound
 
@@ -55,15 +68,9 @@ def dropout_scale_tile(seed, threshold, scale, row_start, col_start, BLOCK_ROWS:
 
     ``col_start`` must be a multiple of 8: one Philox call yields eight 16-bit draws.
     """
-    GROUPS: tl.constexpr = BLOCK_COLS // 8
-    rows = (row_start + tl.arange(0, BLOCK_ROWS)).to(tl.uint32)
-    groups = (col_start // 8 + tl.arange(0, GROUPS)).to(tl.uint32)
-    c0 = tl.broadcast_to(groups[None, :], (BLOCK_ROWS, GROUPS))
-    c1 = tl.broadcast_to(rows[:, None], (BLOCK_ROWS, GROUPS))
-    zero = c0 * 0
-    w0, w1, w2, w3 = tl.philox(seed, c0, c1, zero + 2, zero)
-    # [..., i, j] = word 2i + j; then [..., h] = its low / high half: feature 8g + 2·word + h.
-    words = tl.join(tl.join(w0, w2), tl.join(w1, w3))
+    # [..., h] = the low / high half of each word: feature 8g + 2·word + h.
+    words = _philox_words(seed, row_start, col_start // 8, DROPOUT_STREAM, BLOCK_ROWS,
+                          BLOCK_COLS // 8)
     draws = tl.reshape(tl.join(words & 0xFFFF, words >> 16), (BLOCK_ROWS, BLOCK_COLS))
     return tl.where(draws >= threshold, scale, 0.0)
 
