@@ -50,3 +50,14 @@ def backend_device_params():
         for name in ops.registered_backends()
     ]
     return params
+
+
+def tiny_llama(vocab_size: int, **config):
+    """A small ``LlamaForCausalLM`` built from a config (no download), the same weights every
+    call; ``config`` overrides the LlamaConfig fields below."""
+    import transformers
+
+    torch.manual_seed(0)
+    fields = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**fields, **config}))

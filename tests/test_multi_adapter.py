@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import vera_kernels as vk
-from helpers import EPS, assert_close_scaled, backend_device_params
+from helpers import EPS, assert_close_scaled, backend_device_params, tiny_llama
 
 SEED = 2**63 + 5
 
@@ -232,13 +232,7 @@ VOCAB = 32
 
 
 def _tiny_llama():
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-        pad_token_id=0, bos_token_id=1, eos_token_id=2,
-    )
-    return transformers.LlamaForCausalLM(config)
+    return tiny_llama(VOCAB, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
 
 def _train_task(model, shift, steps=60):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import vera_kernels as vk
-from helpers import EPS
+from helpers import EPS, tiny_llama
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -16,12 +16,7 @@ VOCAB = 97
 
 
 def _llama():
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-    )
-    return transformers.LlamaForCausalLM(config).eval()
+    return tiny_llama(VOCAB).eval()
 
 
 def _gpt2():

@@ -14,6 +14,7 @@ from torch import nn
 import vera_kernels as vk
 from vera_kernels.base_layers import dense_weight
 from vera_kernels.reference import vera_linear_reference
+from helpers import tiny_llama
 
 bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed")
 SEED = 2**40 + 9
@@ -117,12 +118,7 @@ VOCAB = 48
 
 
 def _quantized_llama():
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
-    )
-    model = transformers.LlamaForCausalLM(config)
+    model = tiny_llama(VOCAB, hidden_size=64, intermediate_size=96, max_position_embeddings=32)
     for name, module in list(model.model.layers.named_modules()):
         if isinstance(module, nn.Linear):
             vk.model.replace_submodule(model.model.layers, name, _bnb_4bit(module, "nf4"))

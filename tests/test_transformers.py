@@ -11,6 +11,7 @@ import torch
 
 import vera_kernels as vk
 from vera_kernels.module import decode_extra_state
+from helpers import tiny_llama
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
@@ -21,12 +22,7 @@ SEED = 2**63 + 11  # above int64: the extra state must still carry it
 
 
 def _llama():
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
-    )
-    return transformers.LlamaForCausalLM(config)
+    return tiny_llama(VOCAB, max_position_embeddings=32)
 
 
 def _vera_llama():
