@@ -58,7 +58,10 @@ What is read from each compiled kernel
   (227 KB sm_90, 163 KB sm_80). ptxas adds 1 KB static (reserved) shared
   memory on sm_90, kept apart as ``static_shared_bytes``.
 * ``tensor_cores``: the PTX contains ``wgmma.mma_async`` or ``mma.sync``
-  (``mma`` says which).
+  (``mma`` says which). ``computed_operand``: the main loop computes a dot
+  operand in registers (kernels.has_computed_operand), so on sm_90 the
+  autotuner has only mma.sync tiles for it (kernels.py, "Which tensor-core
+  instruction"): ``mma.sync`` there, ``wgmma`` elsewhere.
 * ``serialized_mma`` (sm_90 only; False elsewhere): the main loop waits for
   its wgmma to finish before the next iteration issues another. Decided on
   the innermost loop (a backward branch in the SASS / PTX) that contains the
@@ -623,7 +626,13 @@ def _check_not_interpreting():
 def plan_triton(plan, shapes, tokens_list, rank, variants=("plain",)):
     """The compile jobs for every (arch, dtype) of the plan; one job per distinct specialization."""
     from triton.runtime.autotuner import Autotuner
+
+    from vera_kernels.backends.triton.kernels import has_computed_operand
     _check_not_interpreting()
+
+    def computed(meta):  # None for the projection generator (no dot)
+        return has_computed_operand(meta) if "GENERATE" in meta else None
+
     jobs: dict = {}
     for dtype_name in sorted({d for _, d in plan}, key=DTYPES.index):
         archs = sorted(a for a, d in plan if d == dtype_name)
@@ -653,6 +662,7 @@ def plan_triton(plan, shapes, tokens_list, rank, variants=("plain",)):
                             job.records.append({
                                 "arch": arch, "launch": role_name, "dtype": dtype_name,
                                 "strategy": strategy, "config": _config_dict(config, options),
+                                "computed_operand": computed(launch.kwargs),
                                 "pruned": pruned, "shapes": [shape]})
     return list(jobs.values())
 

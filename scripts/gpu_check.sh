@@ -20,6 +20,10 @@
 #                   prediction (driver_check.json)
 #   bench           vera-bench on a reduced GPU grid (bench.json, bench.png)
 #   serve           vera-bench --serve on a reduced grid, if the CLI has --serve
+#   decode_generate, decode_workspace
+#                   vera-bench (triton only) at decode token counts with each
+#                   projection strategy forced (VERA_KERNELS_PROJECTIONS): the data
+#                   that sets where `auto` switches (decode_<strategy>.json)
 #
 # and a summary (OUTDIR/summary.txt). Every step runs under a timeout and the
 # whole run under GPU_CHECK_BUDGET seconds (default 345, i.e. under 6 minutes):
@@ -160,6 +164,16 @@ else
     echo 0 > "$OUT/serve.rc"
     printf '%s\t%s\t%s\n' serve "skipped(no --serve)" 0 >> "$STEPS"
 fi
+
+# Where generating A / B in the kernel beats the per-launch workspace is a
+# GPU question (generation runs on as few SMs as the launch has programs):
+# the same decode cases under each strategy, side by side.
+for strategy in generate workspace; do
+    step "decode_$strategy" 40 env VERA_KERNELS_PROJECTIONS="$strategy" \
+        "$PYTHON" -m vera_kernels.bench --device cuda --backends triton --no-peft \
+        --shapes 4096x4096 --tokens 16,256 --ranks 256 --dtypes bf16 \
+        --json "$OUT/decode_$strategy.json"
+done
 
 {
     echo "gpu_check.sh: $((SECONDS - START))s in all (budget ${BUDGET}s), outputs in $OUT"

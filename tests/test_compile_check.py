@@ -3,10 +3,10 @@
 ``scripts/compile_check.py --quick`` (plus tf32 on sm_90) runs once per module
 in a subprocess, without TRITON_INTERPRET, and its records are checked:
 no spills, shared memory within the arch's opt-in limit, tensor cores for
-the 16-bit and tf32 GEMMs, and pipelined wgmma main loops on sm_90.
+the 16-bit and tf32 GEMMs, and on sm_90 wgmma main loops that never wait for
+their wgmma (mma.sync where the loop computes an operand). Every config the
+autotuner can pick is checked; pruned ones are compiled and reported only.
 
-Known defects are strict xfails carrying the measured numbers, so each one
-turns into a failure (XPASS) the day it is fixed and must then lose its mark.
 The numbers below were measured with Triton 3.8.0 (its bundled ptxas 12.9);
 Triton 3.6.0 (ptxas 12.8) agrees except where noted.
 
@@ -199,26 +199,18 @@ def test_every_launch_compiles(records):
     assert len(configs) >= 2, "expected every autotune config of the GEMM to be compiled"
 
 
-# (arch, dtype) -> why it spills today; anything else must be spill-free.
-KNOWN_SPILLS = {
-    (80, "bf16"): (
-        "sm_80 bf16: one workspace config spills a few bytes: dx with BLOCK_N=256, BLOCK_K=32, "
-        "8 warps: 8 B spill stores / 8 B loads at 128 registers (Triton 3.8; with Triton 3.6 "
-        "it is db with BLOCK_N=32, BLOCK_K=128, 4 warps: 8 B at 80 registers)"),
-}
-# fp32 at IEEE precision spilled in every generate-strategy config of the
-# tensor-core tiles (440-10972 B per thread); the autotuner now gives FMA dots
-# (fp32 IEEE, fp64) their own small tiles (kernels.FMA_TILES), which do not.
+# What the autotuner no longer picks because it spilled (its configs are still
+# compiled and reported, marked pruned): fp32 at IEEE precision in every
+# generate-strategy config of the tensor-core tiles (440-10972 B per thread;
+# FMA dots now have kernels.FMA_TILES); on sm_80 three tiles that ptxas spills
+# by 8-112 B in some launch (kernels.SM80_SPILLING_TILES).
 SPILL_GROUPS = [(80, "bf16"), (80, "fp16"), (80, "fp32"), (90, "bf16"), (90, "fp16"),
                 (90, "fp32"), (90, "tf32")]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("arch, dtype", [
-    pytest.param(a, d, id=f"sm_{a}-{d}",
-                 marks=[pytest.mark.xfail(strict=True, reason=KNOWN_SPILLS[(a, d)])]
-                 if (a, d) in KNOWN_SPILLS else [])
-    for a, d in SPILL_GROUPS])
+    pytest.param(a, d, id=f"sm_{a}-{d}") for a, d in SPILL_GROUPS])
 def test_no_spills(records, arch, dtype):
     group = [r for r in _select(records, arch=arch, dtypes=(dtype,)) if _launchable(r)]
     if not group:
@@ -245,29 +237,27 @@ def test_tensor_cores(records, dtype):
         pytest.skip(f"nothing compiled for {dtype}")
     simt = [_describe(r) for r in gemms if not r["tensor_cores"]]
     assert not simt, "main loop without mma.sync / wgmma:\n" + "\n".join(simt)
-    wrong = [_describe(r) for r in gemms if r["arch"] == 90 and r.get("mma") != "wgmma"]
-    assert not wrong, "sm_90 GEMMs not on wgmma:\n" + "\n".join(wrong)
-
-
-SERIALIZED_GENERATE = (
-    "generate strategy: the projection tile is produced in registers and stored to shared "
-    "memory every iteration, so Triton waits for the previous wgmma before overwriting it "
-    "(wgmma.wait_group 0 inside the loop, WARPGROUP.DEPBAR.LE gsb0, 0x0 after the HGMMAs): "
-    "8/8 configs of every launch, bf16 and fp16 (Triton 3.8 and 3.6)")
+    # sm_90: wgmma where both operands stream from memory; mma.sync (2-warp
+    # tiles, kernels.SYNC_MMA_TILES) where the loop computes one.
+    sm90 = [r for r in gemms if r["arch"] == 90 and _launchable(r)]
+    assert any(r["computed_operand"] for r in sm90) and not all(r["computed_operand"] for r in sm90)
+    wrong = [f"{_describe(r)}: {r.get('mma')}" for r in sm90
+             if r.get("mma") != ("mma.sync" if r["computed_operand"] else "wgmma")]
+    assert not wrong, "sm_90 GEMMs on the wrong instruction:\n" + "\n".join(wrong)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy, launch", [
-    pytest.param(s, launch, id=f"{s}-{launch}",
-                 marks=[pytest.mark.xfail(strict=True, reason=SERIALIZED_GENERATE)]
-                 if s == "generate" else [])
+    pytest.param(s, launch, id=f"{s}-{launch}")
     for s in ("generate", "workspace") for launch in GEMM_LAUNCHES])
 def test_sm90_wgmma_main_loop_is_pipelined(records, strategy, launch):
-    """No wgmma main loop on sm_90 (bf16 / fp16) waits for its wgmma before issuing the next.
+    """No main loop on sm_90 (bf16 / fp16) waits for its wgmma before issuing the next.
 
-    Workspace launches are pipelined since the vector scales moved onto the
-    projection operand (with Triton 3.6's ptxas 12.8 one config of h,
-    BLOCK_N=256 BLOCK_K=32, is still serialized by ptxas).
+    Workspace launches keep a wgmma in flight since the vector scales moved
+    onto the projection operand (with Triton 3.6's ptxas 12.8 one config of h,
+    BLOCK_N=256 BLOCK_K=32, is still serialized by ptxas); generate-strategy
+    launches, whose projection tile is computed in the loop, run on mma.sync
+    (nothing to wait for): Triton would wait for every wgmma there.
     """
     group = [r for r in _select(records, arch=90, dtypes=("bf16", "fp16"), launches=(launch,),
                                 strategy=strategy) if _launchable(r)]

@@ -37,14 +37,16 @@ def _grads(x, d, b, base, backend=None):
 
 @pytest.mark.parametrize("backend,device", FUSED)
 @pytest.mark.parametrize("strategy", STRATEGIES)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
 def test_both_strategies_match_reference(backend, device, strategy, dtype, monkeypatch):
+    # fp16 takes the tensor-core path: mma.sync for generated tiles (kernels.py, MMA_SYNC).
     monkeypatch.setenv(projection_strategy.ENV_VAR, strategy)
     inputs = vera_inputs((3, 7), 29, 41, 18, dtype=dtype, device=device)
     got = _grads(*inputs, backend=backend)
     expected = _grads(*(t.double() for t in inputs))
-    # fp64 leaves only summation order; fp32 as in test_function.py.
-    tol = 1e-12 if dtype == torch.float64 else 64 * EPS[torch.float32]
+    # fp64 leaves only summation order; fp32 as in test_function.py; fp16 as bf16 on a GPU.
+    tol = {torch.float64: 1e-12, torch.float32: 64 * EPS[torch.float32],
+           torch.float16: 16 * EPS[torch.float16]}[dtype]
     for name, g, e in zip(["y", "dx", "dd", "db", "dbase"], got, expected):
         assert g.dtype == dtype
         assert_close_scaled(g, e, tol, f"{backend} {strategy} {name}")

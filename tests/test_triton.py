@@ -82,6 +82,75 @@ def test_configs_that_cannot_launch_are_pruned():
     assert kernels.fitting_configs(configs, 8, 1024) == [configs[0]]  # none fits: the smallest
 
 
+class _LaunchRecorder:
+    """Stands in for kernels._vera_gemm: launches it and keeps each launch's meta-parameters."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append(kwargs)
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+@pytest.mark.parametrize("strategy", ["generate", "workspace"])
+@pytest.mark.parametrize("dropout", [0.0, 0.25])
+def test_launches_with_a_computed_operand_are_recognized(strategy, dropout, monkeypatch):
+    # A generated tile or a dropout-masked x is computed in the main loop: on
+    # sm_90 such launches are tuned over mma.sync tiles only (kernels.py).
+    from vera_kernels.backends import strategy as projection_strategy
+    monkeypatch.setenv(projection_strategy.ENV_VAR, strategy)
+    recorder = _LaunchRecorder(kernels._vera_gemm)
+    monkeypatch.setattr(kernels, "_vera_gemm", recorder)
+    x, d, b = (torch.randn(*shape, dtype=torch.float16).requires_grad_(True)
+               for shape in ((9, 24), (8,), (40,)))
+    y = vk.vera_linear(x, d, b, SEED, backend="triton", dropout=dropout, dropout_seed=3)
+    y.float().sum().backward()
+    assert len(recorder.launches) == 5  # h, y; u+dd, dx, db
+    computed = [kernels.has_computed_operand(kw) for kw in recorder.launches]
+    if strategy == "generate":
+        assert all(computed)
+    else:  # only h = dropout(x) Aᵀ masks its x in the loop
+        assert computed == [dropout > 0, False, False, False, False]
+
+
+def test_tiles_by_unit_and_arch():
+    meta = {"GENERATE": False, "DROPOUT": 0, "SCALE_X": True, "ROW_IDS": False,
+            "INPUT_PRECISION": "ieee"}
+    generated = dict(meta, GENERATE=True)
+    banked = dict(meta, ROW_IDS=True)  # a per-row scale on x
+    bf16, tf32 = torch.bfloat16, dict(meta, INPUT_PRECISION="tf32")
+    assert kernels.tiles_for(meta, bf16, (9, 0)) == kernels.TENSOR_CORE_TILES
+    for m in (generated, banked):
+        assert kernels.tiles_for(m, bf16, (9, 0)) == kernels.SYNC_MMA_TILES
+        assert all(warps < 4 for _, _, _, warps, _ in kernels.tiles_for(m, bf16, (9, 0)))
+    assert kernels.tiles_for(dict(generated, INPUT_PRECISION="tf32"), torch.float32,
+                             (9, 0)) == kernels.SYNC_MMA_TILES[:1]
+    assert kernels.tiles_for(tf32, torch.float32, (9, 0)) == kernels.TENSOR_CORE_TILES
+    # sm_80: every dot is mma.sync already; the tiles ptxas spills there are dropped.
+    sm80 = kernels.tiles_for(generated, bf16, (8, 0))
+    assert sm80 and set(sm80) == set(kernels.TENSOR_CORE_TILES) - kernels.SM80_SPILLING_TILES
+    assert kernels.tiles_for(meta, torch.float64, (9, 0)) == kernels.FMA_TILES
+    assert set(kernels.tiles_for(meta, torch.float64, (8, 0))) == (
+        set(kernels.FMA_TILES) - kernels.SM80_SPILLING_TILES)
+
+
+def test_the_autotuner_prunes_to_those_tiles(monkeypatch):
+    import types
+    every = [kernels._config(t) for t in
+             kernels.TENSOR_CORE_TILES + kernels.FMA_TILES + kernels.SYNC_MMA_TILES]
+    x = torch.empty(1, 1, dtype=torch.bfloat16)
+    meta = {"GENERATE": True, "DROPOUT": 0, "SCALE_X": False, "ROW_IDS": False,
+            "INPUT_PRECISION": "ieee"}
+    for major, limit in ((9, 227 * 1024), (8, 163 * 1024)):
+        props = types.SimpleNamespace(major=major, minor=0, shared_memory_per_block_optin=limit)
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda *a, **k: props)
+        kept = kernels._prune(every, {"x_ptr": x}, **meta)
+        assert {kernels._tile(c) for c in kept} == set(kernels.tiles_for(meta, x.dtype, (major, 0)))
+
+
 def test_reductions_do_not_depend_on_the_block_m_picked(monkeypatch):
     # The autotuner may pick BLOCK_M 64 or 128 while the partial-sum buffer has
     # a row per MIN_BLOCK_M rows: a program covering several groups writes each.

@@ -38,6 +38,22 @@ Hence two strategies, chosen per launch by the caller (``backend.py``):
   The same path serves explicitly given projections (e.g. PEFT's stored ones).
   (``backends/strategy.py`` picks per launch.)
 
+Which tensor-core instruction
+-----------------------------
+On Hopper, Triton issues ``tl.dot`` as ``wgmma`` and keeps one in flight while
+the next tiles load, but only when both operands stream from memory into its
+multi-buffered shared memory. When an operand is computed in the loop
+(``has_computed_operand``: a generated projection tile, x under a dropout
+mask or scaled per row) it stages that operand through a single buffer and
+waits for every wgmma before overwriting it: the tensor cores and the ALUs
+take turns. Those loops are bound by the ALUs anyway (a generated element
+costs ~25 integer ops and feeds only 2 · BLOCK_M flops), so on sm_90 they are
+tuned over 2-warp tiles (``SYNC_MMA_TILES``): below a warpgroup Triton
+issues ``mma.sync``, which takes its operands from registers, needs no
+staging buffer and lets the next tile's integer work issue while it runs.
+``scripts/compile_check.py`` checks both (no wgmma wait in any main loop
+the autotuner can pick). On sm_80 every dot is ``mma.sync``.
+
 Token reductions (dd, db) are deterministic: each program writes its own
 fp32 partial row, summed afterwards in a fixed order; no atomics.
 """
@@ -231,6 +247,14 @@ TENSOR_CORE_TILES = [
     (128, 64, 64, 8, 3), (128, 128, 32, 8, 3),
 ]
 FMA_TILES = [(64, 32, 32, 4, 2), (64, 64, 32, 8, 2), (64, 32, 16, 4, 2)]
+# sm_90+: loops with a computed operand, on mma.sync (2 warps: no warpgroup for
+# wgmma). Spill-free in every such launch (compile check); tf32 operands take
+# twice the registers of 16-bit ones and only the first tile stays spill-free.
+SYNC_MMA_TILES = [(64, 32, 32, 2, 3), (64, 64, 32, 2, 3), (128, 32, 32, 2, 3)]
+# sm_8x, where mma.sync keeps both operands' fragments in registers: the tiles
+# ptxas spills in some launch (8-112 B per thread; compile check, Triton 3.6
+# and 3.8), never tuned there.
+SM80_SPILLING_TILES = {(64, 256, 32, 8, 3), (64, 32, 128, 4, 3), (64, 32, 16, 4, 2)}
 
 
 def _config(tile) -> "triton.Config":
@@ -251,7 +275,7 @@ INTERPRETER_TILE = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}
 def _configs():
     if INTERPRETING:
         return [triton.Config(dict(INTERPRETER_TILE), num_warps=1)]
-    return [_config(tile) for tile in TENSOR_CORE_TILES + FMA_TILES]
+    return [_config(tile) for tile in TENSOR_CORE_TILES + FMA_TILES + SYNC_MMA_TILES]
 
 
 def pipeline_shared_bytes(config: triton.Config, element_bytes: int) -> int:
@@ -271,26 +295,48 @@ def uses_tensor_cores(dtype: torch.dtype, input_precision: str) -> bool:
         dtype == torch.float32 and input_precision == "tf32")
 
 
+def has_computed_operand(meta: dict) -> bool:
+    """Whether a launch's main loop computes a dot operand in registers instead of
+    loading it as is: a generated projection tile, x under a dropout mask, x
+    scaled per row (adapter banks). ``meta``: the launch's meta-parameters."""
+    return bool(meta["GENERATE"] or meta["DROPOUT"] == DROP_X.value
+                or (meta["SCALE_X"] and meta["ROW_IDS"]))
+
+
+def tiles_for(meta: dict, dtype: torch.dtype, capability: tuple) -> list:
+    """The tiles a launch is tuned over on a device of compute ``capability``."""
+    if not uses_tensor_cores(dtype, meta["INPUT_PRECISION"]):
+        tiles = FMA_TILES
+    elif capability[0] >= 9 and has_computed_operand(meta):
+        tiles = SYNC_MMA_TILES[:1] if dtype == torch.float32 else SYNC_MMA_TILES
+    else:
+        tiles = TENSOR_CORE_TILES
+    if capability[0] == 8:
+        tiles = [t for t in tiles if t not in SM80_SPILLING_TILES]
+    return tiles
+
+
 def _prune(configs, named_args, **kwargs):
-    # Never autotune what spills or cannot launch: the tiles of the dtype's
-    # units, and of those the ones that fit the device's opt-in shared memory.
+    # Never autotune what spills, waits on its wgmma or cannot launch: the
+    # tiles of the launch's units, of those the ones that fit the device's
+    # opt-in shared memory.
     x = named_args["x_ptr"]
-    tiles = set(TENSOR_CORE_TILES if uses_tensor_cores(x.dtype, kwargs["INPUT_PRECISION"])
-                else FMA_TILES)
-    configs = [c for c in configs if _tile(c) in tiles] or configs
     props = torch.cuda.get_device_properties(x.device)
+    tiles = tiles_for(kwargs, x.dtype, (props.major, props.minor))
+    configs = [c for c in configs if _tile(c) in tiles] or configs
     limit = getattr(props, "shared_memory_per_block_optin", 163 * 1024)  # older torch: sm_80's
     return fitting_configs(configs, x.element_size(), limit)
 
 
 # M enters the autotuning key only through its power-of-two bucket, so a new
-# token count does not retune. Tensor dtypes join the key automatically. The
+# token count does not retune. Tensor dtypes join the key automatically;
+# INPUT_PRECISION decides the tiles (tensor cores or not). The
 # tuner runs each config several times: restoring out_ptr keeps an in-place
 # launch (out is base) from adding the adapter more than once.
 _vera_gemm = _vera_gemm_kernel if INTERPRETING else triton.autotune(
     _configs(),
     key=["M_BUCKET", "N", "K", "TRANSPOSED", "SCALE_X", "SCALE_OUT", "ROW_IDS", "DROPOUT",
-         "HAS_BASE", "EPILOGUE", "GENERATE"],
+         "HAS_BASE", "EPILOGUE", "GENERATE", "INPUT_PRECISION"],
     prune_configs_by={"early_config_prune": _prune},
     restore_value=["out_ptr"],
 )(_vera_gemm_kernel)
