@@ -27,6 +27,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "scripts" / "compile_check.py"
 GEMM_LAUNCHES = ("h", "y", "u+dd", "dx", "db")
+ALL_GEMMS = GEMM_LAUNCHES + ("u", "z")  # adapter banks store u and z, reduce in torch
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 
 
@@ -62,8 +63,11 @@ def records(tmp_path_factory):
     out = tmp_path_factory.mktemp("compile_check")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     found = []
-    # --quick: sm_90 bf16 / fp32 / fp16 and sm_80 bf16 (+ nvcc on both); then tf32 on sm_90.
-    for name, extra in (("quick", []), ("tf32", ["--arch", "90", "--dtypes", "tf32", "--no-cuda"])):
+    # --quick: sm_90 bf16 / fp32 / fp16 and sm_80 bf16 (+ nvcc on both); then tf32 on sm_90,
+    # and the launches of dropout and adapter banks (x computed in the loop) in sm_90 bf16.
+    for name, extra in (("quick", []), ("tf32", ["--arch", "90", "--dtypes", "tf32", "--no-cuda"]),
+                        ("variants", ["--arch", "90", "--dtypes", "bf16", "--variants", "dropout",
+                                      "banked", "--no-cuda"])):
         path = out / f"{name}.json"
         proc = subprocess.run(
             [sys.executable, str(SCRIPT), "--quick", *extra, "--json", str(path)],
@@ -232,37 +236,51 @@ def test_shared_memory_within_the_arch_limit(records):
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["bf16", "fp16", "tf32"])
 def test_tensor_cores(records, dtype):
-    gemms = _select(records, dtypes=(dtype,), launches=GEMM_LAUNCHES, triton_only=True)
+    gemms = _select(records, dtypes=(dtype,), launches=ALL_GEMMS, triton_only=True)
     if not gemms:
         pytest.skip(f"nothing compiled for {dtype}")
     simt = [_describe(r) for r in gemms if not r["tensor_cores"]]
     assert not simt, "main loop without mma.sync / wgmma:\n" + "\n".join(simt)
-    # sm_90: wgmma where both operands stream from memory; mma.sync (2-warp
-    # tiles, kernels.SYNC_MMA_TILES) where the loop computes one.
+    # sm_90 (kernels.tiles_for): generated tiles on mma.sync (2-warp tiles),
+    # plain loaded operands on wgmma, a masked / per-row-scaled x on either.
     sm90 = [r for r in gemms if r["arch"] == 90 and _launchable(r)]
-    assert any(r["computed_operand"] for r in sm90) and not all(r["computed_operand"] for r in sm90)
-    wrong = [f"{_describe(r)}: {r.get('mma')}" for r in sm90
-             if r.get("mma") != ("mma.sync" if r["computed_operand"] else "wgmma")]
+    expected = {"generate": {"mma.sync"}, "computed": {"mma.sync", "wgmma"}, "plain": {"wgmma"}}
+    found = {}
+    for r in sm90:
+        found.setdefault((_kind(r), r["launch"]), set()).add(r.get("mma"))
+    wrong = [f"sm_90 {dtype} {kind} {launch}: {sorted(mmas)}, expected {sorted(expected[kind])}"
+             for (kind, launch), mmas in found.items() if mmas != expected[kind]]
     assert not wrong, "sm_90 GEMMs on the wrong instruction:\n" + "\n".join(wrong)
+    assert {kind for kind, _ in found} >= {"generate", "plain"}
+
+
+def _kind(r) -> str:
+    """generate (a generated tile), computed (x masked / scaled per row in the loop) or plain."""
+    if r["strategy"] == "generate":
+        return "generate"
+    return "computed" if r["computed_operand"] else "plain"
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy, launch", [
-    pytest.param(s, launch, id=f"{s}-{launch}")
-    for s in ("generate", "workspace") for launch in GEMM_LAUNCHES])
-def test_sm90_wgmma_main_loop_is_pipelined(records, strategy, launch):
-    """No main loop on sm_90 (bf16 / fp16) waits for its wgmma before issuing the next.
+@pytest.mark.parametrize("launch", ALL_GEMMS)
+def test_sm90_wgmma_main_loop_is_pipelined(records, launch):
+    """No main loop on sm_90 (bf16 / fp16) the autotuner can pick waits for its wgmma,
+    except where x is computed in the loop and the autotuner times a waiting wgmma
+    tile against mma.sync ones.
 
-    Workspace launches keep a wgmma in flight since the vector scales moved
-    onto the projection operand (with Triton 3.6's ptxas 12.8 one config of h,
-    BLOCK_N=256 BLOCK_K=32, is still serialized by ptxas); generate-strategy
-    launches, whose projection tile is computed in the loop, run on mma.sync
-    (nothing to wait for): Triton would wait for every wgmma there.
+    Loaded projections keep a wgmma in flight since the vector scales moved onto
+    the projection operand (with Triton 3.6's ptxas 12.8 one config of h,
+    BLOCK_N=256 BLOCK_K=32, is still serialized by ptxas); generated tiles run
+    on mma.sync, with nothing to wait for (Triton would wait for every wgmma).
     """
-    group = [r for r in _select(records, arch=90, dtypes=("bf16", "fp16"), launches=(launch,),
-                                strategy=strategy) if _launchable(r)]
-    assert group, f"no sm_90 {strategy} {launch} records"
+    group = [r for r in _select(records, arch=90, dtypes=("bf16", "fp16"), launches=(launch,))
+             if _launchable(r)]
+    assert group, f"no sm_90 {launch} records"
     serialized = [f"{_describe(r)}: serialized by {r.get('serialized_by')} "
                   f"({r.get('loop_waits0')} waits for 0 around {r.get('loop_hgmma')} HGMMA)"
-                  for r in group if r["serialized_mma"]]
+                  for r in group if r["serialized_mma"] and _kind(r) != "computed"]
     assert not serialized, "\n".join(serialized)
+    computed = {r["launch"] for r in group if _kind(r) == "computed"}
+    unpipelined = [name for name in sorted(computed) if not any(
+        r["launch"] == name and _kind(r) == "computed" and not r["serialized_mma"] for r in group)]
+    assert not unpipelined, f"no tile that does not wait for its wgmma: {unpipelined}"

@@ -39,7 +39,7 @@ def _grads(x, d, b, base, backend=None):
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
 def test_both_strategies_match_reference(backend, device, strategy, dtype, monkeypatch):
-    # fp16 takes the tensor-core path: mma.sync for generated tiles (kernels.py, MMA_SYNC).
+    # fp16: the tensor-core dtype the interpreter runs (bf16 is broken there).
     monkeypatch.setenv(projection_strategy.ENV_VAR, strategy)
     inputs = vera_inputs((3, 7), 29, 41, 18, dtype=dtype, device=device)
     got = _grads(*inputs, backend=backend)

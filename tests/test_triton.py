@@ -114,6 +114,17 @@ def test_launches_with_a_computed_operand_are_recognized(strategy, dropout, monk
         assert all(computed)
     else:  # only h = dropout(x) Aᵀ masks its x in the loop
         assert computed == [dropout > 0, False, False, False, False]
+    # Adapter banks scale x per row wherever x meets a vector: y, u, dx, z.
+    recorder.launches.clear()
+    ids = torch.tensor([0, 1, -1, 1, 0, 0, 1, 1, 0], dtype=torch.int32)
+    banks = [torch.randn(2, n, dtype=torch.float16).requires_grad_(True) for n in (8, 40)]
+    y = vk.vera_linear_multi(x, *banks, ids, SEED, backend="triton")
+    y.float().sum().backward()
+    computed = [kernels.has_computed_operand(kw) for kw in recorder.launches]
+    if strategy == "generate":
+        assert computed and all(computed)
+    else:
+        assert computed == [False, True, True, True, True]  # h; y; u, dx, z
 
 
 def test_tiles_by_unit_and_arch():
@@ -122,12 +133,20 @@ def test_tiles_by_unit_and_arch():
     generated = dict(meta, GENERATE=True)
     banked = dict(meta, ROW_IDS=True)  # a per-row scale on x
     bf16, tf32 = torch.bfloat16, dict(meta, INPUT_PRECISION="tf32")
+    dropped = dict(meta, SCALE_X=False, DROPOUT=kernels.DROP_X.value)
     assert kernels.tiles_for(meta, bf16, (9, 0)) == kernels.TENSOR_CORE_TILES
-    for m in (generated, banked):
-        assert kernels.tiles_for(m, bf16, (9, 0)) == kernels.SYNC_MMA_TILES
-        assert all(warps < 4 for _, _, _, warps, _ in kernels.tiles_for(m, bf16, (9, 0)))
+    assert all(warps >= 4 for _, _, _, warps, _ in kernels.TENSOR_CORE_TILES)  # wgmma
+    assert all(warps < 4 for _, _, _, warps, _ in kernels.SYNC_MMA_TILES)  # mma.sync
+    # Generated tiles: mma.sync only; a masked or per-row-scaled x: both, timed.
+    assert kernels.tiles_for(generated, bf16, (9, 0)) == kernels.SYNC_MMA_TILES
+    for m in (banked, dropped):
+        assert kernels.tiles_for(m, bf16, (9, 0)) == (
+            kernels.TENSOR_CORE_TILES + kernels.SYNC_MMA_TILES)
+    # Registers scarcest: tf32 operands, or two computed operands: the smallest tile.
     assert kernels.tiles_for(dict(generated, INPUT_PRECISION="tf32"), torch.float32,
                              (9, 0)) == kernels.SYNC_MMA_TILES[:1]
+    assert kernels.tiles_for(dict(banked, GENERATE=True), bf16, (9, 0)) == (
+        kernels.SYNC_MMA_TILES[:1])
     assert kernels.tiles_for(tf32, torch.float32, (9, 0)) == kernels.TENSOR_CORE_TILES
     # sm_80: every dot is mma.sync already; the tiles ptxas spills there are dropped.
     sm80 = kernels.tiles_for(generated, bf16, (8, 0))
@@ -146,7 +165,7 @@ def test_the_autotuner_prunes_to_those_tiles(monkeypatch):
             "INPUT_PRECISION": "ieee"}
     for major, limit in ((9, 227 * 1024), (8, 163 * 1024)):
         props = types.SimpleNamespace(major=major, minor=0, shared_memory_per_block_optin=limit)
-        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda *a, **k: props)
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda *a, p=props, **k: p)
         kept = kernels._prune(every, {"x_ptr": x}, **meta)
         assert {kernels._tile(c) for c in kept} == set(kernels.tiles_for(meta, x.dtype, (major, 0)))
 
