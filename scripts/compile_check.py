@@ -59,9 +59,10 @@ What is read from each compiled kernel
   memory on sm_90, kept apart as ``static_shared_bytes``.
 * ``tensor_cores``: the PTX contains ``wgmma.mma_async`` or ``mma.sync``
   (``mma`` says which). ``computed_operand``: the main loop computes a dot
-  operand in registers (kernels.has_computed_operand), so on sm_90 the
-  autotuner has only mma.sync tiles for it (kernels.py, "Which tensor-core
-  instruction"): ``mma.sync`` there, ``wgmma`` elsewhere.
+  operand in registers (kernels.has_computed_operand); on sm_90 the
+  autotuner then has mma.sync tiles (only those for a generated tile, both
+  kinds for a masked or per-row-scaled x: kernels.py, "Which tensor-core
+  instruction"), and wgmma tiles otherwise.
 * ``serialized_mma`` (sm_90 only; False elsewhere): the main loop waits for
   its wgmma to finish before the next iteration issues another. Decided on
   the innermost loop (a backward branch in the SASS / PTX) that contains the

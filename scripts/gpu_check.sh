@@ -19,11 +19,12 @@
 #                   registers / local / shared memory the driver reports against the
 #                   prediction (driver_check.json)
 #   bench           vera-bench on a reduced GPU grid (bench.json, bench.png)
+#   serve           vera-bench --serve on a reduced grid, if the CLI has --serve
 #   decode_generate, decode_workspace
 #                   vera-bench (triton only) at decode token counts with each
 #                   projection strategy forced (VERA_KERNELS_PROJECTIONS): the data
-#                   that sets where `auto` switches (decode_<strategy>.json)
-#   serve           vera-bench --serve on a reduced grid, if the CLI has --serve
+#                   that sets where `auto` switches (decode_<strategy>.json); last,
+#                   so a tight GPU_CHECK_BUDGET skips these first
 #
 # and a summary (OUTDIR/summary.txt). Every step runs under a timeout and the
 # whole run under GPU_CHECK_BUDGET seconds (default 345, i.e. under 6 minutes):
@@ -156,6 +157,15 @@ step bench 90 "$PYTHON" -m vera_kernels.bench --device cuda \
     --shapes 4096x4096,4096x11008 --tokens 2048,8192 --ranks 256 --dtypes bf16 \
     --json "$OUT/bench.json" --plot "$OUT/bench.png"
 
+if "$PYTHON" -m vera_kernels.bench --help 2> /dev/null | grep -q -- '--serve'; then
+    step serve 45 "$PYTHON" -m vera_kernels.bench --serve --device cuda \
+        --tokens 4096 --adapters 1,16,256 --json "$OUT/serve.json" --plot "$OUT/serve.png"
+else
+    echo "skipped: vera-bench has no --serve" > "$OUT/serve.log"
+    echo 0 > "$OUT/serve.rc"
+    printf '%s\t%s\t%s\n' serve "skipped(no --serve)" 0 >> "$STEPS"
+fi
+
 # Where generating A / B in the kernel beats the per-launch workspace is a
 # GPU question (generation runs on as few SMs as the launch has programs):
 # the same decode cases under each strategy, side by side.
@@ -165,15 +175,6 @@ for strategy in generate workspace; do
         --shapes 4096x4096 --tokens 16,256 --ranks 256 --dtypes bf16 \
         --json "$OUT/decode_$strategy.json"
 done
-
-if "$PYTHON" -m vera_kernels.bench --help 2> /dev/null | grep -q -- '--serve'; then
-    step serve 45 "$PYTHON" -m vera_kernels.bench --serve --device cuda \
-        --tokens 4096 --adapters 1,16,256 --json "$OUT/serve.json" --plot "$OUT/serve.png"
-else
-    echo "skipped: vera-bench has no --serve" > "$OUT/serve.log"
-    echo 0 > "$OUT/serve.rc"
-    printf '%s\t%s\t%s\n' serve "skipped(no --serve)" 0 >> "$STEPS"
-fi
 
 {
     echo "gpu_check.sh: $((SECONDS - START))s in all (budget ${BUDGET}s), outputs in $OUT"

@@ -1,16 +1,18 @@
 """Every kernel specialization the launchers use compiles for sm_80 / sm_90 within budget (no GPU).
 
-``scripts/compile_check.py --quick`` (plus tf32 on sm_90) runs once per module
-in a subprocess, without TRITON_INTERPRET, and its records are checked:
-no spills, shared memory within the arch's opt-in limit, tensor cores for
-the 16-bit and tf32 GEMMs, and on sm_90 wgmma main loops that never wait for
-their wgmma (mma.sync where the loop computes an operand). Every config the
-autotuner can pick is checked; pruned ones are compiled and reported only.
+``scripts/compile_check.py --quick``, then tf32 on sm_90, then the sm_90 bf16
+dropout and adapter-bank launches, run once per module in subprocesses,
+without TRITON_INTERPRET, and their records are checked: no spills, shared
+memory within the arch's opt-in limit, tensor cores for the 16-bit and tf32
+GEMMs, and on sm_90 the instruction and waits of kernels.tiles_for (generated
+tiles on mma.sync; loaded operands on wgmma loops that never wait; a masked
+or per-row-scaled x on either, with a tile that does not wait). Every config
+the autotuner can pick is checked; pruned ones are compiled and reported only.
 
 The numbers below were measured with Triton 3.8.0 (its bundled ptxas 12.9);
 Triton 3.6.0 (ptxas 12.8) agrees except where noted.
 
-Cost: ~2 (warm cache) to ~5 (cold) minutes on a 2-core machine; Triton's
+Cost: ~4 (warm cache) to ~9 (cold) minutes on a 2-core machine; Triton's
 cache (~/.triton/cache or TRITON_CACHE_DIR) keeps reruns short.
 """
 

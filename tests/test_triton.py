@@ -95,32 +95,43 @@ class _LaunchRecorder:
         return launch
 
 
-@pytest.mark.parametrize("strategy", ["generate", "workspace"])
-@pytest.mark.parametrize("dropout", [0.0, 0.25])
-def test_launches_with_a_computed_operand_are_recognized(strategy, dropout, monkeypatch):
-    # A generated tile or a dropout-masked x is computed in the main loop: on
-    # sm_90 such launches are tuned over mma.sync tiles only (kernels.py).
+def _recorded_launches(monkeypatch, strategy):
     from vera_kernels.backends import strategy as projection_strategy
     monkeypatch.setenv(projection_strategy.ENV_VAR, strategy)
     recorder = _LaunchRecorder(kernels._vera_gemm)
     monkeypatch.setattr(kernels, "_vera_gemm", recorder)
-    x, d, b = (torch.randn(*shape, dtype=torch.float16).requires_grad_(True)
-               for shape in ((9, 24), (8,), (40,)))
+    return recorder.launches
+
+
+def _fp16_leaves(*shapes):
+    return [torch.randn(*shape, dtype=torch.float16).requires_grad_(True) for shape in shapes]
+
+
+@pytest.mark.parametrize("strategy", ["generate", "workspace"])
+@pytest.mark.parametrize("dropout", [0.0, 0.25])
+def test_launches_with_a_computed_operand_are_recognized(strategy, dropout, monkeypatch):
+    # A generated tile or a dropout-masked x is computed in the main loop
+    # (kernels.tiles_for: generated -> mma.sync only, a masked x -> both kinds).
+    launches = _recorded_launches(monkeypatch, strategy)
+    x, d, b = _fp16_leaves((9, 24), (8,), (40,))
     y = vk.vera_linear(x, d, b, SEED, backend="triton", dropout=dropout, dropout_seed=3)
     y.float().sum().backward()
-    assert len(recorder.launches) == 5  # h, y; u+dd, dx, db
-    computed = [kernels.has_computed_operand(kw) for kw in recorder.launches]
+    assert len(launches) == 5  # h, y; u+dd, dx, db
+    computed = [kernels.has_computed_operand(kw) for kw in launches]
     if strategy == "generate":
         assert all(computed)
     else:  # only h = dropout(x) Aᵀ masks its x in the loop
         assert computed == [dropout > 0, False, False, False, False]
-    # Adapter banks scale x per row wherever x meets a vector: y, u, dx, z.
-    recorder.launches.clear()
+
+
+@pytest.mark.parametrize("strategy", ["generate", "workspace"])
+def test_adapter_bank_launches_scale_x_in_the_loop(strategy, monkeypatch):
+    # Each row takes its own vectors: x is scaled per row wherever it meets one (y, u, dx, z).
+    launches = _recorded_launches(monkeypatch, strategy)
+    x, d_bank, b_bank = _fp16_leaves((9, 24), (2, 8), (2, 40))
     ids = torch.tensor([0, 1, -1, 1, 0, 0, 1, 1, 0], dtype=torch.int32)
-    banks = [torch.randn(2, n, dtype=torch.float16).requires_grad_(True) for n in (8, 40)]
-    y = vk.vera_linear_multi(x, *banks, ids, SEED, backend="triton")
-    y.float().sum().backward()
-    computed = [kernels.has_computed_operand(kw) for kw in recorder.launches]
+    vk.vera_linear_multi(x, d_bank, b_bank, ids, SEED, backend="triton").float().sum().backward()
+    computed = [kernels.has_computed_operand(kw) for kw in launches]
     if strategy == "generate":
         assert computed and all(computed)
     else:
@@ -142,11 +153,14 @@ def test_tiles_by_unit_and_arch():
     for m in (banked, dropped):
         assert kernels.tiles_for(m, bf16, (9, 0)) == (
             kernels.TENSOR_CORE_TILES + kernels.SYNC_MMA_TILES)
-    # Registers scarcest: tf32 operands, or two computed operands: the smallest tile.
+    # Registers scarcest (tf32 operands; a generated tile next to a per-row-scaled
+    # x): the smallest 2-warp tile only.
     assert kernels.tiles_for(dict(generated, INPUT_PRECISION="tf32"), torch.float32,
                              (9, 0)) == kernels.SYNC_MMA_TILES[:1]
     assert kernels.tiles_for(dict(banked, GENERATE=True), bf16, (9, 0)) == (
         kernels.SYNC_MMA_TILES[:1])
+    assert kernels.tiles_for(dict(dropped, INPUT_PRECISION="tf32"), torch.float32, (9, 0)) == (
+        kernels.TENSOR_CORE_TILES + kernels.SYNC_MMA_TILES[:1])
     assert kernels.tiles_for(tf32, torch.float32, (9, 0)) == kernels.TENSOR_CORE_TILES
     # sm_80: every dot is mma.sync already; the tiles ptxas spills there are dropped.
     sm80 = kernels.tiles_for(generated, bf16, (8, 0))
