@@ -172,8 +172,7 @@ def test_tiles_by_unit_and_arch():
 
 def test_the_autotuner_prunes_to_those_tiles(monkeypatch):
     import types
-    every = [kernels._config(t) for t in
-             kernels.TENSOR_CORE_TILES + kernels.FMA_TILES + kernels.SYNC_MMA_TILES]
+    every = [kernels._config(t) for t in kernels.ALL_TILES]
     x = torch.empty(1, 1, dtype=torch.bfloat16)
     meta = {"GENERATE": True, "DROPOUT": 0, "SCALE_X": False, "ROW_IDS": False,
             "INPUT_PRECISION": "ieee"}

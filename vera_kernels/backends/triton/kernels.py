@@ -271,6 +271,7 @@ SYNC_MMA_TILES = [(64, 32, 32, 2, 3), (64, 64, 32, 2, 3), (128, 32, 32, 2, 3)]
 # thread (compile check, Triton 3.6 and 3.8): two tensor-core tiles, whose
 # mma.sync operand fragments live in registers, and one FMA tile (fp64).
 SM80_SPILLING_TILES = {(64, 256, 32, 8, 3), (64, 32, 128, 4, 3), (64, 32, 16, 4, 2)}
+ALL_TILES = TENSOR_CORE_TILES + FMA_TILES + SYNC_MMA_TILES  # the autotuner's configs on a GPU
 
 
 def _config(tile) -> "triton.Config":
@@ -291,7 +292,7 @@ INTERPRETER_TILE = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}
 def _configs():
     if INTERPRETING:
         return [triton.Config(dict(INTERPRETER_TILE), num_warps=1)]
-    return [_config(tile) for tile in TENSOR_CORE_TILES + FMA_TILES + SYNC_MMA_TILES]
+    return [_config(tile) for tile in ALL_TILES]
 
 
 def pipeline_shared_bytes(config: triton.Config, element_bytes: int) -> int:
@@ -311,12 +312,15 @@ def uses_tensor_cores(dtype: torch.dtype, input_precision: str) -> bool:
         dtype == torch.float32 and input_precision == "tf32")
 
 
+def _scales_x_per_row(meta: dict) -> bool:
+    return bool(meta["SCALE_X"] and meta["ROW_IDS"])  # adapter banks: each row its own vector
+
+
 def has_computed_operand(meta: dict) -> bool:
     """Whether a launch's main loop computes a dot operand in registers instead of
     loading it as is: a generated projection tile, x under a dropout mask, x
     scaled per row (adapter banks). ``meta``: the launch's meta-parameters."""
-    return bool(meta["GENERATE"] or meta["DROPOUT"] == DROP_X.value
-                or (meta["SCALE_X"] and meta["ROW_IDS"]))
+    return bool(meta["GENERATE"] or meta["DROPOUT"] == DROP_X.value or _scales_x_per_row(meta))
 
 
 def tiles_for(meta: dict, dtype: torch.dtype, capability: tuple) -> list:
@@ -325,8 +329,7 @@ def tiles_for(meta: dict, dtype: torch.dtype, capability: tuple) -> list:
     if not uses_tensor_cores(dtype, meta["INPUT_PRECISION"]):
         tiles = FMA_TILES
     elif capability[0] == 9 and has_computed_operand(meta):
-        scarce = dtype == torch.float32 or (meta["GENERATE"] and meta["SCALE_X"]
-                                            and meta["ROW_IDS"])
+        scarce = dtype == torch.float32 or (meta["GENERATE"] and _scales_x_per_row(meta))
         sync = SYNC_MMA_TILES[:1] if scarce else SYNC_MMA_TILES
         tiles = sync if meta["GENERATE"] else TENSOR_CORE_TILES + sync
     else:
