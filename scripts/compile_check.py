@@ -816,6 +816,8 @@ def _fmt_range(values, scale=1, suffix=""):
 
 
 def summary(records) -> str:
+    """One row per (arch, dtype, strategy, launch); the columns after ``pruned`` describe
+    the configs the autotuner can pick (pruned ones are in the JSON)."""
     groups: dict = {}
     for rec in records:
         key = (rec["arch"], rec["dtype"] or "-", rec["strategy"], rec["launch"])
@@ -827,16 +829,18 @@ def summary(records) -> str:
             groups.items(), key=lambda kv: (kv[0][0], order.get(kv[0][1], 9), kv[0][2],
                                             kv[0][3].startswith("cuda:"), kv[0][3])):
         ok = [r for r in recs if not r.get("error")]
+        live = [r for r in ok if r.get("pruned") is not True]
+        mmas = sorted({r["mma"] for r in live if r.get("mma")})
         rows.append((
             f"sm_{arch}", dtype, strategy, launch, str(len(recs)),
             str(sum(bool(r.get("pruned")) for r in recs)),
-            _fmt_range([r["registers"] for r in ok]),
-            _fmt_range([r["spill_bytes"] for r in ok]),
-            _fmt_range([r["local_bytes"] for r in ok]),
-            _fmt_range([r["shared_bytes"] for r in ok], 1024, "K"),
-            f"{sum(r['tensor_cores'] for r in ok)}/{len(ok)}"
-            + (f" {ok[0]['mma']}" if ok and ok[0].get("mma") else ""),
-            f"{sum(r['serialized_mma'] for r in ok)}/{len(ok)}" if arch >= 90 else "-",
+            _fmt_range([r["registers"] for r in live]),
+            _fmt_range([r["spill_bytes"] for r in live]),
+            _fmt_range([r["local_bytes"] for r in live]),
+            _fmt_range([r["shared_bytes"] for r in live], 1024, "K"),
+            f"{sum(r['tensor_cores'] for r in live)}/{len(live)}"
+            + (f" {'+'.join(mmas)}" if mmas else ""),
+            f"{sum(r['serialized_mma'] for r in live)}/{len(live)}" if arch >= 90 else "-",
             str(len(recs) - len(ok)) if len(recs) > len(ok) else "",
         ))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
