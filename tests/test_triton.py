@@ -66,24 +66,21 @@ def test_triton_is_the_default_for_cuda_tensors():
 
 
 
-def test_configs_that_cannot_launch_are_pruned():
-    # The GPU config list (the interpreter has its own): fp64 tiles of the big
-    # configs need more shared memory than sm_90 (227 KB) or sm_80 (163 KB) have.
-    import triton
-
-    configs = [triton.Config({"BLOCK_M": 64, "BLOCK_N": n, "BLOCK_K": k}, num_stages=s)
-               for n, k, s in [(32, 64, 3), (64, 128, 3), (256, 32, 3), (128, 64, 3)]]
-    assert kernels.pipeline_shared_bytes(configs[1], 8) == 3 * (64 * 128 + 128 * 64) * 8
+def test_tiles_that_cannot_launch_are_pruned():
+    # fp64 operands of the big tiles need more shared memory than sm_90 (227 KB)
+    # or sm_80 (163 KB) have.
+    tiles = [(64, n, k, 4, s) for n, k, s in [(32, 64, 3), (64, 128, 3), (256, 32, 3), (128, 64, 3)]]
+    assert kernels.pipeline_shared_bytes(tiles[1], 8) == 3 * (64 * 128 + 128 * 64) * 8
     for limit in (227 * 1024, 163 * 1024):
-        kept = kernels.fitting_configs(configs, 8, limit)
-        assert kept and all(kernels.pipeline_shared_bytes(c, 8) <= limit for c in kept)
-        assert configs[1] not in kept
-    assert kernels.fitting_configs(configs, 2, 227 * 1024) == configs  # bf16: all fit
-    assert kernels.fitting_configs(configs, 8, 1024) == [configs[0]]  # none fits: the smallest
+        kept = kernels.fitting_tiles(tiles, 8, limit)
+        assert kept and all(kernels.pipeline_shared_bytes(t, 8) <= limit for t in kept)
+        assert tiles[1] not in kept
+    assert kernels.fitting_tiles(tiles, 2, 227 * 1024) == tiles  # bf16: all fit
+    assert kernels.fitting_tiles(tiles, 8, 1024) == [tiles[0]]  # none fits: the smallest
 
 
 class _LaunchRecorder:
-    """Stands in for kernels._vera_gemm: launches it and keeps each launch's meta-parameters."""
+    """Stands in for kernels._vera_gemm_kernel: launches it and keeps each launch's meta-parameters."""
 
     def __init__(self, kernel):
         self.kernel, self.launches = kernel, []
@@ -98,8 +95,9 @@ class _LaunchRecorder:
 def _recorded_launches(monkeypatch, strategy):
     from vera_kernels.backends import strategy as projection_strategy
     monkeypatch.setenv(projection_strategy.ENV_VAR, strategy)
-    recorder = _LaunchRecorder(kernels._vera_gemm)
-    monkeypatch.setattr(kernels, "_vera_gemm", recorder)
+    # In the interpreter every launch names its tile: the bare kernel runs.
+    recorder = _LaunchRecorder(kernels._vera_gemm_kernel)
+    monkeypatch.setattr(kernels, "_vera_gemm_kernel", recorder)
     return recorder.launches
 
 

@@ -119,7 +119,8 @@ def _fetch_tile(
         rows = row_start + tl.arange(0, BLOCK_ROWS)
         cols = col_start + tl.arange(0, BLOCK_COLS)
         mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
-        ptrs = proj_ptr + rows[:, None].to(tl.int64) * stride_row + cols[None, :] * stride_col
+        ptrs = (proj_ptr + rows[:, None].to(tl.int64) * stride_row
+                + cols[None, :].to(tl.int64) * stride_col)
         tile = tl.load(ptrs, mask=mask, other=0.0).to(DTYPE)
     return tile
 
@@ -176,7 +177,11 @@ def _vera_gemm_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
+    # Every index that multiplies a stride is 64-bit: an operand's
+    # (cols - 1) * stride can pass 2^31 (a transposed 32768 x 128256 gradient)
+    # while the stride itself fits in 32 bits and arrives as i32.
     rows = offs_m.to(tl.int64)
+    cols = offs_n.to(tl.int64)
     if ROW_IDS:  # the scales are gathered per row from the banks, inside the kernel
         ids = tl.load(ids_ptr + offs_m, mask=mask_m, other=-1)
         has_adapter = ids >= 0
@@ -185,7 +190,7 @@ def _vera_gemm_kernel(
     for k_start in range(0, K, BLOCK_K):
         offs_k = k_start + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :].to(tl.int64) * stride_xk,
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         if DROPOUT == DROP_X:  # regenerated, never stored
             keep = dropout_scale_tile(drop_seed, drop_threshold, drop_scale, pid_m * BLOCK_M,
@@ -211,7 +216,7 @@ def _vera_gemm_kernel(
         acc = tl.dot(x.to(DTYPE), t, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
     mask = mask_m[:, None] & mask_n[None, :]
     if EPILOGUE != STORE:  # sum over this program's rows, PARTIAL_ROWS at a time
-        aux = tl.load(aux_ptr + rows[:, None] * stride_am + offs_n[None, :] * stride_an,
+        aux = tl.load(aux_ptr + rows[:, None] * stride_am + cols[None, :] * stride_an,
                       mask=mask, other=0.0)
         GROUPS: tl.constexpr = BLOCK_M // PARTIAL_ROWS
         products = tl.reshape(acc * aux.to(ACC_DTYPE), (GROUPS, PARTIAL_ROWS, BLOCK_N))
@@ -219,7 +224,7 @@ def _vera_gemm_kernel(
         # The buffer has a row per PARTIAL_ROWS rows whatever BLOCK_M the
         # autotuner picked: every row is written once, summed in one order.
         groups = pid_m * GROUPS + tl.arange(0, GROUPS)
-        tl.store(partial_ptr + groups[:, None] * N + offs_n[None, :], partial,
+        tl.store(partial_ptr + groups[:, None].to(tl.int64) * N + cols[None, :], partial,
                  mask=(groups[:, None] * PARTIAL_ROWS < M) & mask_n[None, :])
     if EPILOGUE != REDUCE:
         if DROPOUT == DROP_OUT:
@@ -228,17 +233,17 @@ def _vera_gemm_kernel(
             acc = acc * keep.to(ACC_DTYPE)
         if SCALE_OUT:
             if ROW_IDS:
-                scale = tl.load(out_scale_ptr + bank_rows[:, None] * stride_so + offs_n[None, :],
+                scale = tl.load(out_scale_ptr + bank_rows[:, None] * stride_so + cols[None, :],
                                 mask=has_adapter[:, None] & mask_n[None, :], other=0.0)
                 acc = acc * scale.to(ACC_DTYPE)
             else:
                 scale = tl.load(out_scale_ptr + offs_n, mask=mask_n, other=0.0)
                 acc = acc * scale.to(ACC_DTYPE)[None, :]
         if HAS_BASE:
-            base = tl.load(base_ptr + rows[:, None] * stride_bm + offs_n[None, :] * stride_bn,
+            base = tl.load(base_ptr + rows[:, None] * stride_bm + cols[None, :] * stride_bn,
                            mask=mask, other=0.0)
             acc = acc + base.to(ACC_DTYPE)
-        tl.store(out_ptr + rows[:, None] * stride_om + offs_n[None, :] * stride_on,
+        tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on,
                  acc.to(DTYPE), mask=mask)
 
 
@@ -285,26 +290,30 @@ def _tile(config) -> tuple:
     return (kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], config.num_warps, config.num_stages)
 
 
+def _configs():
+    return [_config(tile) for tile in ALL_TILES]
+
+
 # Autotuning cannot run in the interpreter: one small tile keeps it fast.
 INTERPRETER_TILE = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}
 
 
-def _configs():
-    if INTERPRETING:
-        return [triton.Config(dict(INTERPRETER_TILE), num_warps=1)]
-    return [_config(tile) for tile in ALL_TILES]
+def tile_kwargs(tile) -> dict:
+    """A (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) tile as launch keyword arguments."""
+    m, n, k, warps, stages = tile
+    return {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "num_warps": warps, "num_stages": stages}
 
 
-def pipeline_shared_bytes(config: triton.Config, element_bytes: int) -> int:
+def pipeline_shared_bytes(tile, element_bytes: int) -> int:
     """Shared memory the software pipeline needs: an x tile and a T tile per stage."""
-    m, k, n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_K"], config.kwargs["BLOCK_N"]
-    return config.num_stages * (m * k + k * n) * element_bytes
+    m, n, k, _, stages = tile
+    return stages * (m * k + k * n) * element_bytes
 
 
-def fitting_configs(configs: list, element_bytes: int, shared_limit: int) -> list:
-    """The configs whose pipeline fits ``shared_limit`` bytes (the smallest one if none does)."""
-    fits = [c for c in configs if pipeline_shared_bytes(c, element_bytes) <= shared_limit]
-    return fits or [min(configs, key=lambda c: pipeline_shared_bytes(c, element_bytes))]
+def fitting_tiles(tiles: list, element_bytes: int, shared_limit: int) -> list:
+    """The tiles whose pipeline fits ``shared_limit`` bytes, in order (the smallest if none does)."""
+    fits = [t for t in tiles if pipeline_shared_bytes(t, element_bytes) <= shared_limit]
+    return fits or [min(tiles, key=lambda t: pipeline_shared_bytes(t, element_bytes))]
 
 
 def uses_tensor_cores(dtype: torch.dtype, input_precision: str) -> bool:
@@ -339,34 +348,83 @@ def tiles_for(meta: dict, dtype: torch.dtype, capability: tuple) -> list:
     return tiles
 
 
-def _prune(configs, named_args, **kwargs):
-    # Never autotune what spills or cannot launch, nor a wgmma that waits
-    # where nothing forces it: the launch's tiles (tiles_for), of those the
-    # ones that fit the device's opt-in shared memory.
-    x = named_args["x_ptr"]
-    props = torch.cuda.get_device_properties(x.device)
+def device_tiles(meta: dict, dtype: torch.dtype, device) -> list:
+    """The tiles a launch may run with on CUDA ``device``, in ``tiles_for``'s order:
+    those of its arch that fit the device's opt-in shared memory. Never one
+    that spills or cannot launch, nor a wgmma that waits where nothing forces it."""
+    props = torch.cuda.get_device_properties(device)
     # ROCm reports its gfx generation as the major version: no sm_80/sm_90 rules there.
     capability = (props.major, props.minor) if torch.version.hip is None else (0, 0)
-    tiles = tiles_for(kwargs, x.dtype, capability)
+    limit = getattr(props, "shared_memory_per_block_optin", 163 * 1024)  # older torch: sm_80's
+    return fitting_tiles(tiles_for(meta, dtype, capability), dtype.itemsize, limit)
+
+
+def _prune(configs, named_args, **kwargs):
+    x = named_args["x_ptr"]
+    tiles = device_tiles(kwargs, x.dtype, x.device)
     configs = [c for c in configs if _tile(c) in tiles]
     if not configs:  # every list is part of _configs(): a broken invariant, not a user error
         raise RuntimeError(f"no autotune config among the tiles {tiles}")
-    limit = getattr(props, "shared_memory_per_block_optin", 163 * 1024)  # older torch: sm_80's
-    return fitting_configs(configs, x.element_size(), limit)
+    return configs
+
+
+TUNE_ENV_VAR = "VERA_KERNELS_TUNE"
+
+
+def tuning() -> bool:
+    """Whether launches are autotuned: ``VERA_KERNELS_TUNE`` is unset or 1 (read at every launch).
+
+    With 0, every launch runs one fixed tile, ``device_tiles(...)[0]``: no
+    timing runs, nothing that differs between processes (bit-identical
+    results across processes), nothing a CUDA graph capture cannot hold.
+    """
+    value = os.environ.get(TUNE_ENV_VAR, "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"{TUNE_ENV_VAR} must be 0 or 1, got {value!r}")
+    return value == "1"
 
 
 # M enters the autotuning key only through its power-of-two bucket, so a new
 # token count does not retune. Tensor dtypes join the key automatically;
-# INPUT_PRECISION decides the tiles (tensor cores or not). The
-# tuner runs each config several times: restoring out_ptr keeps an in-place
-# launch (out is base) from adding the adapter more than once.
-_vera_gemm = _vera_gemm_kernel if INTERPRETING else triton.autotune(
-    _configs(),
-    key=["M_BUCKET", "N", "K", "TRANSPOSED", "SCALE_X", "SCALE_OUT", "ROW_IDS", "DROPOUT",
-         "HAS_BASE", "EPILOGUE", "GENERATE", "INPUT_PRECISION"],
-    prune_configs_by={"early_config_prune": _prune},
-    restore_value=["out_ptr"],
-)(_vera_gemm_kernel)
+# INPUT_PRECISION decides the tiles (tensor cores or not). Nothing is restored
+# between timing runs: an out-of-place launch overwrites everything it
+# writes, and in-place launches are tuned out of place (_launch).
+TUNING_KEY = ["M_BUCKET", "N", "K", "TRANSPOSED", "SCALE_X", "SCALE_OUT", "ROW_IDS", "DROPOUT",
+              "HAS_BASE", "EPILOGUE", "GENERATE", "INPUT_PRECISION"]
+AUTOTUNE_OPTIONS = {"key": TUNING_KEY, "prune_configs_by": {"early_config_prune": _prune}}
+_vera_gemm = (_vera_gemm_kernel if INTERPRETING
+              else triton.autotune(_configs(), **AUTOTUNE_OPTIONS)(_vera_gemm_kernel))
+
+_ARG_NAMES = _vera_gemm_kernel.arg_names
+_OUT = _ARG_NAMES.index("out_ptr")
+_tuned_in_place: set = set()  # tuning keys (_tuning_key) whose in-place launch was tuned
+
+
+def _tuning_key(args: tuple, meta: dict) -> tuple:
+    # What the autotuner keys its cache on (the key's values, every tensor's
+    # dtype), and the device.
+    named = dict(zip(_ARG_NAMES, args), **meta)
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    return (tuple(named[k] for k in TUNING_KEY) + tuple(str(t.dtype) for t in tensors)
+            + (str(tensors[0].device),))
+
+
+def _launch(grid, args: tuple, meta: dict, tile: Optional[dict], in_place: bool) -> None:
+    """Launch the kernel with ``tile`` (launch keyword arguments), or autotuned if None."""
+    if tile is not None:
+        _vera_gemm_kernel[grid](*args, **meta, **tile)
+        return
+    key = _tuning_key(args, meta) if in_place else None
+    if in_place and key not in _tuned_in_place:
+        # Tuning runs every config several times, and in place each run would
+        # add the product to out once more. Tune out of place into a scratch
+        # buffer (the one extra tokens x N tensor, first call per key only),
+        # then launch in place with the tile the tuner chose.
+        out = args[_OUT]
+        scratch = torch.empty_strided(out.shape, out.stride(), dtype=out.dtype, device=out.device)
+        _vera_gemm[grid](*args[:_OUT], scratch, *args[_OUT + 1:], **meta)
+        _tuned_in_place.add(key)
+    _vera_gemm[grid](*args, **meta)
 
 
 @dataclass(frozen=True)
@@ -437,6 +495,7 @@ def gemm(
     row_ids: Optional[torch.Tensor] = None,
     dropout: Optional[DropoutMask] = None,
     dropout_on: str = "x",
+    tile: Optional[tuple] = None,
 ):
     """``(x ⊙ x_scale) @ T`` with T = projᵀ (``transposed``) or proj, and its epilogue.
 
@@ -456,6 +515,9 @@ def gemm(
         store: write the result (False only together with ``reduce_with``).
         out: (M, N) to write the result into (may be ``base`` itself: each
             element is read and written by the same program); new otherwise.
+        tile: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) to launch
+            with, instead of the autotuner's pick (or the fixed tile under
+            VERA_KERNELS_TUNE=0): the tile sweep; BLOCK_M a multiple of MIN_BLOCK_M.
 
     Returns:
         ``GemmResult(out, partials)``: ``out`` None when not stored, ``partials``
@@ -476,8 +538,7 @@ def gemm(
         acc = torch.float64 if dtype == torch.float64 else torch.float32
         partial = torch.empty(triton.cdiv(m, MIN_BLOCK_M), n, dtype=acc, device=x.device)
     epilogue = STORE if reduce_with is None else (STORE_AND_REDUCE if store else REDUCE)
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
-    _vera_gemm[grid](
+    args = (
         x, x.stride(0), x.stride(1),
         *_bank(x_scale, x),
         *_strides(proj.workspace, x),
@@ -487,7 +548,9 @@ def gemm(
         *_strides(base, x),
         *_strides(reduce_with, x), partial if partial is not None else x,
         m, n, k, triton.next_power_of_2(m), proj.seed, proj.bound,
-        *(dropout.seed, dropout.threshold, dropout.scale) if dropout is not None else (0, 0, 1.0),
+        *((dropout.seed, dropout.threshold, dropout.scale) if dropout is not None else (0, 0, 1.0)),
+    )
+    meta = dict(
         STREAM=proj.stream, TRANSPOSED=transposed, SCALE_X=x_scale is not None,
         SCALE_OUT=out_scale is not None, ROW_IDS=row_ids is not None,
         DROPOUT=(NO_DROPOUT if dropout is None else DROP_X if dropout_on == "x" else DROP_OUT).value,
@@ -496,6 +559,13 @@ def gemm(
         GENERATE=proj.workspace is None, DTYPE=_TORCH_TO_TL[dtype],
         ACC_DTYPE=tl.float64 if dtype == torch.float64 else tl.float32,
         INPUT_PRECISION=_input_precision(dtype), PARTIAL_ROWS=MIN_BLOCK_M,
-        **(INTERPRETER_TILE if INTERPRETING else {}),
     )
+    if tile is not None:
+        tile = tile_kwargs(tile)
+    elif INTERPRETING:
+        tile = dict(INTERPRETER_TILE)
+    elif not tuning():
+        tile = tile_kwargs(device_tiles(meta, dtype, x.device)[0])
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
+    _launch(grid, args, meta, tile, in_place=out is not None and out is base)
     return GemmResult(out if store else None, partial)

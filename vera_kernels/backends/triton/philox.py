@@ -95,7 +95,8 @@ def _generate_kernel(
     rows = row_start + tl.arange(0, BLOCK_ROWS)
     cols = col_start + tl.arange(0, BLOCK_COLS)
     mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
-    ptrs = out_ptr + rows[:, None].to(tl.int64) * stride_row + cols[None, :] * stride_col
+    ptrs = (out_ptr + rows[:, None].to(tl.int64) * stride_row
+            + cols[None, :].to(tl.int64) * stride_col)
     tl.store(ptrs, tile.to(out_ptr.dtype.element_ty), mask=mask)
 
 
