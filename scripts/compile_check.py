@@ -93,8 +93,11 @@ through the autotuner, then loads each config's compiled kernel and compares
 the registers, local memory (Triton's ``n_spills`` x 4) and shared memory the
 driver reports with an earlier prediction; it marks the autotuner's picks.
 
-Output: ``{"versions": {...}, "settings": {...}, "records": [...]}``, and a
-summary table on stdout; exit status 1 if some kernel failed to compile. Nothing is cached in the repository (Triton's own
+Output: ``{"versions", "settings", "records", "narrow_offsets"}`` and a
+summary table on stdout. ``narrow_offsets`` lists every product of a 32-bit
+index tensor with an integer argument in the kernels' TTIR (strides made
+runtime values), which would wrap past 2^31 elements. Exit status 1 if some
+kernel failed to compile or such a product exists. Nothing is cached in the repository (Triton's own
 cache, ~/.triton/cache or TRITON_CACHE_DIR, makes a rerun fast; ``--fresh``
 compiles into a temporary cache).
 """
@@ -557,6 +560,87 @@ def analyze(compiled, arch: int) -> dict:
 
 
 # ----------------------------------------------------------------------------
+# 64-bit offsets (read from the TTIR)
+# ----------------------------------------------------------------------------
+
+# An integer argument whose value is 1 or a multiple of 16 may be specialized
+# into a constant; 3 keeps every stride a runtime i32 argument, as a strided
+# operand's would be.
+RUNTIME_STRIDE = 3
+_TTIR_DEF = re.compile(r"^\s*(%[\w.#-]+) = ([\w.]+) (%[\w.#-]+)")
+_TTIR_MULI = re.compile(r"^\s*%[\w.#-]+ = arith\.muli (%[\w.#-]+), (%[\w.#-]+) : tensor<[^>]*xi32>")
+
+
+def kernel_ttir(kernel_fn, args, kwargs, arch: int = 90) -> str:
+    """The kernel's TTIR as Triton first generates it (names kept), for this specialization."""
+    from triton._C.libtriton import ir
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    target = GPUTarget("cuda", arch, 32)
+    source, options = specialize(kernel_fn, args, kwargs, arch)
+    backend = make_backend(target)
+    context = ir.context()
+    ir.load_dialects(context)
+    backend.load_dialects(context)
+    options = backend.parse_options(options)
+    module = source.make_ir(target, options, backend.get_codegen_implementation(options),
+                            backend.get_module_map(), context)
+    return str(module)
+
+
+def narrow_index_products(ttir: str) -> list:
+    """Lines of ``ttir`` that multiply a 32-bit index tensor by an integer argument.
+
+    Such a product wraps once it passes 2^31 (an operand whose
+    ``(cols - 1) * stride`` does, with a stride that fits in 32 bits): the
+    kernels widen every index to 64 bits before it meets a stride. An
+    operand is traced back through splat / broadcast / expand_dims to a
+    function argument.
+    """
+    arguments = set()
+    for line in ttir.splitlines():
+        if "tt.func public" in line:
+            arguments |= {f"%{name}" for name in re.findall(r"%(\w+): i32", line)}
+    defined = {}
+    for line in ttir.splitlines():
+        match = _TTIR_DEF.match(line)
+        if match and match.group(2) in ("tt.splat", "tt.broadcast", "tt.expand_dims"):
+            defined[match.group(1)] = match.group(3)
+
+    def argument(value):
+        while value in defined:
+            value = defined[value]
+        return value if value in arguments else None
+
+    return [line.strip() for line in ttir.splitlines()
+            if (m := _TTIR_MULI.match(line)) and (argument(m.group(1)) or argument(m.group(2)))]
+
+
+def narrow_offsets(recorded) -> list:
+    """[{"launch", "kernel", "line"}]: 32-bit index x argument products in the recorded launches.
+
+    Each distinct (kernel, meta-parameters) is checked once, with every
+    ``stride*`` argument a runtime value (RUNTIME_STRIDE) and the first
+    autotune config.
+    """
+    from triton.runtime.autotuner import Autotuner
+    found, seen = [], set()
+    for role_name, launch, _ in recorded:
+        kernel_fn = jit_function(launch.kernel)
+        key = (kernel_fn.__name__, repr(sorted(launch.kwargs.items())))
+        if key in seen:
+            continue
+        seen.add(key)
+        args = tuple(RUNTIME_STRIDE if name.startswith("stride") and isinstance(value, int) else value
+                     for name, value in zip(kernel_fn.arg_names, launch.args))
+        config = launch.kernel.configs[0].all_kwargs() if isinstance(launch.kernel, Autotuner) else {}
+        ttir = kernel_ttir(kernel_fn, args, dict(launch.kwargs, **config))
+        found += [{"launch": role_name, "kernel": kernel_fn.__name__, "line": line}
+                  for line in narrow_index_products(ttir)]
+    return found
+
+
+# ----------------------------------------------------------------------------
 # Jobs
 # ----------------------------------------------------------------------------
 
@@ -568,6 +652,7 @@ class Job:
     options: dict = field(default_factory=dict)
     cuda: bool = False
     records: list = field(default_factory=list)  # the records this compile fills
+    analyze: bool = True  # read the compiled kernel (False: only fill Triton's cache)
 
 
 _JOBS: list = []  # read by forked workers
@@ -624,8 +709,10 @@ def _check_not_interpreting():
                            "configs do not exist; run compile_check.py in a fresh process")
 
 
-def plan_triton(plan, shapes, tokens_list, rank, variants=("plain",)):
-    """The compile jobs for every (arch, dtype) of the plan; one job per distinct specialization."""
+def plan_triton(plan, shapes, tokens_list, rank, variants=("plain",), recorded=None):
+    """The compile jobs for every (arch, dtype) of the plan; one job per distinct specialization.
+
+    ``recorded``: a list that receives every (role, Launch, shape) recorded."""
     from triton.runtime.autotuner import Autotuner
 
     from vera_kernels.backends.triton.kernels import has_computed_operand
@@ -638,8 +725,10 @@ def plan_triton(plan, shapes, tokens_list, rank, variants=("plain",)):
     for dtype_name in sorted({d for _, d in plan}, key=DTYPES.index):
         archs = sorted(a for a, d in plan if d == dtype_name)
         for strategy in STRATEGIES:
-            for role_name, launch, shape in record(dtype_name, strategy, shapes, tokens_list, rank,
-                                                   variants):
+            launches = record(dtype_name, strategy, shapes, tokens_list, rank, variants)
+            if recorded is not None:
+                recorded += launches
+            for role_name, launch, shape in launches:
                 kernel = launch.kernel
                 is_tuned = isinstance(kernel, Autotuner)
                 kernel_fn = jit_function(kernel)
@@ -668,6 +757,31 @@ def plan_triton(plan, shapes, tokens_list, rank, variants=("plain",)):
     return list(jobs.values())
 
 
+def run_jobs(jobs: list, processes: int) -> list:
+    """Each job's result, ``processes`` compiles at a time (forked workers, which touch no GPU)."""
+    _JOBS[:] = jobs
+    if processes > 1 and len(jobs) > 1:
+        import multiprocessing
+        with multiprocessing.get_context("fork").Pool(processes) as pool:
+            return pool.map(_run_job, range(len(jobs)), chunksize=1)
+    return [_run_job(i) for i in range(len(jobs))]
+
+
+def precompile(launches, arch: int, processes: int) -> list:
+    """Compile ``[(kernel, args, kwargs)]`` for sm_<arch> into Triton's cache, in parallel.
+
+    Each distinct specialization once, specialized as its launch will be, so
+    that launching it afterwards loads it from the cache. The errors, if any.
+    """
+    jobs: dict = {}
+    for kernel, args, kwargs in launches:
+        fn = jit_function(kernel)
+        source, options = specialize(fn, args, kwargs, arch)
+        key = (source.hash(), repr(sorted(options.items())))
+        jobs.setdefault(key, Job(arch, fn, source, options, analyze=False))
+    return [r["error"] for r in run_jobs(list(jobs.values()), processes) if "error" in r]
+
+
 def _run_job(index: int) -> dict:
     job = _JOBS[index]
     start = time.perf_counter()
@@ -679,7 +793,7 @@ def _run_job(index: int) -> dict:
             from triton.backends.compiler import GPUTarget
             compiled = triton.compile(job.source, target=GPUTarget("cuda", job.arch, 32),
                                       options=job.options)
-            result = analyze(compiled, job.arch)
+            result = analyze(compiled, job.arch) if job.analyze else {}
     except Exception as error:  # noqa: BLE001  (a failed compile is a finding, not a crash)
         result = {"error": f"{type(error).__name__}: {str(error)[-2000:]}"}
     result["compile_seconds"] = round(time.perf_counter() - start, 2)
@@ -1046,19 +1160,16 @@ def _compile_all(args, start, plan, shapes, tokens_list) -> int:
     elif not args.no_cuda:
         print("compile_check: nvcc not found (CUDA_HOME / PATH): CUDA kernels skipped",
               file=sys.stderr)
+    narrow = []
     if not args.no_triton:
-        jobs += plan_triton(plan, shapes, tokens_list, args.rank, args.variants)
+        recorded: list = []
+        jobs += plan_triton(plan, shapes, tokens_list, args.rank, args.variants, recorded)
+        narrow = narrow_offsets(recorded)
     recorded = time.perf_counter()
     print(f"compile_check: {len(jobs)} compiles ({sum(j.cuda for j in jobs)} nvcc), "
           f"{args.jobs} at a time; launches recorded in {recorded - start:.1f}s", file=sys.stderr)
 
-    _JOBS[:] = jobs
-    if args.jobs > 1 and len(jobs) > 1:
-        import multiprocessing
-        with multiprocessing.get_context("fork").Pool(args.jobs) as pool:
-            results = pool.map(_run_job, range(len(jobs)), chunksize=1)
-    else:
-        results = [_run_job(i) for i in range(len(jobs))]
+    results = run_jobs(jobs, args.jobs)
 
     records = []
     for job, result in zip(jobs, results):
@@ -1086,6 +1197,7 @@ def _compile_all(args, start, plan, shapes, tokens_list) -> int:
                      "seed": SEED, "quick": args.quick, "smem_limit": SMEM_LIMIT,
                      "seconds": round(elapsed, 1), "jobs": args.jobs},
         "records": records,
+        "narrow_offsets": narrow,
     }
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(payload, indent=1, default=str))
@@ -1094,11 +1206,13 @@ def _compile_all(args, start, plan, shapes, tokens_list) -> int:
     over = limit_violations(records)
     print(f"\n{len(records)} records from {len(jobs)} compiles in {elapsed:.0f}s; "
           f"{len(errors)} failed; {len(over)} over the shared-memory limit; "
-          f"versions {payload['versions']}")
+          f"{len(narrow)} 32-bit index x stride products; versions {payload['versions']}")
+    for found in narrow[:5]:
+        print(f"  32-bit index product in {found['kernel']} ({found['launch']}): {found['line']}")
     for rec in errors[:5]:
         print(f"  error sm_{rec['arch']} {rec['launch']} {rec['dtype']} {rec['config']}: "
               f"{rec['error'].splitlines()[0] if rec['error'] else ''}")
-    return 1 if errors else 0
+    return 1 if errors or narrow else 0
 
 
 if __name__ == "__main__":

@@ -1,7 +1,13 @@
 """Helpers shared by the test modules."""
 
+import importlib.util
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+
+COMPILE_CHECK = Path(__file__).resolve().parent.parent / "scripts" / "compile_check.py"
 
 # Devices a device-parametrized test runs on; "cuda" is skipped without a GPU.
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
@@ -61,3 +67,14 @@ def tiny_llama(vocab_size: int, **config):
     fields = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     return transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**fields, **config}))
+
+
+def load_compile_check():
+    """scripts/compile_check.py as a module (importing it has no side effects)."""
+    name = "_vera_compile_check_script"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, COMPILE_CHECK)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up while it executes
+        spec.loader.exec_module(module)  # TRITON_INTERPRET is only dropped in its main()
+    return sys.modules[name]

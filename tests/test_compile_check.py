@@ -26,21 +26,13 @@ from pathlib import Path
 
 import pytest
 
+from helpers import load_compile_check
+
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "scripts" / "compile_check.py"
 GEMM_LAUNCHES = ("h", "y", "u+dd", "dx", "db")
 ALL_GEMMS = GEMM_LAUNCHES + ("u", "z")  # adapter banks store u and z, reduce in torch
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
-
-
-def _load_script():
-    name = "_vera_compile_check_script"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, SCRIPT)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # dataclasses look their module up while it executes
-        spec.loader.exec_module(module)  # no side effects: TRITON_INTERPRET is only dropped in main()
-    return sys.modules[name]
 
 
 def _nvcc():
@@ -58,7 +50,8 @@ def _why_not_runnable():
 
 
 @pytest.fixture(scope="module")
-def records(tmp_path_factory):
+def payloads(tmp_path_factory):
+    """The JSON outputs of the module's compile_check runs."""
     reason = _why_not_runnable()
     if reason:
         pytest.skip(reason)
@@ -77,7 +70,13 @@ def records(tmp_path_factory):
         # 1: some compile failed (the records say which: test_every_launch_compiles)
         assert proc.returncode in (0, 1) and path.exists(), (
             f"compile_check.py {name} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
-        found += json.loads(path.read_text())["records"]
+        found.append(json.loads(path.read_text()))
+    return found
+
+
+@pytest.fixture(scope="module")
+def records(payloads):
+    found = [r for payload in payloads for r in payload["records"]]
     triton = [r for r in found if not r["launch"].startswith("cuda:")]
     if triton and all(r.get("spill_bytes") is None for r in triton if not r.get("error")):
         pytest.skip("cuobjdump (Triton's bundled copy or $CUDA_HOME/bin) is missing: no SASS, "
@@ -133,7 +132,7 @@ SASS_PIPELINED = """
 
 
 def test_sass_reading_pipelined_loop():
-    cc = _load_script()
+    cc = load_compile_check()
     facts = cc.sass_facts(SASS_PIPELINED)
     assert facts["spill_bytes"] == 8 and facts["spill_load_bytes"] == 4
     assert facts["serialized_sass"] is False  # the wait for 0 is after the loop
@@ -141,7 +140,7 @@ def test_sass_reading_pipelined_loop():
 
 
 def test_sass_reading_serialized_loops():
-    cc = _load_script()
+    cc = load_compile_check()
     by_triton = SASS_PIPELINED.replace("gsb0, 0x1", "gsb0, 0x0")
     facts = cc.sass_facts(by_triton)
     assert facts["serialized_sass"] is True and facts["serialized_by"] == "triton"
@@ -154,7 +153,7 @@ def test_sass_reading_serialized_loops():
 
 
 def test_ptx_reading():
-    cc = _load_script()
+    cc = load_compile_check()
     ptx = """
 $L__BB0_2:
 	wgmma.fence.sync.aligned;
@@ -170,8 +169,42 @@ $L__BB0_2:
     assert cc.ptx_facts("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32")["mma"] == "mma.sync"
 
 
+# The old kernel's x tile address (``offs_k[None, :] * stride_xk`` in i32), as
+# Triton's first TTIR spells it, and the same with the index widened first.
+TTIR_NARROW = """
+  tt.func public @k(%x_ptr: !tt.ptr<bf16> loc("x_ptr"(#loc)), %stride_xk: i32 loc("stride_xk"(#loc))) {
+      %offs_k = tt.make_range {end = 64 : i32, start = 0 : i32} : tensor<64xi32> loc(#loc1)
+      %x_78 = tt.expand_dims %offs_k {axis = 0 : i32} : tensor<64xi32> -> tensor<1x64xi32> loc(#loc2)
+      %x_79 = tt.splat %stride_xk : i32 -> tensor<1x64xi32> loc(#loc2)
+      %x_90 = arith.muli %x_78, %x_79 : tensor<1x64xi32> loc(#loc2)
+      %c = arith.constant dense<3> : tensor<1x64xi32> loc(#loc3)
+      %x_91 = arith.muli %x_78, %c : tensor<1x64xi32> loc(#loc3)
+"""
+TTIR_WIDE = TTIR_NARROW.replace(
+    "%x_90 = arith.muli %x_78, %x_79 : tensor<1x64xi32>",
+    "%x_80 = arith.extsi %x_78 : tensor<1x64xi32> to tensor<1x64xi64>\n"
+    "      %x_81 = arith.extsi %stride_xk : i32 to i64\n"
+    "      %x_82 = tt.splat %x_81 : i64 -> tensor<1x64xi64>\n"
+    "      %x_90 = arith.muli %x_80, %x_82 : tensor<1x64xi64>")
+
+
+def test_ttir_reading_finds_32_bit_index_times_argument():
+    cc = load_compile_check()
+    (line,) = cc.narrow_index_products(TTIR_NARROW)  # not the product with a constant
+    assert line.startswith("%x_90 = arith.muli %x_78, %x_79")
+    assert cc.narrow_index_products(TTIR_WIDE) == []
+
+
+@pytest.mark.slow
+def test_no_32_bit_index_products(payloads):
+    # Every launch of every run, with its strides runtime values: an index
+    # that meets a stride is 64-bit, so (cols - 1) * stride may pass 2^31.
+    for payload in payloads:
+        assert "narrow_offsets" in payload and payload["narrow_offsets"] == []
+
+
 def test_ptxas_log_reading():
-    cc = _load_script()
+    cc = load_compile_check()
     log = """ptxas info    : 0 bytes gmem
 ptxas info    : Compiling entry function '_Z4kernPf' for 'sm_90'
 ptxas info    : Function properties for _Z4kernPf
