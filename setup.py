@@ -6,8 +6,8 @@ Builds the optional CUDA extension ``vera_kernels._C`` (csrc/) ahead of time:
     VERA_KERNELS_BUILD_CUDA=1      build it, and fail loudly if it cannot be built
     VERA_KERNELS_BUILD_CUDA=0      skip it (the cuda backend then JIT-builds on first use)
 
-Architectures: TORCH_CUDA_ARCH_LIST if set, else sm_80 and sm_90. torch must
-be installed first (``pip install --no-build-isolation``).
+Architectures: TORCH_CUDA_ARCH_LIST if set, else DEFAULT_CUDA_ARCH_LIST below.
+torch must be installed first (``pip install --no-build-isolation``).
 """
 
 import os
@@ -19,6 +19,11 @@ from setuptools import setup
 CSRC = Path(__file__).resolve().parent / "csrc"
 # Relative paths: setuptools requires them for sources.
 SOURCES = ["csrc/bindings.cpp", "csrc/vera_kernels.cu"]
+# Cubins for sm_75 (Turing), sm_80 (Ampere; sm_86 and sm_89 run it too) and
+# sm_90 (Hopper), plus sm_90's PTX, which the driver compiles for any newer GPU
+# (Blackwell: sm_100, sm_120). The one place the list is kept:
+# tests/test_cuda_backend.py reads it from here and checks the built library.
+DEFAULT_CUDA_ARCH_LIST = "7.5;8.0;9.0+PTX"
 
 
 def cuda_build():
@@ -36,7 +41,7 @@ def cuda_build():
         if mode == "1":
             raise RuntimeError("VERA_KERNELS_BUILD_CUDA=1 but no CUDA toolkit found: set CUDA_HOME")
         return [], {}
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCH_LIST)
 
     class OptionalBuildExtension(BuildExtension):
         # In auto mode a failed build leaves the package usable (torch and

@@ -9,6 +9,9 @@
 //            (a gradient not asked for comes back empty)
 //   projection(matrix, rows, cols, key0, key1, like) -> Tensor
 //   block_m() -> int   (kBlockM: token rows per thread block)
+//   kernel_image_problem(int device) -> str   (empty when the device can run the
+//            kernels, else the CUDA error a launch there would fail with)
+//   compiled_archs() -> int[]   (the architectures nvcc compiled for: 750 is sm_75)
 //
 // proj_a (r x in) / proj_b (out x r), when given, replace the seed's matrices.
 //
@@ -40,7 +43,9 @@
 
 #include <cmath>
 #include <optional>
+#include <string>
 #include <tuple>
+#include <vector>
 
 #include "vera_kernels.h"
 
@@ -355,10 +360,23 @@ Tensor vera_projection(int64_t matrix, int64_t rows, int64_t cols, int64_t key0,
 // The reuse factor of a generated tile, for what the Python side reports.
 int64_t block_m() { return vera::kBlockM; }
 
+// Asked before choosing the backend: a library built without this GPU's
+// architecture (and without PTX it can compile) would fail at the first launch.
+std::string kernel_image_problem(int64_t device) {
+  const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+  const cudaError_t err = vera::kernel_image_status();
+  if (err == cudaSuccess) return "";
+  return std::string(cudaGetErrorName(err)) + ": " + cudaGetErrorString(err);
+}
+
+std::vector<int64_t> compiled_archs() { return vera::compiled_archs(); }
+
 }  // namespace
 
 TORCH_LIBRARY(vera_kernels_cuda, m) {
   m.def("block_m() -> int", &block_m);
+  m.def("kernel_image_problem(int device) -> str", &kernel_image_problem);
+  m.def("compiled_archs() -> int[]", &compiled_archs);
   m.def(
       "forward(Tensor x, Tensor lambda_d, Tensor lambda_b, int key0, int key1, Tensor? base, "
       "bool generate, Tensor? proj_a=None, Tensor? proj_b=None, bool into_base=False, "

@@ -46,6 +46,8 @@ struct Acc<double> {
   using type = double;
 };
 
+// bf16 on sm_75, which has no cvt to bf16: cuda_bf16.h rounds in integer ops
+// there instead, to nearest even as sm_80's cvt.rn does.
 __device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
 __device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
 __device__ __forceinline__ float to_acc(float v) { return v; }
@@ -313,6 +315,17 @@ cudaError_t gemm(DType dtype, const GemmParams& params, cudaStream_t stream) {
   }
   return cudaErrorInvalidValue;
 }
+
+cudaError_t kernel_image_status() {
+  // Every kernel is in this file's one fatbinary, so one stands for all: the
+  // driver picks (or JIT-compiles) one image of the whole file per device.
+  cudaFuncAttributes attributes;
+  const cudaError_t err = cudaFuncGetAttributes(&attributes, generate_kernel<float>);
+  if (err != cudaSuccess) cudaGetLastError();  // not sticky: reset it for the launch checks
+  return err;
+}
+
+std::vector<int64_t> compiled_archs() { return {__CUDA_ARCH_LIST__}; }
 
 cudaError_t generate_projection(DType dtype, void* out, int64_t rows, int64_t cols,
                                 uint32_t key0, uint32_t key1, float bound, int matrix,

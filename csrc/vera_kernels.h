@@ -5,6 +5,8 @@
 #include <cuda_runtime_api.h>
 #include <stdint.h>
 
+#include <vector>
+
 #include "philox.cuh"
 
 namespace vera {
@@ -76,5 +78,15 @@ cudaError_t gemm(DType dtype, const GemmParams& params, cudaStream_t stream);
 cudaError_t generate_projection(DType dtype, void* out, int64_t rows, int64_t cols,
                                 uint32_t key0, uint32_t key1, float bound, int matrix,
                                 cudaStream_t stream);
+
+// Whether the current device can run these kernels: cudaSuccess when the
+// library holds a cubin for its architecture or PTX the driver compiles for
+// it, else the error a launch would fail with (cudaErrorNoKernelImageForDevice,
+// cudaErrorUnsupportedPtxVersion, ...), cleared so later launches do not see it.
+cudaError_t kernel_image_status();
+
+// The architectures nvcc compiled the kernels for (its __CUDA_ARCH_LIST__:
+// 750 is sm_75), whether each was kept as a cubin, PTX or both.
+std::vector<int64_t> compiled_archs();
 
 }  // namespace vera

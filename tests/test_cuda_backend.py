@@ -6,7 +6,10 @@ strategies and determinism are in test_function.py, test_fused.py and
 test_dropout.py.
 """
 
+import ast
+import importlib.util
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -122,6 +125,8 @@ def test_prebuilt_extension_loads_and_registers_ops():
     # The reuse factor the benchmark reports is the header's kBlockM.
     header = (ROOT / "csrc" / "vera_kernels.h").read_text()
     assert f"kBlockM = {cuda_backend.BACKEND.reuse_factor};" in header
+    assert (str(torch.ops.vera_kernels_cuda.kernel_image_problem.default._schema)
+            == "vera_kernels_cuda::kernel_image_problem(int device) -> str")
     # Kernels are registered for CUDA only: CPU tensors find no kernel.
     with pytest.raises(NotImplementedError):
         torch.ops.vera_kernels_cuda.projection(0, 2, 3, 0, 0, torch.empty(0))
@@ -192,6 +197,125 @@ def test_backend_passes_the_dropout_mask_as_the_schemas_name_it(monkeypatch):
     assert named["dx_into"] is dx_into
 
 
+def _default_arch_list() -> str:
+    """setup.py's DEFAULT_CUDA_ARCH_LIST, read without running setup.py."""
+    for node in ast.parse((ROOT / "setup.py").read_text()).body:
+        if isinstance(node, ast.Assign) and any(
+                isinstance(t, ast.Name) and t.id == "DEFAULT_CUDA_ARCH_LIST" for t in node.targets):
+            return ast.literal_eval(node.value)
+    raise AssertionError("setup.py defines no DEFAULT_CUDA_ARCH_LIST")
+
+
+def _build_arch_list() -> str:
+    """The architectures a build here uses: TORCH_CUDA_ARCH_LIST if set, else setup.py's default."""
+    return os.environ.get("TORCH_CUDA_ARCH_LIST") or _default_arch_list()
+
+
+def _images(arch_list: str) -> tuple[set, set]:
+    """(cubin archs, PTX archs) a TORCH_CUDA_ARCH_LIST value asks for; 75 is sm_75."""
+    entries = [(int(e.removesuffix("+PTX").replace(".", "")), e.endswith("+PTX"))
+               for e in re.split(r"[;\s]+", arch_list) if e]
+    return {arch for arch, _ in entries}, {arch for arch, ptx in entries if ptx}
+
+
+def test_default_arch_list_embeds_ptx_for_newer_gpus():
+    # sm_100 / sm_120 have no cubin: the driver JIT-compiles the newest arch's PTX for them.
+    cubins, ptx = _images(_default_arch_list())
+    assert ptx == {max(cubins)}
+
+
+def _cuobjdump():
+    """cuobjdump from PATH, the CUDA toolkit or Triton's bundled copy; None without one."""
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    candidates = [shutil.which("cuobjdump")]
+    if CUDA_HOME is not None:
+        candidates.append(os.path.join(CUDA_HOME, "bin", "cuobjdump"))
+    triton = importlib.util.find_spec("triton")
+    if triton is not None and triton.origin is not None:
+        candidates.append(os.path.join(os.path.dirname(triton.origin), "backends", "nvidia", "bin",
+                                       "cuobjdump"))
+    return next((c for c in candidates if c and os.access(c, os.X_OK)), None)
+
+
+def _listed_archs(tool: str, option: str, library: Path, suffix: str) -> set:
+    """The archs of the images ``cuobjdump <option>`` lists (``_C.1.sm_80.cubin``: 80)."""
+    listing = subprocess.run([tool, option, str(library)], capture_output=True, text=True,
+                             timeout=120).stdout
+    return {int(arch) for arch in re.findall(rf"\.sm_(\d+)\.{suffix}\b", listing)}
+
+
+@needs_toolkit
+def test_prebuilt_extension_holds_the_build_architectures():
+    library = cuda_backend.prebuilt_library()
+    assert library is not None, "setup.py did not build vera_kernels/_C.so"
+    tool = _cuobjdump()
+    if tool is None:
+        pytest.skip("no cuobjdump (on PATH, in $CUDA_HOME/bin or Triton's) to list the images")
+    arch_list = _build_arch_list()
+    cubins = _listed_archs(tool, "-lelf", library, "cubin")
+    ptx = _listed_archs(tool, "-lptx", library, "ptx")
+    assert (cubins, ptx) == _images(arch_list), (
+        f"{library} holds cubins {sorted(cubins)} and PTX {sorted(ptx)}, not what "
+        f"TORCH_CUDA_ARCH_LIST={arch_list!r} builds (rebuild it: pip install -e .)")
+    # What the extension reports (the reason's "compiled for") is what it holds.
+    cuda_backend.load()
+    assert sorted(torch.ops.vera_kernels_cuda.compiled_archs()) == sorted(
+        10 * arch for arch in cubins | ptx)
+
+
+class _ImageQuery:
+    """Stands in for torch.ops.vera_kernels_cuda's image query on two GPUs: an H100, whose
+    sm_90 the library holds, and an RTX 5090 (sm_120), with no image it can run."""
+
+    NO_IMAGE = ("cudaErrorNoKernelImageForDevice: no kernel image is available for execution "
+                "on the device")
+
+    def __init__(self):
+        self.asked = []
+
+    def kernel_image_problem(self, device):
+        self.asked.append(device)
+        return self.NO_IMAGE if device == 1 else ""
+
+    def compiled_archs(self):
+        return [900, 750, 800]
+
+
+def test_no_kernel_image_for_the_device_makes_cuda_unavailable(monkeypatch):
+    # No GPU needed: the devices, the library and its query are stand-ins.
+    query = _ImageQuery()
+    loads = []
+
+    def load():
+        loads.append(cuda_backend.prebuilt_library())
+        monkeypatch.setattr(cuda_backend, "_loaded", True)
+
+    monkeypatch.setattr(torch.ops, "vera_kernels_cuda", query)
+    monkeypatch.setattr(cuda_backend, "_loaded", False)
+    monkeypatch.setattr(cuda_backend, "_load_error", None)
+    monkeypatch.setattr(cuda_backend, "_image_problems", {})
+    monkeypatch.setattr(cuda_backend, "prebuilt_library", lambda: ROOT / "vera_kernels" / "_C.so")
+    monkeypatch.setattr(cuda_backend, "load", load)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: {0: (9, 0), 1: (12, 0)}[i])
+    monkeypatch.setattr(torch.cuda, "get_device_name",
+                        lambda i: {0: "NVIDIA H100", 1: "NVIDIA GeForce RTX 5090"}[i])
+
+    assert "cuda" not in vk.available_backends()  # the current device, 1
+    assert loads == [ROOT / "vera_kernels" / "_C.so"], "the prebuilt library is loaded to be asked"
+    assert "cuda" in vk.available_backends("cuda:0")
+    assert "cuda" not in vk.available_backends("cuda:1")
+    expected = ("backend 'cuda' cannot run on cuda: the CUDA extension was compiled for sm_75, "
+                "sm_80, sm_90 and has no kernel image this device (NVIDIA GeForce RTX 5090, "
+                f"sm_120) can run ({query.NO_IMAGE}): rebuild it with "
+                'TORCH_CUDA_ARCH_LIST="12.0" set, or use another backend')
+    with pytest.raises(RuntimeError, match=re.escape(expected)):
+        ops.resolve_backend("cuda", torch.device("cuda"))
+    assert query.asked == [1, 0], "asked once per device"
+
+
 @needs_toolkit
 def test_jit_build_without_prebuilt_extension(tmp_path):
     # In a fresh process (one library per process), with the prebuilt one hidden.
@@ -202,9 +326,9 @@ def test_jit_build_without_prebuilt_extension(tmp_path):
         "cuda.load()\n"
         "print(torch.ops.vera_kernels_cuda.forward.default._schema)\n"
     )
-    # Without a GPU to query, the build needs the architectures named.
+    # Without a GPU to query, the build needs the architectures named: setup.py's.
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path),
-           "TORCH_CUDA_ARCH_LIST": os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0")}
+           "TORCH_CUDA_ARCH_LIST": _build_arch_list()}
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           timeout=900, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -260,6 +384,14 @@ def test_cuda_dropout_masks_bit_exact(tokens, features, dtype):
     dx, _, _ = torch.ops.vera_kernels_cuda.backward(grad, h, ones, ones, 0, 0, features, False,
                                                     True, False, False, eye, eye, None, *args)
     assert torch.equal(dx, (grad.to(acc) * expected.to(acc)).to(dtype))
+
+
+@pytest.mark.gpu
+def test_extension_has_a_kernel_image_for_this_gpu():
+    cuda_backend.load()
+    index = torch.cuda.current_device()
+    assert torch.ops.vera_kernels_cuda.kernel_image_problem(index) == ""
+    assert cuda_backend.kernel_image_problem(index) is None
 
 
 @pytest.mark.gpu

@@ -4,6 +4,11 @@ The extension is ``vera_kernels/_C.so`` when setup.py built it ahead of time;
 otherwise it is JIT-built from csrc/ on first use (torch.utils.cpp_extension,
 cached under TORCH_EXTENSIONS_DIR), which needs a source checkout and nvcc.
 Its ops live in the ``vera_kernels_cuda`` torch library (see csrc/bindings.cpp).
+
+A library runs on the GPUs it holds a cubin for and, through the driver's JIT,
+on newer ones when it holds PTX (setup.py's DEFAULT_CUDA_ARCH_LIST): before
+the backend is chosen for a device, the library is asked whether it has an
+image that device can run (``kernel_image_problem``).
 """
 
 import functools
@@ -23,6 +28,8 @@ SOURCES = [CSRC / "bindings.cpp", CSRC / "vera_kernels.cu"]
 
 _load_error: Optional[str] = None
 _loaded = False
+# device index -> why the loaded library cannot run there (None: it can).
+_image_problems: dict[int, Optional[str]] = {}
 
 
 @functools.lru_cache(maxsize=1)
@@ -73,6 +80,28 @@ def load() -> None:
     _loaded = True
 
 
+def kernel_image_problem(index: int) -> Optional[str]:
+    """Why the loaded extension has no kernel image CUDA device ``index`` can run, or None.
+
+    Asked once per device (backend choice runs per call); ``load()`` first.
+    """
+    if index not in _image_problems:
+        _image_problems[index] = _describe_image_problem(
+            index, torch.ops.vera_kernels_cuda.kernel_image_problem(index))
+    return _image_problems[index]
+
+
+def _describe_image_problem(index: int, error: str) -> Optional[str]:
+    if not error:
+        return None
+    major, minor = torch.cuda.get_device_capability(index)
+    archs = ", ".join(f"sm_{arch // 10}"
+                      for arch in sorted(torch.ops.vera_kernels_cuda.compiled_archs()))
+    return (f"the CUDA extension was compiled for {archs} and has no kernel image this device "
+            f"({torch.cuda.get_device_name(index)}, sm_{major}{minor}) can run ({error}): "
+            f"rebuild it with TORCH_CUDA_ARCH_LIST=\"{major}.{minor}\" set, or use another backend")
+
+
 class CudaBackend(RegeneratingBackend):
     name = "cuda"
     priority = 20
@@ -85,9 +114,16 @@ class CudaBackend(RegeneratingBackend):
             return "no CUDA device is available"
         if _load_error is not None:
             return _load_error
-        if _loaded:
-            return None
-        return None if prebuilt_library() is not None else _jit_build_possible()
+        if not _loaded:
+            if prebuilt_library() is None:
+                # Not built before its first launch; the JIT build targets the current GPU.
+                return _jit_build_possible()
+            try:
+                load()  # a prebuilt library loads quickly: ask it now, not at its first launch
+            except RuntimeError as error:
+                return str(error)
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return kernel_image_problem(index)
 
     @functools.cached_property
     def reuse_factor(self) -> int:
