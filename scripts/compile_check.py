@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Compile every kernel specialization vera-kernels launches, for sm_80 and sm_90, without a GPU.
 
-    python scripts/compile_check.py [--arch 80 90] [--dtypes bf16 fp16 fp32 tf32 fp64]
-                                    [--quick] [--jobs N] [--variants ...] --json PATH
+    python scripts/compile_check.py [--arch 80 86 89 90] [--dtypes bf16 fp16 fp32 tf32 fp64]
+                                    [--quick] [--jobs N] [--variants ...] [--launchable-only]
+                                    --json PATH
     python scripts/compile_check.py --against-driver PREDICTED.json --json PATH   (on a GPU)
 
 reports, per launch, dtype, projection strategy and autotune config:
@@ -121,7 +122,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # run from a checkout without an install
     sys.path.insert(0, str(REPO))
 
-ARCHS = (80, 90)
+ARCHS = (80, 86, 89, 90)
+DEFAULT_ARCHS = (80, 90)  # sm_86 / sm_89 on request: the sm_8x rules are sm_80's
 DTYPES = ("bf16", "fp16", "fp32", "tf32", "fp64")
 # Llama-7B projections (in x out), prefill and decode token counts.
 SHAPES = ((4096, 4096), (4096, 11008), (11008, 4096))
@@ -131,8 +133,9 @@ STRATEGIES = ("generate", "workspace")
 QUICK_SHAPES = ((4096, 4096),)
 QUICK_PLAN = ((90, "bf16"), (90, "fp32"), (90, "fp16"), (80, "bf16"))
 # Shared memory a block may use (opt-in maximum), bytes.
-SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
-SM_COUNT = {80: 108, 90: 132}  # A100, H100 SXM (only for pruning hooks that ask)
+# sm_86 / sm_89 (A10, L4, L40S, RTX 3090 / 4090): 99 KB.
+SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+SM_COUNT = {80: 108, 86: 84, 89: 128, 90: 132}  # A100, A40, RTX 4090, H100 (pruning hooks that ask)
 SEED = 0  # seeds < 2**31 are passed as i32 (larger ones specialize to i64 / u64)
 TRITON_PACKAGE = "vera_kernels.backends.triton"
 
@@ -709,10 +712,12 @@ def _check_not_interpreting():
                            "configs do not exist; run compile_check.py in a fresh process")
 
 
-def plan_triton(plan, shapes, tokens_list, rank, variants=("plain",), recorded=None):
+def plan_triton(plan, shapes, tokens_list, rank, variants=("plain",), recorded=None,
+                launchable_only=False):
     """The compile jobs for every (arch, dtype) of the plan; one job per distinct specialization.
 
-    ``recorded``: a list that receives every (role, Launch, shape) recorded."""
+    ``recorded``: a list that receives every (role, Launch, shape) recorded;
+    ``launchable_only``: leave out the configs the autotuner's pruning drops."""
     from triton.runtime.autotuner import Autotuner
 
     from vera_kernels.backends.triton.kernels import has_computed_operand
@@ -739,6 +744,8 @@ def plan_triton(plan, shapes, tokens_list, rank, variants=("plain",), recorded=N
                     for arch in archs:
                         pruned = (False if config is None else None if kept[arch] is None
                                   else all(c is not config for c in kept[arch]))
+                        if pruned and launchable_only:
+                            continue
                         source, options = specialize(kernel_fn, launch.args, kwargs, arch)
                         key = (arch, source.hash(), repr(sorted(options.items())))
                         job = jobs.setdefault(key, Job(arch, kernel_fn, source, options))
@@ -1095,6 +1102,9 @@ def parse_args(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", type=int, nargs="+", choices=ARCHS,
                         help="SM architectures (default: 80 90)")
+    parser.add_argument("--launchable-only", action="store_true",
+                        help="compile only the configs the autotuner can pick (to warm Triton's "
+                             "cache on a GPU machine)")
     parser.add_argument("--dtypes", nargs="+", choices=DTYPES,
                         help=f"default: {' '.join(DTYPES)}")
     parser.add_argument("--quick", action="store_true",
@@ -1124,7 +1134,7 @@ def parse_args(argv=None):
 def make_plan(args):
     if args.quick and args.arch is None and args.dtypes is None:
         return list(QUICK_PLAN)
-    archs = args.arch or list(ARCHS)
+    archs = args.arch or list(DEFAULT_ARCHS)
     dtypes = args.dtypes or (["bf16", "fp32", "fp16"] if args.quick else list(DTYPES))
     return [(a, d) for a in archs for d in dtypes]
 
@@ -1163,7 +1173,8 @@ def _compile_all(args, start, plan, shapes, tokens_list) -> int:
     narrow = []
     if not args.no_triton:
         recorded: list = []
-        jobs += plan_triton(plan, shapes, tokens_list, args.rank, args.variants, recorded)
+        jobs += plan_triton(plan, shapes, tokens_list, args.rank, args.variants, recorded,
+                            args.launchable_only)
         narrow = narrow_offsets(recorded)
     recorded = time.perf_counter()
     print(f"compile_check: {len(jobs)} compiles ({sum(j.cuda for j in jobs)} nvcc), "

@@ -1,94 +1,197 @@
 #!/usr/bin/env bash
-# One command for a CUDA machine without network (torch, triton, peft, pytest
-# preinstalled):
+# Everything a lent GPU must show, in one call sized for it (no network needed):
 #
-#     scripts/gpu_check.sh OUTDIR
+#     scripts/gpu_check.sh OUTDIR                       # every step, <= GPU_CHECK_BUDGET s
+#     scripts/gpu_check.sh --only pytest_gpu,bench OUTDIR   # chosen steps (env, install too)
+#     scripts/gpu_check.sh --plan                       # the steps and their caps (TSV)
 #
-# installs the checkout (pip install --no-deps --no-build-isolation -e .), then
-# runs, each step with its log (OUTDIR/<step>.log) and exit code
-# (OUTDIR/<step>.rc), going on after failures:
+# A lent machine gives ~15 minutes in all, its start included, and brings back
+# 8 files from OUTDIR (16 MiB each, at most two folders deep). So the run has a
+# budget (GPU_CHECK_BUDGET, default 290 s), every step a cap (STEPS below; the
+# caps add up to no more than the budget), and OUTDIR receives 5 files:
 #
-#   env             versions, commit, the device
-#   install         the editable install (builds the CUDA extension for this GPU's arch)
-#   nvidia_smi      nvidia-smi -q: device facts
-#   compile_check   scripts/compile_check.py --arch <this GPU's> --quick (CPU only,
-#                   in the background while pytest runs): the predicted registers,
-#                   spills, shared memory, wgmma serialization (compile_check.json)
-#   pytest_gpu      python -m pytest -m gpu (junit: pytest_gpu.xml)
-#   driver_check    the kernels the autotuner really compiled and picked on this GPU:
-#                   registers / local / shared memory the driver reports against the
-#                   prediction (driver_check.json)
-#   bench           vera-bench on a reduced GPU grid (bench.json, bench.png)
-#   serve           vera-bench --serve on a reduced grid, if the CLI has --serve
+#   summary.txt    the steps with exit codes and seconds, the test and check totals
+#   results.json   the same, with the failing tests by name, per-backend / dtype
+#                  tallies, the driver check and the benchmark numbers
+#                  (scripts/gpu_check_report.py)
+#   bench.png, serve.png   the plots, when those steps ran
+#   logs.tar.gz    everything else: each step's log, the junit files, the
+#                  compile check's prediction, the driver check, the benchmark JSONs
+#
+# summary.txt, results.json and logs.tar.gz are rewritten after every step, so a
+# run cut short still brings back what it did. The steps, in this order (a step
+# that would start with under 10 s of the budget left is skipped, rc 125):
+#
+#   env            versions, commit, the device
+#   install        pip install --no-deps --no-build-isolation --no-index -e . without the
+#                  CUDA build; on failure (an old setuptools) the checkout runs from
+#                  PYTHONPATH, which is set either way
+#   tile_sweep     tests/test_tile_sweep.py: every tile the autotuner may pick, every
+#                  epilogue, bf16 and fp32, both strategies (compiles ahead on all cores)
+#   pytest_gpu     pytest -m gpu (the rest), VERA_KERNELS_TUNE=0 (one tile per launch,
+#                  no timing runs), across pytest-xdist workers when it is installed
+#   driver_check   the registers / local / shared memory the driver reports for the
+#                  autotuner's configs against the compile check's prediction
+#   bench          Llama-7B projections, 8192 tokens, r 256, bf16: fused vs unfused vs PEFT
+#   serve          1 / 16 / 256 adapters in one batch
 #   decode_generate, decode_workspace
-#                   vera-bench (triton only) at decode token counts with each
-#                   projection strategy forced (VERA_KERNELS_PROJECTIONS): the data
-#                   that sets where `auto` switches (decode_<strategy>.json); last,
-#                   so a tight GPU_CHECK_BUDGET skips these first
+#                  each projection strategy forced at decode token counts
 #
-# and a summary (OUTDIR/summary.txt). Every step runs under a timeout and the
-# whole run under GPU_CHECK_BUDGET seconds (default 345, i.e. under 6 minutes):
-# a step that would start with less than 10 s left is skipped (rc 125).
-# Exit status: 0 when every step exited 0, else 1. PYTHON picks the interpreter.
+# and two background jobs started after install: build_cuda (the CUDA extension
+# for this GPU's arch, setup.py build_ext --inplace; if that cannot build, the
+# cuda backend JIT-builds on first use) and warm (scripts/compile_check.py for
+# this arch: every kernel variant the later steps launch, plain, adapter banks
+# and dropout, compiled into Triton's cache; its records are the prediction the
+# driver check compares with). pytest_gpu waits for build_cuda, driver_check for
+# warm. pytest is stopped with SIGINT at its cap, so it still writes its junit
+# file and summary. Exit status: 0 when every step that ran exited 0, else 1.
+# PYTHON picks the interpreter (default python3).
 set -u
 
-if [ "$#" -ne 1 ]; then
-    echo "usage: $0 OUTDIR" >&2
+# name cap_seconds: the foreground steps, in order. The caps add up to
+# BUDGET - RESERVE (the report and packing after each step).
+STEPS="env 12
+install 20
+tile_sweep 50
+pytest_gpu 70
+driver_check 30
+bench 40
+serve 25
+decode_generate 15
+decode_workspace 15"
+BUDGET=${GPU_CHECK_BUDGET:-290}
+RESERVE=10
+BUILD_CAP=150 # background jobs: they end before the steps that wait for them
+WARM_CAP=150
+
+usage() {
+    echo "usage: $0 [--only STEP,...] OUTDIR | --plan" >&2
+    echo "steps: $(echo "$STEPS" | cut -d' ' -f1 | tr '\n' ' ')" >&2
     exit 2
-fi
+}
+
+ONLY=
+case "${1:-}" in
+    --plan) # what tests/test_gpu_check_script.py checks: name, seconds, kind
+        printf 'budget\t%s\ttotal\nreserve\t%s\ttotal\n' "$BUDGET" "$RESERVE"
+        printf 'build_cuda\t%s\tbackground\nwarm\t%s\tbackground\n' "$BUILD_CAP" "$WARM_CAP"
+        echo "$STEPS" | awk '{ printf "%s\t%s\tstep\n", $1, $2 }'
+        exit 0
+        ;;
+    --only)
+        [ "$#" -eq 3 ] || usage
+        ONLY=",$2,"
+        for name in $(echo "$2" | tr ',' ' '); do
+            echo "$STEPS" | cut -d' ' -f1 | grep -qx "$name" || usage
+        done
+        shift 2
+        ;;
+esac
+[ "$#" -eq 1 ] || usage
 mkdir -p "$1" || exit 2
 OUT=$(cd "$1" && pwd) || exit 2
 REPO=$(cd "$(dirname "$0")/.." && pwd) || exit 2
 cd "$REPO" || exit 2
-
-PYTHON=${PYTHON:-$(command -v python || command -v python3)}
-BUDGET=${GPU_CHECK_BUDGET:-345}
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX") || exit 2
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+PYTHON=${PYTHON:-$(command -v python3 || command -v python)}
 START=$SECONDS
-STEPS="$OUT/steps.tsv"
-printf 'step\trc\tseconds\n' > "$STEPS"
+printf 'step\trc\tseconds\n' > "$WORK/steps.tsv"
 
-left() { echo $((BUDGET - (SECONDS - START))); }
+left() { echo $((BUDGET - RESERVE - (SECONDS - START))); }
+cap_of() { echo "$STEPS" | awk -v n="$1" '$1 == n { print $2 }'; }
+wanted() { [ -z "$ONLY" ] || [ "$1" = env ] || [ "$1" = install ] || case "$ONLY" in *",$1,"*) true ;; *) false ;; esac; }
 
-# step NAME CAP_SECONDS COMMAND...: run COMMAND with a timeout of min(CAP, time left).
+# summary.txt, results.json and logs.tar.gz from what WORK holds now.
+report() {
+    {
+        echo "gpu_check.sh: $((SECONDS - START))s so far (budget ${BUDGET}s)${ONLY:+, only $ONLY}"
+        column -t -s "$(printf '\t')" "$WORK/steps.tsv" 2> /dev/null || cat "$WORK/steps.tsv"
+        for name in tile_sweep pytest_gpu; do
+            [ -f "$WORK/$name.log" ] &&
+                echo "$name: $(grep -E '[0-9]+ (passed|failed|error)' "$WORK/$name.log" | tail -n 1)"
+        done
+        [ -f "$WORK/driver_check.log" ] &&
+            echo "driver check: $(grep -E 'pairs checked|skipped' "$WORK/driver_check.log" | tail -n 1)"
+    } > "$OUT/summary.txt"
+    "$PYTHON" scripts/gpu_check_report.py "$WORK" "$OUT/results.json" > "$WORK/report.log" 2>&1
+    for plot in bench.png serve.png; do
+        [ -f "$WORK/$plot" ] && cp "$WORK/$plot" "$OUT/$plot"
+    done
+    tar czf "$OUT/logs.tar.gz.part" -C "$WORK" . 2> /dev/null && mv "$OUT/logs.tar.gz.part" "$OUT/logs.tar.gz"
+}
+
+record() { # name rc seconds
+    echo "$2" > "$WORK/$1.rc"
+    printf '%s\t%s\t%s\n' "$1" "$2" "$3" >> "$WORK/steps.tsv"
+}
+
+# step NAME COMMAND...: run COMMAND with a timeout of min(its cap, time left).
+# TIMEOUT_SIGNAL picks the signal (pytest: INT, so that it writes its results).
 step() {
-    local name=$1 cap=$2
-    shift 2
-    local limit
+    local name=$1
+    shift
+    wanted "$name" || return 0
+    local limit cap
     limit=$(left)
+    cap=$(cap_of "$name")
     if [ "$cap" -lt "$limit" ]; then limit=$cap; fi
     if [ "$limit" -lt 10 ]; then
-        echo "skipped: the time budget (${BUDGET}s) is spent" > "$OUT/$name.log"
-        echo 125 > "$OUT/$name.rc"
-        printf '%s\t%s\t%s\n' "$name" 125 0 >> "$STEPS"
+        echo "skipped: the time budget (${BUDGET}s) is spent" > "$WORK/$name.log"
+        record "$name" 125 0
         echo "== $name: skipped (time budget spent)"
+        report
         return 0
     fi
     echo "== $name (limit ${limit}s): $*"
     local t0=$SECONDS rc
-    if declare -F "$1" > /dev/null; then # a function of this script: no timeout(1) for it
-        "$@" > "$OUT/$name.log" 2>&1
+    if declare -F "$1" > /dev/null; then # a function of this script: it keeps to STEP_LIMIT
+        STEP_LIMIT=$limit "$@" > "$WORK/$name.log" 2>&1
     else
-        timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
+        timeout -s "${TIMEOUT_SIGNAL:-TERM}" --kill-after=10 "$limit" "$@" > "$WORK/$name.log" 2>&1
     fi
     rc=$?
-    echo "$rc" > "$OUT/$name.rc"
-    printf '%s\t%s\t%s\n' "$name" "$rc" "$((SECONDS - t0))" >> "$STEPS"
-    if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
-        echo "   timed out after ${limit}s"
-    fi
-    tail -n 3 "$OUT/$name.log" | sed 's/^/   /'
+    record "$name" "$rc" "$((SECONDS - t0))"
+    if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then echo "   timed out after ${limit}s"; fi
+    tail -n 3 "$WORK/$name.log" | sed 's/^/   /'
+    report
+}
+
+# background NAME CAP COMMAND...: start COMMAND with its log and rc in WORK.
+background() {
+    local name=$1 cap=$2
+    shift 2
+    echo "== $name (background, limit ${cap}s): $*"
+    (
+        t0=$SECONDS
+        timeout --kill-after=10 "$cap" "$@" > "$WORK/$name.log" 2>&1
+        rc=$?
+        echo "$rc" > "$WORK/$name.rc"
+        printf '%s\t%s\t%s\n' "$name" "$rc" "$((SECONDS - t0))" > "$WORK/$name.row"
+    ) &
+    eval "PID_$name=$!"
+}
+
+# await NAME: wait for a background job (it is bounded by its own cap).
+await() {
+    local pid
+    eval "pid=\${PID_$1:-}"
+    [ -n "$pid" ] || return 0
+    wait "$pid"
+    cat "$WORK/$1.row" >> "$WORK/steps.tsv" 2> /dev/null
+    eval "PID_$1="
 }
 
 # shellcheck disable=SC2317  # called through step
 env_facts() {
     echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-    echo "commit: $(git rev-parse HEAD 2>/dev/null || echo unknown)"
-    git status --short 2>/dev/null | sed 's/^/  changed: /'
+    echo "commit: $(git rev-parse HEAD 2> /dev/null || echo unknown)"
+    git status --short 2> /dev/null | sed 's/^/  changed: /'
     echo "python: $PYTHON"
-    "$PYTHON" - <<'EOF'
+    timeout $((STEP_LIMIT - 2)) "$PYTHON" - << 'EOF'
 import importlib, platform
 print("python", platform.python_version())
-for name in ("torch", "triton", "peft", "pytest", "transformers"):
+for name in ("torch", "triton", "peft", "pytest", "transformers", "setuptools", "xdist"):
     try:
         print(name, importlib.import_module(name).__version__)
     except Exception as error:  # noqa: BLE001
@@ -99,10 +202,23 @@ if torch.cuda.is_available():
     print("device:", torch.cuda.get_device_name(), "capability:", torch.cuda.get_device_capability())
 EOF
     command -v nvcc > /dev/null && nvcc --version | tail -n 2
-    nproc
+    command -v nvidia-smi > /dev/null && nvidia-smi -q > "$WORK/nvidia_smi.txt" 2>&1
+    echo "cpus: $(nproc)"
 }
 
-# The GPU's arch, for the extension build and the compile check (default sm_90).
+# shellcheck disable=SC2317  # called through step
+install_package() {
+    # The checkout runs from PYTHONPATH either way; the install adds the package's
+    # metadata and console script. The CUDA extension builds in the background.
+    if VERA_KERNELS_BUILD_CUDA=0 timeout "$STEP_LIMIT" "$PYTHON" -m pip install --no-deps \
+        --no-build-isolation --no-index -e .; then
+        echo "installed (editable)"
+    else
+        echo "install failed: running from the checkout on PYTHONPATH=$REPO"
+    fi
+}
+
+# This GPU's arch (default sm_90): the extension build and the compile check.
 CAP=$("$PYTHON" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())' \
       2> /dev/null | tail -n 1)
 case "$CAP" in
@@ -111,99 +227,67 @@ case "$CAP" in
 esac
 ARCH=${CAP/./}
 case "$ARCH" in
-    80 | 90) ;;
-    *) ARCH=90 ;; # compile_check knows sm_80 and sm_90 only
+    80 | 86 | 89 | 90) ;;
+    *) ARCH=90 ;; # the archs compile_check knows
 esac
 JOBS=$(nproc 2> /dev/null || echo 4)
-CC_JOBS=$((JOBS > 2 ? JOBS / 2 : 1))
+HALF=$((JOBS > 2 ? JOBS / 2 : 1))
 
-step env 20 env_facts
-step install 110 env TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$CAP}" MAX_JOBS="$JOBS" \
-    "$PYTHON" -m pip install --no-deps --no-build-isolation -e .
-step nvidia_smi 20 nvidia-smi -q
+step env env_facts
+step install install_package
 
-# The compile check needs only CPUs: it runs while pytest does.
-CC_T0=$SECONDS
-CC_LIMIT=$(left)
-if [ "$CC_LIMIT" -gt 200 ]; then CC_LIMIT=200; fi
-CC_PID=
-if [ "$CC_LIMIT" -lt 10 ]; then # as step() does
-    echo "skipped: the time budget (${BUDGET}s) is spent" > "$OUT/compile_check.log"
-    echo 125 > "$OUT/compile_check.rc"
-    echo "== compile_check: skipped (time budget spent)"
-else
-    echo "== compile_check (background, limit ${CC_LIMIT}s)"
-    (
-        timeout --kill-after=10 "$CC_LIMIT" "$PYTHON" scripts/compile_check.py --arch "$ARCH" \
-            --quick --jobs "$CC_JOBS" --json "$OUT/compile_check.json" \
-            > "$OUT/compile_check.log" 2>&1
-        echo $? > "$OUT/compile_check.rc"
-    ) &
-    CC_PID=$!
+if wanted tile_sweep || wanted pytest_gpu || wanted bench || wanted serve; then
+    # setup.py builds what TORCH_CUDA_ARCH_LIST names; the JIT build is the fallback.
+    background build_cuda "$BUILD_CAP" env TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$CAP}" \
+        MAX_JOBS="$HALF" VERA_KERNELS_BUILD_CUDA=1 "$PYTHON" setup.py -q build_ext --inplace
+fi
+if wanted driver_check || wanted bench || wanted serve || wanted decode_generate \
+    || wanted decode_workspace; then
+    background warm "$WARM_CAP" "$PYTHON" scripts/compile_check.py --arch "$ARCH" \
+        --dtypes bf16 fp32 --shapes 4096x4096 --tokens 8192 --variants plain banked dropout \
+        --launchable-only --no-cuda --jobs "$HALF" --json "$WORK/compile_check.json"
 fi
 
-step pytest_gpu 100 "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider \
-    --junitxml="$OUT/pytest_gpu.xml"
+step tile_sweep "$PYTHON" -m pytest tests/test_tile_sweep.py -m gpu -q -p no:cacheprovider \
+    --junitxml="$WORK/tile_sweep.xml"
 
-if [ -n "$CC_PID" ]; then wait "$CC_PID"; fi
-printf '%s\t%s\t%s\n' compile_check "$(cat "$OUT/compile_check.rc" 2> /dev/null || echo '?')" \
-    "$((SECONDS - CC_T0))" >> "$STEPS"
-tail -n 3 "$OUT/compile_check.log" | sed 's/^/   /'
+await build_cuda
+XDIST=()
+if "$PYTHON" -c 'import xdist' 2> /dev/null; then XDIST=(-n "$HALF"); fi
+TIMEOUT_SIGNAL=INT step pytest_gpu env VERA_KERNELS_TUNE=0 "$PYTHON" -m pytest -m gpu -q \
+    -p no:cacheprovider --ignore=tests/test_tile_sweep.py ${XDIST[@]+"${XDIST[@]}"} \
+    --junitxml="$WORK/pytest_gpu.xml"
 
-if [ -s "$OUT/compile_check.json" ]; then
-    step driver_check 60 "$PYTHON" scripts/compile_check.py \
-        --against-driver "$OUT/compile_check.json" --dtypes bf16 fp32 --tokens 8192 \
-        --json "$OUT/driver_check.json"
+await warm
+if [ -s "$WORK/compile_check.json" ] || ! wanted driver_check; then
+    step driver_check "$PYTHON" scripts/compile_check.py --against-driver "$WORK/compile_check.json" \
+        --dtypes bf16 fp32 --shapes 4096x4096 --tokens 8192 --json "$WORK/driver_check.json"
 else
-    echo "skipped: compile_check.json was not written (see compile_check.log)" \
-        > "$OUT/driver_check.log"
-    echo 125 > "$OUT/driver_check.rc"
-    printf '%s\t%s\t%s\n' driver_check 125 0 >> "$STEPS"
+    echo "skipped: the compile check wrote no prediction (see warm.log)" > "$WORK/driver_check.log"
+    record driver_check 125 0
 fi
 
-step bench 90 "$PYTHON" -m vera_kernels.bench --device cuda \
-    --shapes 4096x4096,4096x11008 --tokens 2048,8192 --ranks 256 --dtypes bf16 \
-    --json "$OUT/bench.json" --plot "$OUT/bench.png"
-
-if "$PYTHON" -m vera_kernels.bench --help 2> /dev/null | grep -q -- '--serve'; then
-    step serve 45 "$PYTHON" -m vera_kernels.bench --serve --device cuda \
-        --tokens 4096 --adapters 1,16,256 --json "$OUT/serve.json" --plot "$OUT/serve.png"
-else
-    echo "skipped: vera-bench has no --serve" > "$OUT/serve.log"
-    echo 0 > "$OUT/serve.rc"
-    printf '%s\t%s\t%s\n' serve "skipped(no --serve)" 0 >> "$STEPS"
-fi
-
-# Where generating A / B in the kernel beats the per-launch workspace is a
-# GPU question (generation runs on as few SMs as the launch has programs):
-# the same decode cases under each strategy, side by side.
+step bench "$PYTHON" -m vera_kernels.bench --device cuda \
+    --shapes 4096x4096,4096x11008,11008x4096 --tokens 8192 --ranks 256 --dtypes bf16 \
+    --json "$WORK/bench.json" --plot "$WORK/bench.png"
+step serve "$PYTHON" -m vera_kernels.bench --serve --device cuda --tokens 4096 \
+    --adapters 1,16,256 --json "$WORK/serve.json" --plot "$WORK/serve.png"
+# Where generating A / B in the kernel beats the per-launch workspace is a GPU
+# question: the decode sizes under each strategy, side by side.
 for strategy in generate workspace; do
-    step "decode_$strategy" 30 env VERA_KERNELS_PROJECTIONS="$strategy" \
-        "$PYTHON" -m vera_kernels.bench --device cuda --backends triton --no-peft \
-        --shapes 4096x4096 --tokens 16,256 --ranks 256 --dtypes bf16 \
-        --json "$OUT/decode_$strategy.json"
+    step "decode_$strategy" env VERA_KERNELS_PROJECTIONS="$strategy" "$PYTHON" -m vera_kernels.bench \
+        --device cuda --backends triton --no-peft --shapes 4096x4096 --tokens 16,64,256,1024 \
+        --ranks 256 --dtypes bf16 --json "$WORK/decode_$strategy.json"
 done
 
-{
-    echo "gpu_check.sh: $((SECONDS - START))s in all (budget ${BUDGET}s), outputs in $OUT"
-    column -t -s "$(printf '\t')" "$STEPS" 2> /dev/null || cat "$STEPS"
-    if [ -f "$OUT/pytest_gpu.log" ]; then
-        echo "pytest: $(grep -E '(passed|failed|error|skipped)' "$OUT/pytest_gpu.log" | tail -n 1)"
-    fi
-    if [ -f "$OUT/compile_check.log" ]; then
-        echo "compile check: $(grep -E 'records from' "$OUT/compile_check.log" | tail -n 1)"
-    fi
-    if [ -f "$OUT/driver_check.log" ]; then
-        echo "driver check: $(grep -E 'pairs checked|skipped' "$OUT/driver_check.log" | tail -n 1)"
-    fi
-} | tee "$OUT/summary.txt"
-
+await build_cuda
+await warm
+report
+cat "$OUT/summary.txt"
 STATUS=0
 while IFS=$(printf '\t') read -r name rc _; do
     [ "$name" = step ] && continue
-    case "$rc" in
-        0 | "skipped(no --serve)") ;;
-        *) STATUS=1 ;;
-    esac
-done < "$STEPS"
+    [ "$rc" = 0 ] || STATUS=1
+done < "$WORK/steps.tsv"
+rm -rf "$WORK"
 exit "$STATUS"

@@ -268,6 +268,31 @@ def test_shared_memory_within_the_arch_limit(records):
     assert not over, "configs the autotuner can pick that cannot launch:\n" + "\n".join(over)
 
 
+ELEMENT_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "tf32": 4, "fp64": 8}
+
+
+@pytest.mark.slow
+def test_the_pruning_estimates_shared_memory_as_compiled(records):
+    # kernels.shared_bytes decides what fits sm_8x (163 KB; 99 KB on sm_86 / sm_89):
+    # never below what the compiled kernel asks for, and where the pipeline's
+    # buffers dominate a loaded projection's launch, exactly that.
+    from vera_kernels.backends.triton import kernels
+    exact = 0
+    for r in _select(records, arch=80, triton_only=True):
+        c = r.get("config") or {}
+        if "BLOCK_M" not in c or r.get("shared_bytes") is None:
+            continue
+        m, n, k, stages = c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"], c["num_stages"]
+        element = ELEMENT_BYTES[r["dtype"]]
+        estimate = kernels.shared_bytes((m, n, k, c["num_warps"], stages), element)
+        assert estimate >= r["shared_bytes"], f"{_describe(r)}: estimated {estimate} B"
+        pipeline = (stages - 1) * (m * k + k * n) * element
+        if r["strategy"] == "workspace" and pipeline >= m * n * 4:
+            assert estimate == r["shared_bytes"], f"{_describe(r)}: estimated {estimate} B"
+            exact += 1
+    assert exact  # the sm_80 bf16 records of --quick
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["bf16", "fp16", "tf32"])
 def test_tensor_cores(records, dtype):

@@ -304,16 +304,23 @@ def tile_kwargs(tile) -> dict:
     return {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "num_warps": warps, "num_stages": stages}
 
 
-def pipeline_shared_bytes(tile, element_bytes: int) -> int:
-    """Shared memory the software pipeline needs: an x tile and a T tile per stage."""
+def shared_bytes(tile, element_bytes: int) -> int:
+    """Shared memory a launch with ``tile`` asks for, as the compiled kernels do.
+
+    The software pipeline keeps ``num_stages - 1`` x and T tiles in flight,
+    and a reducing epilogue may stage the fp32 accumulator through shared
+    memory: the larger of the two. Exact for loaded projections, an upper
+    bound for generated ones, which buffer x alone (tests/test_compile_check.py
+    holds it against every compiled sm_80 kernel).
+    """
     m, n, k, _, stages = tile
-    return stages * (m * k + k * n) * element_bytes
+    return max((stages - 1) * (m * k + k * n) * element_bytes, m * n * 4)
 
 
 def fitting_tiles(tiles: list, element_bytes: int, shared_limit: int) -> list:
-    """The tiles whose pipeline fits ``shared_limit`` bytes, in order (the smallest if none does)."""
-    fits = [t for t in tiles if pipeline_shared_bytes(t, element_bytes) <= shared_limit]
-    return fits or [min(tiles, key=lambda t: pipeline_shared_bytes(t, element_bytes))]
+    """The tiles that fit ``shared_limit`` bytes, in order (the smallest if none does)."""
+    fits = [t for t in tiles if shared_bytes(t, element_bytes) <= shared_limit]
+    return fits or [min(tiles, key=lambda t: shared_bytes(t, element_bytes))]
 
 
 def uses_tensor_cores(dtype: torch.dtype, input_precision: str) -> bool:
