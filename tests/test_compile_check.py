@@ -275,9 +275,9 @@ ELEMENT_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "tf32": 4, "fp64": 8}
 def test_the_pruning_estimates_shared_memory_as_compiled(records):
     # kernels.shared_bytes decides what fits sm_8x (163 KB; 99 KB on sm_86 / sm_89):
     # never below what the compiled kernel asks for, and where the pipeline's
-    # buffers dominate a loaded projection's launch, exactly that.
+    # buffers dominate a loaded projection's launch, within its scratch of that.
     from vera_kernels.backends.triton import kernels
-    exact = 0
+    close = 0
     for r in _select(records, arch=80, triton_only=True):
         c = r.get("config") or {}
         if "BLOCK_M" not in c or r.get("shared_bytes") is None:
@@ -288,9 +288,10 @@ def test_the_pruning_estimates_shared_memory_as_compiled(records):
         assert estimate >= r["shared_bytes"], f"{_describe(r)}: estimated {estimate} B"
         pipeline = (stages - 1) * (m * k + k * n) * element
         if r["strategy"] == "workspace" and pipeline >= m * n * 4:
-            assert estimate == r["shared_bytes"], f"{_describe(r)}: estimated {estimate} B"
-            exact += 1
-    assert exact  # the sm_80 bf16 records of --quick
+            assert estimate - r["shared_bytes"] <= kernels.SHARED_SCRATCH, (
+                f"{_describe(r)}: estimated {estimate} B")
+            close += 1
+    assert close  # the sm_80 bf16 records of --quick
 
 
 @pytest.mark.slow

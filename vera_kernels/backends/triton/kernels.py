@@ -304,17 +304,22 @@ def tile_kwargs(tile) -> dict:
     return {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "num_warps": warps, "num_stages": stages}
 
 
+SHARED_SCRATCH = 1024
+
+
 def shared_bytes(tile, element_bytes: int) -> int:
     """Shared memory a launch with ``tile`` asks for, as the compiled kernels do.
 
     The software pipeline keeps ``num_stages - 1`` x and T tiles in flight,
     and a reducing epilogue may stage the fp32 accumulator through shared
-    memory: the larger of the two. Exact for loaded projections, an upper
-    bound for generated ones, which buffer x alone (tests/test_compile_check.py
-    holds it against every compiled sm_80 kernel).
+    memory: the larger of the two, plus ``SHARED_SCRATCH`` for small staging
+    buffers (a scale vector: up to 512 B seen). An upper bound that is within
+    that scratch of what loaded projections compile to; generated ones buffer
+    x alone (tests/test_compile_check.py holds it against every compiled
+    sm_80 kernel).
     """
     m, n, k, _, stages = tile
-    return max((stages - 1) * (m * k + k * n) * element_bytes, m * n * 4)
+    return max((stages - 1) * (m * k + k * n) * element_bytes, m * n * 4) + SHARED_SCRATCH
 
 
 def fitting_tiles(tiles: list, element_bytes: int, shared_limit: int) -> list:
