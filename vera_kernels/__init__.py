@@ -5,7 +5,8 @@ regenerated from a seed (Philox4x32-10, see docs/design.md) instead of stored.
 """
 
 from .adapter_files import load_adapter, save_adapter
-from .adapters import adapter_batch, add_adapter, delete_adapter, list_adapters, set_adapter
+from .adapters import (adapter_batch, add_adapter, delete_adapter, list_adapters, set_adapter,
+                       set_trainable_adapters)
 from .backends import available_backends
 from .function import vera_linear, vera_linear_multi
 from .model import (
@@ -50,6 +51,7 @@ __all__ = [
     "delete_adapter",
     "list_adapters",
     "adapter_batch",
+    "set_trainable_adapters",
     "VeRATrainerCallback",
 ]
 

@@ -14,6 +14,7 @@ vectors atomically (``load_vera_state_dict``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -22,7 +23,8 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from .model import (CONFIG_KEY, apply_vera, load_vera_state_dict, shared_value, vera_layers,
+from .model import (CONFIG_KEY, _put_base_layers_back, _set_trained, apply_vera,
+                    load_vera_state_dict, shared_value, trained_extras, unwrap, vera_layers,
                     vera_state_dict)
 from .adapters import active_adapter, add_adapter
 from .base_layers import base_shape, is_adaptable
@@ -97,16 +99,46 @@ def _is_vector(key: str) -> bool:
     return key.endswith((".vera_lambda_d", ".vera_lambda_b"))
 
 
+# What load_adapter reads from a config, and the type each entry must have.
+CONFIG_FIELDS = {"target_modules": list, "r": int, "seed": (int, type(None)),
+                 "explicit_projections": bool, "d_initial": (int, float), "dropout": (int, float),
+                 "layers": dict}
+
+
 def read_adapter_config(directory: PathLike) -> dict:
-    """The config of an adapter directory, checked to be one this package wrote."""
+    """The config of an adapter directory, checked to be one this package wrote, with every
+    entry ``load_adapter`` reads (ValueError naming the file and the entry otherwise)."""
     path = os.path.join(directory, CONFIG_NAME)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{directory} holds no {CONFIG_NAME}: not a save_adapter directory")
-    with open(path) as f:
-        config = json.load(f)
-    if config.get("format") != FORMAT or config.get("format_version") != FORMAT_VERSION:
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except ValueError as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from error
+    if not isinstance(config, dict) or config.get("format") != FORMAT \
+            or config.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path}: not a {FORMAT} config of version {FORMAT_VERSION}")
+    for key, kind in CONFIG_FIELDS.items():
+        if key not in config:
+            raise ValueError(f"{path}: no {key!r} entry")
+        if not isinstance(config[key], kind) or (kind is int and isinstance(config[key], bool)):
+            raise ValueError(f"{path}: entry {key!r} is {config[key]!r}, not a {kind}")
     return config
+
+
+def _read_weights(directory: PathLike) -> dict:
+    """The adapter's tensors, or ValueError naming the file that cannot be read (truncated,
+    not safetensors)."""
+    from safetensors.torch import load_file
+
+    path = os.path.join(directory, WEIGHTS_NAME)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{directory} holds no {WEIGHTS_NAME}")
+    try:
+        return load_file(path)
+    except Exception as error:  # noqa: BLE001  (safetensors raises its own error types)
+        raise ValueError(f"{path}: cannot read the adapter's tensors ({error})") from error
 
 
 def _apply_layers(model: nn.Module, config: dict) -> None:
@@ -123,7 +155,10 @@ def _apply_layers(model: nn.Module, config: dict) -> None:
         if not is_adaptable(modules[name]):
             raise ValueError(f"the adapter's layer {name!r} is a {type(modules[name]).__name__} "
                              "in this model, not an nn.Linear or Conv1D")
-        saved = config["layers"][name]
+        saved = config["layers"].get(name)
+        if not isinstance(saved, dict) or not {"in_features", "out_features"} <= set(saved):
+            raise ValueError(f"the adapter config's 'layers' entry for {name!r} is {saved!r}, "
+                             "not {'in_features', 'out_features', ...}")
         if base_shape(modules[name]) != (saved["in_features"], saved["out_features"]):
             raise ValueError(
                 f"the adapter's layer {name!r} is {saved['in_features']} -> "
@@ -140,19 +175,45 @@ def load_adapter(model: nn.Module, directory: PathLike, adapter_name: Optional[s
     A model without VeRA layers gets the layers the config names (as
     ``apply_vera`` would: everything else frozen); a model with VeRA layers
     must have exactly those (same names, r, seed and shapes). Then the
-    vectors are loaded atomically: on any mismatch a ValueError names it and
-    the model's vectors are untouched. With ``adapter_name`` (other than
-    ``"default"``) they become a new adapter beside the others (``add_adapter``).
+    vectors are loaded. Atomic: the config and the tensors file are read and
+    checked first, and on any problem (a ValueError naming it) the model is
+    left as it was, layers added to a plain model included. With
+    ``adapter_name`` (other than ``"default"``) they become a new adapter
+    beside the others (``add_adapter``).
     """
-    from safetensors.torch import load_file
-
     config = read_adapter_config(directory)
-    if not any(True for _ in vera_layers(model)):
-        _apply_layers(model, config)
-    state = load_file(os.path.join(directory, WEIGHTS_NAME))
+    state = _read_weights(directory)
     state[CONFIG_KEY] = config["layers"]
+    if any(True for _ in vera_layers(model)):
+        _load_state(model, state, adapter_name)
+        return model
+    with _undone_on_error(model):
+        _apply_layers(model, config)
+        _load_state(model, state, adapter_name)
+    return model
+
+
+def _load_state(model: nn.Module, state: dict, adapter_name: Optional[str]) -> None:
     if adapter_name in (None, DEFAULT_ADAPTER):
         load_vera_state_dict(model, state)
     else:
         add_adapter(model, adapter_name, state)
-    return model
+
+
+@contextlib.contextmanager
+def _undone_on_error(model: nn.Module):
+    """On an exception in the block, put back what ``apply_vera`` changed in a plain model:
+    the base layers in place of the VeRA layers, every parameter's requires_grad, the
+    trained extras."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    extras = trained_extras(model)
+    try:
+        yield
+    except BaseException:
+        layers = list(vera_layers(model))
+        if layers:
+            _put_base_layers_back(unwrap(model), layers)
+        for param, flag in flags:
+            param.requires_grad_(flag)
+        _set_trained(unwrap(model), extras)
+        raise

@@ -9,8 +9,13 @@ adapter costs (``vera_linear_multi``). PEFT's names where it has them:
     vk.list_adapters(model); vk.delete_adapter(model, "fr")
     with vk.adapter_batch(model, ["fr", None, "de"]):   # one name per batch row
         model.generate(...)
+    vk.set_trainable_adapters(model, ["fr", "de"])      # train several in one mixed batch
 
-``apply_vera`` creates the adapter called ``"default"``.
+``apply_vera`` creates the adapter called ``"default"``. Which vectors train:
+the active adapter's alone (``set_adapter`` makes it so, as in PEFT; a new
+adapter starts frozen), or exactly those ``set_trainable_adapters`` names.
+Each function checks every layer before changing any, then calls the
+layers' transitions (``lifecycle.py``).
 """
 
 from __future__ import annotations
@@ -23,10 +28,10 @@ import torch
 from torch import nn
 
 from .model import _check_vera_state_dict, _copy_into, shared_value, vera_layers
-from .module import DEFAULT_ADAPTER
+from .lifecycle import DEFAULT_ADAPTER, check_adapter_name
 
 __all__ = ["add_adapter", "set_adapter", "delete_adapter", "list_adapters", "adapter_batch",
-           "active_adapter"]
+           "active_adapter", "set_trainable_adapters"]
 
 
 def _layers(model: nn.Module) -> dict:
@@ -56,7 +61,10 @@ def add_adapter(model: nn.Module, name: str,
     ``state`` is a ``vera_state_dict`` (of any adapter of a model with the same
     VeRA layers) or a file ``torch.save`` wrote from one. The layers' seed, r
     and shapes must match; everything is checked before anything is added.
+    The new adapter is frozen until ``set_adapter`` makes it the active one
+    (or ``set_trainable_adapters`` names it).
     """
+    check_adapter_name(name)
     layers = _layers(model)
     if isinstance(state, (str, os.PathLike)):
         state = torch.load(state, weights_only=True)
@@ -81,23 +89,40 @@ def _check_unmerged(layers: dict, action: str) -> None:
 
 
 def set_adapter(model: nn.Module, name: Optional[str]) -> None:
-    """Make ``name`` every row's adapter (``None``: the base model alone)."""
+    """Make ``name`` every row's adapter (``None``: the base model alone); only its vectors
+    require grad from now on (as in PEFT)."""
     layers = _layers(model)
     _check_unmerged(layers, "switch adapters")
     if name is not None:
         for layer in layers.values():
             layer.adapter_vectors(name)  # KeyError naming the adapters if absent
     for layer in layers.values():
-        layer.active_adapter = name
+        layer.activate(name)
+
+
+def set_trainable_adapters(model: nn.Module, names: Sequence[str]) -> None:
+    """Exactly the vectors of adapters ``names`` require grad in every VeRA layer: to train
+    several adapters in one mixed batch (``adapter_batch``). ``set_adapter`` resets it to the
+    active adapter alone."""
+    layers = _layers(model)
+    if isinstance(names, str):
+        raise ValueError(f"set_trainable_adapters takes a list of adapter names, got {names!r}")
+    for layer in layers.values():
+        for name in names:
+            layer.adapter_vectors(name)
+    for layer in layers.values():
+        layer.set_trainable(names)
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:
-    """Remove adapter ``name`` from every VeRA layer (not ``"default"``, not the active one)."""
+    """Remove adapter ``name`` from every VeRA layer: not ``"default"``, not the active one,
+    not the merged one (its delta is in the base weight), nor one an open ``disable_vera`` or
+    ``adapter_batch`` block needs."""
     layers = _layers(model)
-    for layer in layers.values():
-        layer.adapter_vectors(name)
-        if name == DEFAULT_ADAPTER or layer.active_adapter == name:
-            raise ValueError(f"adapter {name!r} is the default or the active one; it stays")
+    for layer_name, layer in layers.items():
+        problem = layer.deletion_problem(name)
+        if problem is not None:
+            raise ValueError(f"layer {layer_name!r}: {problem}")
     for layer in layers.values():
         layer.delete_adapter_vectors(name)
 
@@ -108,7 +133,8 @@ def adapter_batch(model: nn.Module, names: Sequence[Optional[str]]):
 
     Inputs must have the batch as their first dim (``(batch, seq, in)``, as in
     transformers models, including ``generate()`` with a KV cache and left
-    padding). Merging is refused inside the block.
+    padding). Merging is refused inside the block. Blocks nest: leaving an inner block
+    brings the outer one's rows back.
     """
     layers = _layers(model)
     _check_unmerged(layers, "mix adapters per row")
@@ -120,10 +146,9 @@ def adapter_batch(model: nn.Module, names: Sequence[Optional[str]]):
             layer.adapter_vectors(name)
     row_ids = torch.tensor([-1 if n is None else distinct.index(n) for n in names],
                            dtype=torch.int32)
-    for layer in layers.values():
-        layer.row_adapters = (tuple(distinct), row_ids)
+    depths = [layer.push_rows(tuple(distinct), row_ids) for layer in layers.values()]
     try:
         yield model
     finally:
-        for layer in layers.values():
-            layer.row_adapters = None
+        for layer, depth in zip(layers.values(), depths):
+            layer.pop_rows(depth)

@@ -49,7 +49,9 @@ def _bnb_kind(weight) -> str | None:
         return None
     if isinstance(weight, bnb.nn.Params4bit):
         return "bnb-4bit"
-    if isinstance(weight, bnb.nn.Int8Params):
+    # Int8Params with has_fp16_weights=True (bitsandbytes' default) keeps a float
+    # weight, quantized on the fly at each forward: a dense weight, not int8 data.
+    if isinstance(weight, bnb.nn.Int8Params) and weight.dtype == torch.int8:
         return "bnb-8bit"
     return None
 

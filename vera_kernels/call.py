@@ -34,7 +34,8 @@ class VeRACall:
         source: where A and B come from.
         backend: the resolved backend name.
         out_shape: the result's shape, ``(*x.shape[:-1], out)``.
-        into_base: write the result into ``base``'s buffer (no graph is needed).
+        into_base: write the result into ``base``'s buffer (no graph is needed, not
+            under torch.export).
         adapter_ids: ``(tokens,)`` int32 when the vectors are banks, else None.
         dropout: the call's dropout mask on the adapter's input, or None.
     """
@@ -115,12 +116,18 @@ def _check_adapter_ids(ids, x: Tensor, n_adapters: int, check_range: bool) -> Te
                          f"got {tuple(ids.shape)}")
     if ids.device != x.device:
         raise ValueError(f"adapter_ids is on {ids.device} but x is on {x.device}")
-    if check_range and ids.numel():
-        low, high = torch.stack([ids.min(), ids.max()]).tolist()  # one host sync
-        if low < -1 or high >= n_adapters:
-            raise ValueError(f"adapter_ids must be in [-1, {n_adapters}) (-1: no adapter) for "
-                             f"banks of {n_adapters} adapters, got values in [{low}, {high}]")
-    return ids.reshape(-1).to(torch.int32).contiguous()
+    # Every integer dtype, unsigned ones too (torch has no min / max for some): widened
+    # on the ids' device. An unsigned id past 2^63 wraps negative here, and unsigned ids
+    # have no -1, so any negative one is out of range.
+    wide = ids.to(torch.int64)
+    if check_range and wide.numel() and wide.device.type != "meta":  # meta: shapes only
+        low, high = torch.stack([wide.min(), wide.max()]).tolist()  # one host sync
+        floor = -1 if ids.is_signed() else 0
+        if low < floor or high >= n_adapters:
+            raise ValueError(f"adapter_ids must be in [{floor}, {n_adapters}) (-1: no adapter) "
+                             f"for banks of {n_adapters} adapters, got values in [{low}, {high}]"
+                             + (" (as int64)" if floor == 0 else ""))
+    return wide.reshape(-1).to(torch.int32).contiguous()
 
 
 def _check_dropout(p, seed, device: torch.device) -> Optional[DropoutMask]:
@@ -189,8 +196,11 @@ def check_call(x, lambda_d, lambda_b, seed, base_output=None, *, backend=None, p
         source=source,
         backend=resolve_backend(backend, x.device),
         out_shape=out_shape,
+        # Not under torch.export: it turns the in-place op into a functional copy
+        # (auto_functionalized) that exporters such as torch.onnx cannot translate.
         into_base=bool(into_base) and base_output is not None and base_output.is_contiguous()
-        and not _needs_graph(x, lambda_d, lambda_b, base_output),
+        and not _needs_graph(x, lambda_d, lambda_b, base_output)
+        and not torch.compiler.is_exporting(),
         adapter_ids=_check_adapter_ids(adapter_ids, x, lambda_d.shape[0], check_ids)
         if banked else None,
         dropout=_check_dropout(dropout, dropout_seed, x.device),

@@ -16,7 +16,7 @@ from typing import Iterator, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .module import DEFAULT_ADAPTER, VeRALinear
+from .module import DEFAULT_ADAPTER, VeRALinear, tensor_problem
 from .peft_compat import matches, output_head, select_targets
 from .projection import check_seed
 
@@ -42,13 +42,17 @@ TRAINED_KEY = ".trained"
 # keeps the model it became (plain attributes: they are not state).
 TRAINED_ATTR = "_vera_trained_extras"
 CONVERTED_ATTR = "_vera_kernels_converted_to"
+# Marks the module apply_vera adapted: layer names are relative to it (unwrap).
+ROOT_ATTR = "_vera_kernels_root"
 BIAS_OPTIONS = ("none", "all", "vera_only")
 NO_EXTRAS = {"modules_to_save": [], "bias": "none"}
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The user's model inside DDP / torch.compile wrappers (which prefix its names), or
-    inside a PeftModel that ``from_peft`` converted.
+    """The model the VeRA layers were applied to: inside DDP / torch.compile wrappers
+    (which prefix its names), inside a PeftModel that ``from_peft`` converted, and inside
+    any other wrapper (e.g. a PEFT LoRA model around it) that holds the module
+    ``apply_vera`` marked, so that layer names never carry the wrapper's prefix.
 
     FSDP2's ``fully_shard`` works in place and needs no unwrapping.
     """
@@ -61,7 +65,11 @@ def unwrap(model: nn.Module) -> nn.Module:
         elif converted is not None:
             model = converted
         else:
-            return model
+            break
+    if not vars(model).get(ROOT_ATTR):
+        # modules() goes outermost first: the first marked module is the root.
+        return next((m for m in model.modules() if vars(m).get(ROOT_ATTR)), model)
+    return model
 
 
 def replace_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -181,12 +189,10 @@ def _trained_tensors(root: nn.Module, extras: dict) -> dict:
 
 
 def _mark_trainable(root: nn.Module) -> None:
-    # Exactly the vectors of every adapter and the trained extras require grad.
+    # Exactly the active adapter's vectors and the trained extras require grad.
     root.requires_grad_(False)
     for _, layer in vera_layers(root):
-        for adapter in layer.adapter_names():
-            for vector in layer.adapter_vectors(adapter):
-                vector.requires_grad_(True)
+        layer.set_trainable([] if layer.active_adapter is None else [layer.active_adapter])
     for tensor in _trained_tensors(root, trained_extras(root)).values():
         if isinstance(tensor, nn.Parameter):
             tensor.requires_grad_(True)
@@ -280,6 +286,7 @@ def apply_vera(
                                                              dropout=dropout))
     _set_trained(root, extras)
     _mark_trainable(root)
+    vars(root)[ROOT_ATTR] = True
     return model
 
 
@@ -298,24 +305,16 @@ def _check_same_adapter(model: nn.Module, r: int, seed: int) -> None:
 def disable_vera(model: nn.Module):
     """Within the block, every VeRA layer computes its base layer alone (e.g. a DPO reference).
 
-    Merged layers are unmerged for the duration and merged again afterwards. Modules to
-    save and trained biases (``trained_extras``) keep their trained values: a warning says so.
+    Merged layers are unmerged for the duration and afterwards hold again the adapter they
+    held (``VeRALinear.adapters_disabled``): the state after the block is the state before.
+    Modules to save and trained biases (``trained_extras``) keep their trained values: a
+    warning says so.
     """
     _warn_kept_extras(unwrap(model), "disable_vera")
-    layers = [layer for _, layer in vera_layers(model)]
-    merged = [layer for layer in layers if layer.merged]
-    for layer in merged:
-        layer.unmerge()
-    previous = [layer.disabled for layer in layers]
-    for layer in layers:
-        layer.disabled = True
-    try:
+    with contextlib.ExitStack() as stack:
+        for _, layer in vera_layers(model):
+            stack.enter_context(layer.adapters_disabled())
         yield model
-    finally:
-        for layer, was in zip(layers, previous):
-            layer.disabled = was
-        for layer in merged:
-            layer.merge()
 
 
 def merge_vera(model: nn.Module) -> nn.Module:
@@ -347,6 +346,7 @@ def _put_base_layers_back(root: nn.Module, layers: list) -> nn.Module:
             return layer.base_layer
         replace_submodule(root, name, layer.base_layer)
     _set_trained(root, NO_EXTRAS)  # a plain model from here on
+    vars(root).pop(ROOT_ATTR, None)
     return root
 
 
@@ -449,18 +449,6 @@ def vera_state_dict(model: nn.Module, adapter: str = "default") -> dict:
     return state
 
 
-def _tensor_problem(value, expected: torch.Tensor) -> Optional[str]:
-    if not isinstance(value, torch.Tensor):
-        return f"expected a tensor, got {type(value).__name__}"
-    if expected.is_floating_point() and not value.is_floating_point():
-        return f"expected a floating-point tensor, got {value.dtype}"
-    if not expected.is_floating_point() and value.dtype != expected.dtype:
-        return f"expected a {expected.dtype} tensor, got {value.dtype}"
-    if tuple(value.shape) != tuple(expected.shape):
-        return f"expected shape {tuple(expected.shape)}, got {tuple(value.shape)}"
-    return None
-
-
 def _config_of(state_dict) -> Mapping:
     if not isinstance(state_dict, Mapping) or not isinstance(state_dict.get(CONFIG_KEY), Mapping):
         raise ValueError(f"not a vera_state_dict: no {CONFIG_KEY!r} mapping")
@@ -508,7 +496,7 @@ def _check_vera_state_dict(layers: dict, state_dict, strict: bool,
     for key, tensor in expected.items():
         if key not in state_dict:
             raise ValueError(f"state dict has no {key!r}")
-        problem = _tensor_problem(state_dict[key], tensor)
+        problem = tensor_problem(state_dict[key], tensor)
         if problem is not None:
             raise ValueError(f"state dict entry {key!r}: {problem}")
     unknown = sorted(str(k) for k in state_dict if k != CONFIG_KEY and k not in expected)

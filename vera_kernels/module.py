@@ -9,9 +9,10 @@ import torch
 from torch import Tensor, nn
 
 from .base_layers import base_shape, compute_dtype, dense_weight, is_adaptable, is_conv1d, \
-    store_dense_weight
+    is_quantized, store_dense_weight
 from .dropout import check_probability
 from .function import vera_linear, vera_linear_layer, vera_linear_multi
+from .lifecycle import DEFAULT_ADAPTER, AdapterLifecycle
 from .projection import cached_projection, check_seed
 
 __all__ = ["VeRALinear", "SharedProjections"]
@@ -37,16 +38,7 @@ class SharedProjections(nn.Module):
         return a.to(dtype), b.to(dtype)
 
 
-DEFAULT_ADAPTER = "default"
 EXTRA_STATE_VERSION = 1
-
-
-class AdapterVectors(nn.Module):
-    """The two trainable vectors of one more adapter of a VeRALinear."""
-
-    def __init__(self, lambda_d: nn.Parameter, lambda_b: nn.Parameter):
-        super().__init__()
-        self.vera_lambda_d, self.vera_lambda_b = lambda_d, lambda_b
 
 
 def encode_extra_state(seed: int, r: int, merged_adapter: Optional[str] = None) -> Tensor:
@@ -85,12 +77,25 @@ def _for(vector: Tensor, x: Tensor) -> Tensor:
     return vector.to(x.dtype)
 
 
+def tensor_problem(value, expected: Tensor) -> Optional[str]:
+    """Why ``value`` cannot be loaded into ``expected`` (type, kind of dtype, exact shape), or None."""
+    if not isinstance(value, Tensor):
+        return f"expected a tensor, got {type(value).__name__}"
+    if expected.is_floating_point() and not value.is_floating_point():
+        return f"expected a floating-point tensor, got {value.dtype}"
+    if not expected.is_floating_point() and value.dtype != expected.dtype:
+        return f"expected a {expected.dtype} tensor, got {value.dtype}"
+    if tuple(value.shape) != tuple(expected.shape):
+        return f"expected shape {tuple(expected.shape)}, got {tuple(value.shape)}"
+    return None
+
+
 def _check_positive(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
-class VeRALinear(nn.Module):
+class VeRALinear(AdapterLifecycle, nn.Module):
     """``y = base_layer(x) + vera_lambda_b * (B @ (vera_lambda_d * (A @ x)))``.
 
     ``base_layer`` is a frozen ``nn.Linear`` (or transformers' ``Conv1D``); A
@@ -115,6 +120,10 @@ class VeRALinear(nn.Module):
         projections: ``None`` (A and B from the seed) or a ``SharedProjections``
             (explicit matrices, e.g. a converted PEFT model's).
         disabled: while True the layer computes the base layer alone.
+
+    Its adapters (several per layer, one seed) and their state (active,
+    merged, disabled, per-row) change only through the transitions of
+    ``lifecycle.AdapterLifecycle``.
     """
 
     def __init__(
@@ -163,8 +172,6 @@ class VeRALinear(nn.Module):
         self.r = r
         self.seed = seed
         self.d_initial = float(d_initial)
-        self.merged_adapter: Optional[str] = None  # whose delta the base weight holds
-        self.disabled = False
         self.backend = None
         self.dropout = check_probability(dropout)
         self.projections: Optional[SharedProjections] = None
@@ -173,9 +180,9 @@ class VeRALinear(nn.Module):
         # Adapters beyond "default" (whose vectors are vera_lambda_d / _b):
         # name -> AdapterVectors. All share this layer's seed and r.
         self.vera_adapters = nn.ModuleDict()
-        self.active_adapter: Optional[str] = DEFAULT_ADAPTER
-        # (adapter names, (batch,) int32 row ids) while adapter_batch is active.
-        self.row_adapters: Optional[tuple] = None
+        self._init_lifecycle()
+        self._merge_after_load: Optional[str] = None  # set while a load is under way
+        self._replacing_weight = False
 
     def _fresh_vectors(self) -> tuple[nn.Parameter, nn.Parameter]:
         # float32 at least (as PEFT keeps adapters): the kernels scale in
@@ -185,38 +192,6 @@ class VeRALinear(nn.Module):
         d = torch.full((self.r,), self.d_initial, device=device, dtype=dtype)
         b = torch.zeros(self.out_features, device=device, dtype=dtype)
         return nn.Parameter(d), nn.Parameter(b)
-
-    # Adapters ---------------------------------------------------------------
-
-    def adapter_names(self) -> list[str]:
-        """The adapters this layer holds, ``"default"`` first."""
-        return [DEFAULT_ADAPTER, *self.vera_adapters.keys()]
-
-    def adapter_vectors(self, name: str) -> tuple[nn.Parameter, nn.Parameter]:
-        """``(lambda_d, lambda_b)`` of adapter ``name``."""
-        if name == DEFAULT_ADAPTER:
-            return self.vera_lambda_d, self.vera_lambda_b
-        if name not in self.vera_adapters:
-            raise KeyError(f"no adapter {name!r}: this layer has {self.adapter_names()}")
-        vectors = self.vera_adapters[name]
-        return vectors.vera_lambda_d, vectors.vera_lambda_b
-
-    def add_adapter_vectors(self, name: str) -> tuple[nn.Parameter, nn.Parameter]:
-        """A new adapter ``name`` with freshly initialized vectors (d = d_initial, b = 0)."""
-        if not isinstance(name, str) or not name or "." in name:
-            raise ValueError(f"adapter names are non-empty strings without dots, got {name!r}")
-        if name in self.adapter_names():
-            raise ValueError(f"adapter {name!r} exists already")
-        self.vera_adapters[name] = AdapterVectors(*self._fresh_vectors())
-        return self.adapter_vectors(name)
-
-    def delete_adapter_vectors(self, name: str) -> None:
-        if name == DEFAULT_ADAPTER:
-            raise ValueError("the 'default' adapter cannot be deleted (set another one active)")
-        self.adapter_vectors(name)  # KeyError naming the adapters if absent
-        if self.active_adapter == name:
-            raise ValueError(f"adapter {name!r} is active: set another one first")
-        del self.vera_adapters[name]
 
     @property
     def in_features(self) -> int:
@@ -251,6 +226,12 @@ class VeRALinear(nn.Module):
         if self.merged or self.disabled or (self.active_adapter is None and not self.row_adapters) \
                 or (self.row_adapters is not None and not self.row_adapters[0]):  # rows all None
             return self.base_layer(x)
+        if torch.jit.is_tracing():
+            # The projections come from Python integers (the seed) read at every
+            # call, which a trace would freeze into tensors it cannot regenerate.
+            raise RuntimeError("torch.jit.trace cannot trace a VeRA layer: use torch.export.export "
+                               "(or torch.onnx.export with vera_kernels.onnx_export), or "
+                               "vk.merge_and_unload(model) first, whose plain model traces")
         options = dict(backend=self.backend, projections=self._projection_pair(x.dtype),
                        dropout=self.dropout if self.training else 0.0)
         vectors = self._vectors_for(x)  # (lambda_d, lambda_b) or (banks, ids)
@@ -308,11 +289,6 @@ class VeRALinear(nn.Module):
         # lose more than the weight's own rounding.
         return torch.promote_types(compute_dtype(self.base_layer), torch.float32)
 
-    @property
-    def merged(self) -> bool:
-        """Whether the base weight holds an adapter (``merged_adapter``)."""
-        return self.merged_adapter is not None
-
     @torch.no_grad()
     def delta_weight(self, adapter: Optional[str] = None) -> Tensor:
         """An adapter (the merged one, else the active one) as a dense matrix
@@ -333,40 +309,10 @@ class VeRALinear(nn.Module):
         return delta.T if self.fan_in_fan_out else delta
 
     @torch.no_grad()
-    def _fold(self, sign: int) -> None:
+    def _fold(self, adapter: str, sign: int) -> None:
         # A quantized weight is dequantized, changed and requantized (lossy, warned).
         dense = dense_weight(self.base_layer).to(self._merge_dtype())
-        store_dense_weight(self.base_layer, dense + sign * self.delta_weight(self.merged_adapter))
-
-    def merge(self, adapter: Optional[str] = None) -> None:
-        """Fold an adapter (default: the active one) into ``base_layer.weight``; forward then
-        runs the base layer only."""
-        if self.merged:
-            warnings.warn("VeRALinear.merge(): already merged, nothing done", stacklevel=2)
-            return
-        if self.row_adapters is not None:
-            raise RuntimeError("cannot merge while adapter_batch mixes adapters per row")
-        adapter = adapter or self.active_adapter
-        if adapter is None:
-            raise RuntimeError("no active adapter to merge (set_adapter(model, None) is active)")
-        self.adapter_vectors(adapter)  # KeyError naming the adapters if absent
-        self.merged_adapter = adapter
-        try:
-            self._fold(+1)
-        except BaseException:
-            self.merged_adapter = None
-            raise
-
-    def unmerge(self) -> None:
-        """Take the adapter back out of ``base_layer.weight`` (exact up to the weight's rounding)."""
-        if not self.merged:
-            warnings.warn("VeRALinear.unmerge(): not merged, nothing done", stacklevel=2)
-            return
-        if self.merged_adapter not in self.adapter_names():
-            raise RuntimeError(f"the base weight holds adapter {self.merged_adapter!r}, which this "
-                               f"layer does not have ({self.adapter_names()}): add it to unmerge")
-        self._fold(-1)
-        self.merged_adapter = None
+        store_dense_weight(self.base_layer, dense + sign * self.delta_weight(adapter))
 
     def get_extra_state(self) -> Tensor:
         # The seed is part of the module's state: the projections follow from
@@ -385,57 +331,86 @@ class VeRALinear(nn.Module):
         return None
 
     def set_extra_state(self, state) -> None:
+        # The seed only: whether the weight holds an adapter is decided by
+        # _load_from_state_dict, which knows whether the weight comes along.
         problem = self._extra_state_problem(state)
         if problem is not None:
             raise ValueError(problem)
-        decoded = decode_extra_state(state)
-        self.seed, self.merged_adapter = decoded["seed"], decoded["merged_adapter"]
+        seed = decode_extra_state(state)["seed"]
+        if seed != self.seed and self.merged and not self._replacing_weight:
+            raise RuntimeError(f"the base weight holds adapter {self.merged_adapter!r} under seed "
+                               f"{self.seed}: unmerge before changing the seed")
+        self.seed = seed
 
     def _vector_keys(self, prefix: str, adapter: str) -> list[str]:
         inner = "" if adapter == DEFAULT_ADAPTER else f"vera_adapters.{adapter}."
         return [f"{prefix}{inner}{name}" for name in ("vera_lambda_d", "vera_lambda_b")]
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):
-        # Validate this layer's own entries first, so that a failed load
-        # changes neither its vectors nor its seed, r or merged flag.
+    def _state_dict_problems(self, state_dict, prefix: str) -> list:
+        """Why entries of ``state_dict`` under ``prefix`` cannot load into this layer: the
+        extra state, every adapter's vectors, a dense base layer's weight and bias."""
         problems = []
         extra_key = prefix + "_extra_state"
         if extra_key in state_dict:
             problem = self._extra_state_problem(state_dict[extra_key])
             if problem is not None:
                 problems.append(f"{extra_key}: {problem}")
-        for name in ("vera_lambda_d", "vera_lambda_b"):
-            key, param = prefix + name, getattr(self, name)
+        expected = {key: vector for adapter in self.adapter_names()
+                    for key, vector in zip(self._vector_keys(prefix, adapter),
+                                           self.adapter_vectors(adapter))}
+        if not is_quantized(self.base_layer):  # quantized states have layouts of their own
+            expected.update({f"{prefix}base_layer.{name}": getattr(self.base_layer, name)
+                             for name in ("weight", "bias")
+                             if getattr(self.base_layer, name) is not None})
+        for key, tensor in expected.items():
             if key in state_dict:
-                value = state_dict[key]
-                if not isinstance(value, Tensor) or value.shape != param.shape:
-                    found = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
-                    problems.append(f"{key}: expected a tensor of shape {tuple(param.shape)}, "
-                                    f"got {found}")
+                problem = tensor_problem(state_dict[key], tensor)
+                if problem is not None:
+                    problems.append(f"{key}: {problem}")
+        return problems
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # Every entry of this layer (its children's too) is checked first: on
+        # a problem none of them loads (they leave the loader's private copy
+        # of the state dict), so a failed load changes nothing here.
+        problems = self._state_dict_problems(state_dict, prefix)
         if problems:
             error_msgs.extend(problems)
+            for key in [k for k in state_dict if k.startswith(prefix)]:
+                del state_dict[key]
             return
-        # The merged state describes the base weight. When the state dict
-        # brings new vectors of the merged adapter but not that weight, the
-        # weight must follow them: take the old adapter out now, fold the new
-        # one in once every submodule has loaded (_finish_load; an adapter
-        # other than "default" keeps its vectors in a child module).
-        was_merged = self.merged_adapter
+        extra_key = prefix + "_extra_state"
+        loaded = decode_extra_state(state_dict[extra_key]) if extra_key in state_dict else None
         loads_weight = prefix + "base_layer.weight" in state_dict
-        remerge = was_merged is not None and not loads_weight and any(
-            key in state_dict for key in self._vector_keys(prefix, was_merged))
-        if remerge:
-            self.unmerge()
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
-        if not loads_weight:  # a saved merged state does not describe this weight
-            self.merged_adapter = None if remerge else was_merged
-        self._merge_after_load = was_merged if remerge else None
+        self._merge_after_load = None
+        if loads_weight:
+            # The weight is replaced as saved: the saved state says what it holds.
+            merged = loaded["merged_adapter"] if loaded else self.merged_adapter
+        else:
+            # The weight stays: it must end up holding the same adapter's delta
+            # under the loaded seed and vectors. Take the old delta out now, with
+            # the old ones; fold the new one in once every submodule has loaded
+            # (_finish_load: an adapter other than "default" lives in a child).
+            merged = self.merged_adapter
+            changes = merged is not None and (
+                (loaded is not None and loaded["seed"] != self.seed)
+                or any(key in state_dict for key in self._vector_keys(prefix, merged)))
+            if changes:
+                self.unmerge()
+                self._merge_after_load = merged
+        self._replacing_weight = loads_weight
+        try:
+            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                          unexpected_keys, error_msgs)
+        finally:
+            self._replacing_weight = False
+        if loads_weight:
+            self._merged = merged
 
     @staticmethod
     def _finish_load(module: "VeRALinear", incompatible_keys) -> None:
-        adapter = getattr(module, "_merge_after_load", None)
+        adapter = module._merge_after_load
         if adapter:
             module._merge_after_load = None
             module.merge(adapter)
