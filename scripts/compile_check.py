@@ -1007,6 +1007,8 @@ def against_driver(args) -> int:
     variants = settings.get("variants", ["plain"])
     _check_not_interpreting()
     rows = []
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
     for dtype_name in dtypes:
         for strategy in STRATEGIES:
             for variant in variants:
@@ -1022,12 +1024,12 @@ def against_driver(args) -> int:
                             rows += _driver_rows(launch, role(launch) + suffix, dtype_name,
                                                  strategy, f"{tokens}x{in_f}x{out_f}", index,
                                                  Autotuner)
+                        # After every launch: a run stopped at its time limit keeps its rows.
+                        payload = _driver_payload(rows, arch, args)
+                        out.write_text(json.dumps(payload, indent=1, default=str))
+    payload = _driver_payload(rows, arch, args)
+    out.write_text(json.dumps(payload, indent=1, default=str))
     bad = [r for r in rows if r["status"] not in ("ok", "pruned")]
-    payload = {"device": torch.cuda.get_device_name(), "arch": arch, "versions": versions(),
-               "predicted": str(args.against_driver), "rows": rows,
-               "checked": len(rows), "not_ok": len(bad)}
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(payload, indent=1, default=str))
     table = [("launch", "dtype", "strategy", "shape", "config (chosen)", "regs pred/drv",
               "local pred/drv", "smem pred/drv", "same binary", "status")]
     for r in rows:
@@ -1052,17 +1054,34 @@ def against_driver(args) -> int:
     return 1 if bad else 0
 
 
+def _driver_payload(rows: list, arch: int, args) -> dict:
+    import torch
+    bad = [r for r in rows if r["status"] not in ("ok", "pruned")]
+    return {"device": torch.cuda.get_device_name(), "arch": arch, "versions": versions(),
+            "predicted": str(args.against_driver), "rows": rows,
+            "checked": len(rows), "not_ok": len(bad)}
+
+
 def _driver_rows(launch, name, dtype_name, strategy, shape, index, autotuner_cls) -> list:
     kernel = launch.kernel
     fn = jit_function(kernel)
     tuned = isinstance(kernel, autotuner_cls)
     rows = []
+    if tuned:  # the configs the autotuner can pick on this device; the others never load
+        kernel.nargs = dict(zip(kernel.arg_names, launch.args))
+        try:
+            kept = kernel.prune_configs(dict(launch.kwargs))
+        finally:
+            kernel.nargs = None
     for config in (kernel.configs if tuned else [None]):
+        row = {"launch": name, "dtype": dtype_name, "strategy": strategy, "shape": shape}
+        if tuned and all(c is not config for c in kept):
+            rows.append(dict(row, config=config.all_kwargs(), chosen=False, status="pruned"))
+            continue
         kwargs = dict(launch.kwargs, **(config.all_kwargs() if config else {}))
         picked = launch.chosen
-        row = {"launch": name, "dtype": dtype_name, "strategy": strategy, "shape": shape,
-               "chosen": (picked is not None and config.all_kwargs() == picked.all_kwargs())
-               if tuned else True}
+        row["chosen"] = (picked is not None and config.all_kwargs() == picked.all_kwargs()
+                         if tuned else True)
         try:
             compiled = fn.warmup(*launch.args, grid=(1,), **kwargs)
             compiled._init_handles()

@@ -186,7 +186,8 @@ def matrix():
         launches += [(kernels._vera_gemm_kernel, args, {**meta, **kernels.tile_kwargs(t)})
                      for t in tiles]
     major, minor = torch.cuda.get_device_capability()
-    errors = load_compile_check().precompile(launches, 10 * major + minor, os.cpu_count() or 1)
+    errors = load_compile_check().precompile(launches, 10 * major + minor,
+                                             len(os.sched_getaffinity(0)))
     assert not errors, errors[:3]
     yield found
     torch.set_float32_matmul_precision(previous)

@@ -45,12 +45,15 @@ def measure_serving(n_in, n_out, r, dtype, device, tokens, n_adapters, backend, 
     """Times (ms) of the four ways for one (tokens, N) point, and the banks' bytes."""
     gen = torch.Generator().manual_seed(tokens * 7919 + n_adapters)
 
-    def rand(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=gen) * scale).to(device, dtype)
+    def rand(*shape, scale=1.0, like=dtype):
+        return (torch.randn(*shape, generator=gen) * scale).to(device, like)
 
     weight = rand(n_out, n_in, scale=n_in**-0.5)
     x = rand(tokens, n_in)
-    d_bank, b_bank = rand(n_adapters, r, scale=0.1), rand(n_adapters, n_out, scale=0.01)
+    # The vectors as VeRALinear keeps them: float32 at least under half activations.
+    vectors = torch.promote_types(dtype, torch.float32)
+    d_bank = rand(n_adapters, r, scale=0.1, like=vectors)
+    b_bank = rand(n_adapters, n_out, scale=0.01, like=vectors)
     ids = torch.randint(0, n_adapters, (tokens,), generator=gen).to(device)
     with torch.no_grad():
         base = torch.nn.functional.linear(x, weight)
