@@ -51,7 +51,12 @@ def run(rank: int, mode: str, out_dir: str) -> None:
     )
     try:
         model = build_model()
-        if mode == "ddp":
+        if mode == "ddp_second_adapter":
+            # Only the active adapter requires grad: DDP's default
+            # find_unused_parameters=False must work with a second one.
+            vk.add_adapter(model, "fr")
+            vk.set_adapter(model, "fr")
+        if mode.startswith("ddp"):
             wrapped = nn.parallel.DistributedDataParallel(model)
         else:
             from torch.distributed.device_mesh import init_device_mesh
@@ -64,7 +69,8 @@ def run(rank: int, mode: str, out_dir: str) -> None:
         x, y, x_eval = batches()
         shard = slice(rank * 8, (rank + 1) * 8)
         train(wrapped, x[shard], y[shard])
-        state = vk.vera_state_dict(wrapped)  # a collective under FSDP2: every rank calls it
+        # A collective under FSDP2: every rank calls it.
+        state = vk.vera_state_dict(wrapped, adapter=vk.adapters.active_adapter(wrapped))
         with torch.no_grad():
             out = wrapped(x_eval)
         torch.save({"state": state, "out": out}, os.path.join(out_dir, f"rank{rank}.pt"))

@@ -74,3 +74,22 @@ def test_ddp_syncs_only_the_vectors():
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {f"{t}.vera_lambda_{v}" for t in TARGETS for v in "db"}
     assert list(model.buffers()) == []  # no projection buffers to broadcast
+
+
+def test_ddp_trains_the_active_adapter_of_several(tmp_path):
+    # Two adapters, the second active: only its vectors require grad, so DDP with
+    # its default find_unused_parameters=False runs every step (it failed on the
+    # second one while the inactive adapter's vectors required grad too).
+    results = _run_ranks("ddp_second_adapter", tmp_path)
+    reference = build_model()
+    vk.add_adapter(reference, "fr")
+    vk.set_adapter(reference, "fr")
+    x, y, _ = batches()
+    train(reference, x, y)
+    expected = vk.vera_state_dict(reference, adapter="fr")
+    for key in (k for k in expected if k != "vera_config"):
+        assert torch.equal(results[0]["state"][key], results[1]["state"][key]), key
+        torch.testing.assert_close(results[0]["state"][key], expected[key], rtol=1e-5, atol=1e-6)
+    untouched = vk.vera_state_dict(build_model())
+    trained_default = vk.vera_state_dict(reference)
+    assert all(torch.equal(trained_default[k], untouched[k]) for k in untouched if k != "vera_config")
