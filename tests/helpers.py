@@ -1,6 +1,7 @@
 """Helpers shared by the test modules."""
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -78,3 +79,17 @@ def load_compile_check():
         sys.modules[name] = module  # dataclasses look their module up while it executes
         spec.loader.exec_module(module)  # TRITON_INTERPRET is only dropped in its main()
     return sys.modules[name]
+
+
+def budget(default_examples: int, **kwargs):
+    """Hypothesis settings: ``default_examples`` (``VERA_HYPOTHESIS_EXAMPLES`` overrides),
+    derandomized (every run checks the same examples), no deadline."""
+    from hypothesis import HealthCheck, settings
+
+    return settings(
+        max_examples=int(os.environ.get("VERA_HYPOTHESIS_EXAMPLES", default_examples)),
+        derandomize=True,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+        **kwargs,
+    )

@@ -52,27 +52,17 @@ derandomized, so every run checks the same examples.
 import copy
 import dataclasses
 import math
-import os
 
 import pytest
 import torch
-from hypothesis import HealthCheck, assume, given, settings, target
+from hypothesis import assume, given, target
 from hypothesis import strategies as st
 from hypothesis.stateful import (Bundle, RuleBasedStateMachine, initialize, invariant, precondition,
                                  rule)
 from torch import nn
 
 import vera_kernels as vk
-
-
-def budget(default_examples: int, **kwargs) -> settings:
-    return settings(
-        max_examples=int(os.environ.get("VERA_HYPOTHESIS_EXAMPLES", default_examples)),
-        derandomize=True,
-        deadline=None,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-        **kwargs,
-    )
+from helpers import budget
 
 
 DTYPES = {"torch": (torch.float64, torch.float32, torch.float16, torch.bfloat16),

@@ -92,7 +92,10 @@ def set_adapter(model: nn.Module, name: Optional[str]) -> None:
     """Make ``name`` every row's adapter (``None``: the base model alone); only its vectors
     require grad from now on (as in PEFT)."""
     layers = _layers(model)
-    _check_unmerged(layers, "switch adapters")
+    held = [n for n, layer in layers.items() if layer.merged and layer.merged_adapter != name]
+    if held:
+        raise RuntimeError(f"cannot switch to adapter {name!r} while layers {held[:3]} hold another "
+                           "one in their weights: unmerge_vera first")
     if name is not None:
         for layer in layers.values():
             layer.adapter_vectors(name)  # KeyError naming the adapters if absent

@@ -29,7 +29,6 @@ import contextlib
 import warnings
 from typing import Iterable, Optional
 
-import torch
 from torch import Tensor, nn
 
 __all__ = ["DEFAULT_ADAPTER", "AdapterLifecycle", "AdapterVectors", "check_adapter_name"]
