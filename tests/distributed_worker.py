@@ -58,6 +58,14 @@ def run(rank: int, mode: str, out_dir: str) -> None:
             vk.set_adapter(model, "fr")
         if mode.startswith("ddp"):
             wrapped = nn.parallel.DistributedDataParallel(model)
+        elif mode == "fsdp1":
+            from torch.distributed.fsdp import FullyShardedDataParallel
+            from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+            # Each VeRA layer its own FSDP unit: its vectors are sharded across the ranks.
+            wrapped = FullyShardedDataParallel(model, use_orig_params=True,
+                                               auto_wrap_policy=ModuleWrapPolicy({vk.VeRALinear}),
+                                               device_id=torch.device("cpu"))
         else:
             from torch.distributed.device_mesh import init_device_mesh
             from torch.distributed.fsdp import fully_shard
@@ -73,6 +81,7 @@ def run(rank: int, mode: str, out_dir: str) -> None:
         state = vk.vera_state_dict(wrapped, adapter=vk.adapters.active_adapter(wrapped))
         with torch.no_grad():
             out = wrapped(x_eval)
+        vk.save_adapter(wrapped, os.path.join(out_dir, "adapter"))  # every rank; rank 0 writes
         torch.save({"state": state, "out": out}, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()

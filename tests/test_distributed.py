@@ -44,7 +44,7 @@ def _single_process():
     return model, x_eval
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2", "fsdp1"])
 def test_two_ranks_match_single_process(mode, tmp_path):
     results = _run_ranks(mode, tmp_path)
     reference, x_eval = _single_process()
@@ -61,11 +61,16 @@ def test_two_ranks_match_single_process(mode, tmp_path):
     # Training moved the vectors: the comparison above is not of initial values.
     assert not torch.allclose(expected[vector_keys[1]], build_model().state_dict()[vector_keys[1]])
 
-    # The checkpoint from the ranks loads into a plain single-process model.
+    # The checkpoint from the ranks loads into a plain single-process model, and so does
+    # the adapter file they wrote: whole vectors under the model's own names.
     fresh = build_model()
     vk.load_vera_state_dict(fresh, states[0])
     with torch.no_grad():
         torch.testing.assert_close(fresh(x_eval), results[0]["out"], rtol=1e-5, atol=1e-6)
+    plain = vk.load_adapter(build_model().requires_grad_(False), tmp_path / "adapter")
+    for key in vector_keys:
+        torch.testing.assert_close(vk.vera_state_dict(plain)[key], expected[key],
+                                   rtol=1e-5, atol=1e-6)
 
 
 def test_ddp_syncs_only_the_vectors():

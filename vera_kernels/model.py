@@ -9,6 +9,7 @@ them (``trained_extras``), and the adapter carries them: ``vera_state_dict`` /
 from __future__ import annotations
 
 import contextlib
+import sys
 import warnings
 from collections.abc import Mapping
 from typing import Iterator, Optional, Sequence, Union
@@ -42,6 +43,7 @@ TRAINED_KEY = ".trained"
 # keeps the model it became (plain attributes: they are not state).
 TRAINED_ATTR = "_vera_trained_extras"
 CONVERTED_ATTR = "_vera_kernels_converted_to"
+FSDP1_SEGMENT = "_fsdp_wrapped_module"
 # Marks the module apply_vera adapted: layer names are relative to it (unwrap).
 ROOT_ATTR = "_vera_kernels_root"
 BIAS_OPTIONS = ("none", "all", "vera_only")
@@ -56,9 +58,11 @@ def unwrap(model: nn.Module) -> nn.Module:
 
     FSDP2's ``fully_shard`` works in place and needs no unwrapping.
     """
+    fsdp1 = _fsdp1_class()
     while True:
         converted = vars(model).get(CONVERTED_ATTR)
-        if isinstance(model, nn.parallel.DistributedDataParallel):
+        if isinstance(model, nn.parallel.DistributedDataParallel) or (
+                fsdp1 is not None and isinstance(model, fsdp1)):
             model = model.module
         elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
             model = model._orig_mod  # torch.compile's OptimizedModule
@@ -72,6 +76,42 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
+def _fsdp1_class():
+    # FSDP1 is imported by the models that use it: look, don't import (it is slow).
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    return getattr(fsdp, "FullyShardedDataParallel", None)
+
+
+def _without_wrappers(name: str) -> str:
+    # FSDP1 puts a "_fsdp_wrapped_module" segment into the names of what it wraps.
+    return ".".join(part for part in name.split(".") if part != FSDP1_SEGMENT)
+
+
+@contextlib.contextmanager
+def gathered(model: nn.Module):
+    """Within the block, parameters sharded by FSDP1 (``FullyShardedDataParallel``) or
+    DeepSpeed ZeRO-3 hold their whole values (read-only); it yields whether any did (then
+    what is read must be copied before the block ends). A collective: every rank enters it.
+    FSDP2's DTensors need nothing here (``_full`` gathers them)."""
+    with contextlib.ExitStack() as stack:
+        entered = False
+        fsdp1 = _fsdp1_class()
+        if fsdp1 is not None:
+            wrapped = [m for m in model.modules() if isinstance(m, fsdp1)]
+            inner = {id(d) for m in wrapped for d in m.modules() if d is not m}
+            for m in wrapped:
+                if id(m) not in inner:  # the outermost ones gather their subtrees
+                    stack.enter_context(fsdp1.summon_full_params(m, writeback=False))
+                    entered = True
+        partitioned = [p for p in model.parameters() if hasattr(p, "ds_id")]
+        if partitioned:
+            import deepspeed
+
+            stack.enter_context(deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None))
+            entered = True
+        yield entered
+
+
 def replace_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     """Put ``module`` where the submodule called ``name`` (dotted path) was."""
     parent_name, _, child = name.rpartition(".")
@@ -82,7 +122,7 @@ def vera_layers(model: nn.Module) -> Iterator[tuple[str, VeRALinear]]:
     """(qualified name, module) for every VeRALinear in ``model`` (wrappers unwrapped)."""
     for name, module in unwrap(model).named_modules():
         if isinstance(module, VeRALinear):
-            yield name, module
+            yield _without_wrappers(name), module
 
 
 def shared_value(layers, value_of, message: str):
@@ -430,21 +470,28 @@ def vera_state_dict(model: nn.Module, adapter: str = "default") -> dict:
     Suitable for ``torch.save`` (and ``torch.load(weights_only=True)``). Layer
     names are those of the unwrapped model, so a checkpoint taken under DDP or
     FSDP2 (whole vectors, gathered; a collective there, so call it on every
-    rank) loads into a plain single-process model.
+    rank) loads into a plain single-process model. Under FSDP1 and DeepSpeed ZeRO-3
+    the vectors are gathered too (``gathered``; also a collective): whole vectors,
+    under the model's own names, never a rank's shard.
     """
     root = unwrap(model)
     state: dict = {}
     config: dict = {}
-    for name, layer in _vera_layer_list(root):
-        lambda_d, lambda_b = layer.adapter_vectors(adapter)
-        state[f"{name}.vera_lambda_d"] = _full(lambda_d.detach())
-        state[f"{name}.vera_lambda_b"] = _full(lambda_b.detach())
-        config[name] = _layer_config(layer)
-    extras = trained_extras(root)
-    if extras != NO_EXTRAS:
-        config[TRAINED_KEY] = extras
-        for key, tensor in _trained_tensors(root, extras).items():
-            state[key] = _full(tensor.detach())
+    with gathered(model) as temporary:
+        def take(tensor):
+            whole = _full(tensor.detach())
+            return whole.clone() if temporary else whole
+
+        for name, layer in _vera_layer_list(root):
+            lambda_d, lambda_b = layer.adapter_vectors(adapter)
+            state[f"{name}.vera_lambda_d"] = take(lambda_d)
+            state[f"{name}.vera_lambda_b"] = take(lambda_b)
+            config[name] = _layer_config(layer)
+        extras = trained_extras(root)
+        if extras != NO_EXTRAS:
+            config[TRAINED_KEY] = extras
+            for key, tensor in _trained_tensors(root, extras).items():
+                state[_without_wrappers(key)] = take(tensor)
     state[CONFIG_KEY] = config
     return state
 
