@@ -1,4 +1,5 @@
-"""Worker side of the 2-process tests: train a small VeRA model under DDP or FSDP2 (gloo, CPU)."""
+"""Worker side of the 2-process tests: train a small VeRA model under DDP, FSDP1, FSDP2 or
+DeepSpeed ZeRO-3 (gloo, CPU)."""
 
 import datetime
 import os
@@ -42,6 +43,24 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
         opt.step()
 
 
+def train_zero3(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
+    """``train`` under DeepSpeed ZeRO-3 (every parameter partitioned, none kept whole); the
+    engine."""
+    import deepspeed
+
+    os.environ["LOCAL_RANK"] = str(dist.get_rank())  # what its launcher would set
+    deepspeed.init_distributed(dist_backend="gloo")  # takes the process group run() made
+    config = {"train_micro_batch_size_per_gpu": x.shape[0], "gradient_accumulation_steps": 1,
+              "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+    params = [p for p in model.parameters() if p.requires_grad]
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=params, config=config,
+                                      optimizer=torch.optim.Adam(params, lr=1e-2))
+    for _ in range(STEPS):
+        engine.backward(nn.functional.mse_loss(engine(x), y))
+        engine.step()
+    return engine
+
+
 def run(rank: int, mode: str, out_dir: str) -> None:
     # Rendezvous through a file (no port to race for); gloo's traffic stays on loopback.
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
@@ -56,7 +75,9 @@ def run(rank: int, mode: str, out_dir: str) -> None:
             # find_unused_parameters=False must work with a second one.
             vk.add_adapter(model, "fr")
             vk.set_adapter(model, "fr")
-        if mode.startswith("ddp"):
+        if mode == "zero3":
+            wrapped = model  # train_zero3 wraps it
+        elif mode.startswith("ddp"):
             wrapped = nn.parallel.DistributedDataParallel(model)
         elif mode == "fsdp1":
             from torch.distributed.fsdp import FullyShardedDataParallel
@@ -76,7 +97,10 @@ def run(rank: int, mode: str, out_dir: str) -> None:
             wrapped = fully_shard(model, mesh=mesh)
         x, y, x_eval = batches()
         shard = slice(rank * 8, (rank + 1) * 8)
-        train(wrapped, x[shard], y[shard])
+        if mode == "zero3":
+            wrapped = train_zero3(wrapped, x[shard], y[shard])
+        else:
+            train(wrapped, x[shard], y[shard])
         # A collective under FSDP2: every rank calls it.
         state = vk.vera_state_dict(wrapped, adapter=vk.adapters.active_adapter(wrapped))
         with torch.no_grad():
