@@ -106,6 +106,10 @@ def run(rank: int, mode: str, out_dir: str) -> None:
         with torch.no_grad():
             out = wrapped(x_eval)
         vk.save_adapter(wrapped, os.path.join(out_dir, "adapter"))  # every rank; rank 0 writes
+        if mode == "zero3":  # merging reads (and writes) the partitioned base weights
+            vk.merge_and_unload(wrapped)
+            with torch.no_grad():
+                out = wrapped(x_eval)
         torch.save({"state": state, "out": out}, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()

@@ -88,11 +88,12 @@ def _without_wrappers(name: str) -> str:
 
 
 @contextlib.contextmanager
-def gathered(model: nn.Module):
+def gathered(model: nn.Module, modify: bool = False):
     """Within the block, parameters sharded by FSDP1 (``FullyShardedDataParallel``) or
-    DeepSpeed ZeRO-3 hold their whole values (read-only); it yields whether any did (then
-    what is read must be copied before the block ends). A collective: every rank enters it.
-    FSDP2's DTensors need nothing here (``_full`` gathers them)."""
+    DeepSpeed ZeRO-3 hold their whole values, read-only unless ``modify`` (changes are then
+    sharded again at the end: FSDP1 writes back, ZeRO-3 takes rank 0's); it yields whether
+    any did (then what is read must be copied before the block ends). A collective: every
+    rank enters it. FSDP2's DTensors need nothing here (``_full`` gathers them)."""
     with contextlib.ExitStack() as stack:
         entered = False
         fsdp1 = _fsdp1_class()
@@ -101,13 +102,14 @@ def gathered(model: nn.Module):
             inner = {id(d) for m in wrapped for d in m.modules() if d is not m}
             for m in wrapped:
                 if id(m) not in inner:  # the outermost ones gather their subtrees
-                    stack.enter_context(fsdp1.summon_full_params(m, writeback=False))
+                    stack.enter_context(fsdp1.summon_full_params(m, writeback=modify))
                     entered = True
         partitioned = [p for p in model.parameters() if hasattr(p, "ds_id")]
         if partitioned:
             import deepspeed
 
-            stack.enter_context(deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None))
+            stack.enter_context(deepspeed.zero.GatheredParameters(
+                partitioned, modifier_rank=0 if modify else None))
             entered = True
         yield entered
 
@@ -358,18 +360,21 @@ def disable_vera(model: nn.Module):
 
 
 def merge_vera(model: nn.Module) -> nn.Module:
-    """Fold every VeRA layer's adapter into its base weight (see ``VeRALinear.merge``)."""
-    for _, layer in vera_layers(model):
-        if not layer.merged:
-            layer.merge()
+    """Fold every VeRA layer's adapter into its base weight (see ``VeRALinear.merge``).
+    Sharded weights (FSDP1, ZeRO-3) are gathered for it: call it on every rank."""
+    with gathered(model, modify=True):
+        for _, layer in vera_layers(model):
+            if not layer.merged:
+                layer.merge()
     return model
 
 
 def unmerge_vera(model: nn.Module) -> nn.Module:
-    """Undo ``merge_vera``."""
-    for _, layer in vera_layers(model):
-        if layer.merged:
-            layer.unmerge()
+    """Undo ``merge_vera`` (on every rank, as it)."""
+    with gathered(model, modify=True):
+        for _, layer in vera_layers(model):
+            if layer.merged:
+                layer.unmerge()
     return model
 
 
@@ -397,7 +402,8 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     In place; returns the unwrapped model, of the original architecture (its
     ``save_pretrained`` output loads with e.g. ``LlamaForCausalLM.from_pretrained``).
     Modules to save and trained biases stay as trained. A quantized base weight is
-    requantized (lossy, warned), as ``VeRALinear.merge``.
+    requantized (lossy, warned), as ``VeRALinear.merge``. Sharded weights (FSDP1,
+    ZeRO-3) are gathered to merge: call it on every rank.
     """
     root = unwrap(model)
     layers = _vera_layer_list(root)
@@ -405,9 +411,10 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     if mixed:
         raise RuntimeError(f"merge_and_unload inside adapter_batch (layers {mixed[:3]}...): "
                            "one adapter per model can be merged")
-    for _, layer in layers:
-        if not (layer.merged or layer.disabled or layer.active_adapter is None):
-            layer.merge()
+    with gathered(model, modify=True):
+        for _, layer in layers:
+            if not (layer.merged or layer.disabled or layer.active_adapter is None):
+                layer.merge()
     _untie_diverged_embeddings(root)
     return _put_base_layers_back(root, layers)
 
