@@ -1,11 +1,11 @@
 // torch bindings of the CUDA kernels: the `vera_kernels_cuda` op library.
 //
 //   forward(x, lambda_d, lambda_b, key0, key1, base?, generate, proj_a?, proj_b?, into_base,
-//           adapter_ids?, dropout_threshold, dropout_scale, dropout_key0, dropout_key1)
+//           adapter_ids?, dropout_threshold, dropout_scale, dropout_seed?)
 //           -> (y, h)   (y is base itself when into_base)
 //   backward(grad, h, lambda_d, lambda_b, key0, key1, in_features, generate,
 //            need_dx, need_dd, need_db, proj_a?, proj_b?, adapter_ids?,
-//            dropout_threshold, dropout_scale, dropout_key0, dropout_key1) -> (dx, dd, db)
+//            dropout_threshold, dropout_scale, dropout_seed?, dx_into?) -> (dx, dd, db)
 //            (a gradient not asked for comes back empty)
 //   projection(matrix, rows, cols, key0, key1, like) -> Tensor
 //   block_m() -> int   (kBlockM: token rows per thread block)
@@ -27,9 +27,12 @@
 // deterministic implementation every backend shares.
 //
 // Adapter dropout (vera_kernels/dropout.py): the dropout_* arguments are
-// DropoutMask's threshold, scale and key_words() as they are, not p, so the
+// DropoutMask's threshold, scale and seed as they are, not p, so the
 // spec's rounding of p and of the scale lives only on the Python side.
 // Threshold 0 (the default) is no dropout: every draw is kept at scale 1.
+// dropout_seed is a tensor on x's device, int64 (seed & 0xFFFFFFFF, seed >> 32),
+// that the kernels read: it may be drawn on the device, inside a CUDA graph
+// capture too, and is never copied to the host.
 // forward masks x as the h launch loads it; backward masks dx with the same
 // mask, regenerated, in the dx launch's epilogue. h (computed from the
 // dropped x) serves dd and db unchanged.
@@ -103,9 +106,10 @@ void check_adapter_ids(const Tensor& ids, const Tensor& rows, const char* rows_n
               " and ", lambda_b.size(0), " adapters; they must hold the same adapters");
 }
 
-// The launches' dropout mask, or none for threshold 0.
-std::optional<vera::DropoutMask> dropout_mask(int64_t threshold, double scale, int64_t key0,
-                                              int64_t key1) {
+// The launches' dropout, or none for threshold 0. The seed tensor must
+// outlive the launches: the caller holds it.
+std::optional<vera::DropoutArgs> dropout_args(int64_t threshold, double scale,
+                                              const std::optional<Tensor>& seed, const Tensor& x) {
   TORCH_CHECK(threshold >= 0 && threshold < 65536,
               "vera_kernels cuda backend: dropout_threshold must be in [0, 65536), got ",
               threshold);
@@ -114,15 +118,21 @@ std::optional<vera::DropoutMask> dropout_mask(int64_t threshold, double scale, i
   TORCH_CHECK(std::isfinite(scale) && static_cast<double>(static_cast<float>(scale)) == scale,
               "vera_kernels cuda backend: dropout_scale must be a finite float32 value, got ",
               scale);
-  return vera::DropoutMask{key_word(key0, "dropout_key0"), key_word(key1, "dropout_key1"),
-                           static_cast<uint32_t>(threshold), static_cast<float>(scale)};
+  TORCH_CHECK(seed.has_value(), "vera_kernels cuda backend: dropout needs a dropout_seed");
+  TORCH_CHECK(seed->device() == x.device(), "vera_kernels cuda backend: dropout_seed is on ",
+              seed->device(), " but x is on ", x.device());
+  TORCH_CHECK(seed->scalar_type() == at::kLong && seed->numel() == 2 && seed->is_contiguous(),
+              "vera_kernels cuda backend: dropout_seed must be a contiguous int64 tensor of two "
+              "key words, got ", seed->scalar_type(), " of shape ", seed->sizes());
+  return vera::DropoutArgs{seed->data_ptr<int64_t>(), static_cast<uint32_t>(threshold),
+                           static_cast<float>(scale)};
 }
 
 void set_dropout(vera::GemmParams& p, vera::Dropout mode,
-                 const std::optional<vera::DropoutMask>& mask) {
-  if (!mask.has_value()) return;
+                 const std::optional<vera::DropoutArgs>& drop) {
+  if (!drop.has_value()) return;
   p.dropout = mode;
-  p.drop = *mask;
+  p.drop = *drop;
 }
 
 // The row stride of a bank (n_adapters x C); a plain vector has none.
@@ -225,7 +235,7 @@ std::tuple<Tensor, Tensor> vera_forward(const Tensor& x_in, const Tensor& lambda
                                         const std::optional<Tensor>& proj_b, bool into_base,
                                         const std::optional<Tensor>& adapter_ids,
                                         int64_t dropout_threshold, double dropout_scale,
-                                        int64_t dropout_key0, int64_t dropout_key1) {
+                                        const std::optional<Tensor>& dropout_seed) {
   TORCH_CHECK(x_in.is_cuda() && x_in.dim() == 2,
               "vera_kernels cuda backend: x must be a 2-D CUDA tensor");
   const bool banked = adapter_ids.has_value();
@@ -236,7 +246,7 @@ std::tuple<Tensor, Tensor> vera_forward(const Tensor& x_in, const Tensor& lambda
   const Tensor lambda_d = lambda_d_in.contiguous(), lambda_b = lambda_b_in.contiguous();
   const Tensor ids = banked ? adapter_ids->contiguous() : Tensor();
   const uint32_t k0 = key_word(key0, "key0"), k1 = key_word(key1, "key1");
-  const auto drop = dropout_mask(dropout_threshold, dropout_scale, dropout_key0, dropout_key1);
+  const auto drop = dropout_args(dropout_threshold, dropout_scale, dropout_seed, x_in);
   const int64_t m = x_in.size(0), in = x_in.size(1), r = lambda_d.size(-1), out = lambda_b.size(-1);
 
   const Projection a = projection(kMatrixA, r, in, k0, k1, generate, x_in, proj_a);
@@ -273,7 +283,7 @@ std::tuple<Tensor, Tensor, Tensor> vera_backward(const Tensor& grad, const Tenso
                                                  const std::optional<Tensor>& proj_b,
                                                  const std::optional<Tensor>& adapter_ids,
                                                  int64_t dropout_threshold, double dropout_scale,
-                                                 int64_t dropout_key0, int64_t dropout_key1,
+                                                 const std::optional<Tensor>& dropout_seed,
                                                  const std::optional<Tensor>& dx_into) {
   TORCH_CHECK(h.is_cuda() && h.dim() == 2, "vera_kernels cuda backend: h must be a 2-D CUDA tensor");
   check_input(grad, "grad", h, 2);
@@ -286,7 +296,7 @@ std::tuple<Tensor, Tensor, Tensor> vera_backward(const Tensor& grad, const Tenso
   const Tensor ids = banked ? adapter_ids->contiguous() : Tensor();
   const int32_t* row_ids = banked ? ids.data_ptr<int32_t>() : nullptr;
   const uint32_t k0 = key_word(key0, "key0"), k1 = key_word(key1, "key1");
-  const auto drop = dropout_mask(dropout_threshold, dropout_scale, dropout_key0, dropout_key1);
+  const auto drop = dropout_args(dropout_threshold, dropout_scale, dropout_seed, h);
   const int64_t m = h.size(0), r = lambda_d.size(-1), out = lambda_b.size(-1);
   const Projection b = projection(kMatrixB, out, r, k0, k1, generate, h, proj_b);
 
@@ -381,13 +391,13 @@ TORCH_LIBRARY(vera_kernels_cuda, m) {
       "forward(Tensor x, Tensor lambda_d, Tensor lambda_b, int key0, int key1, Tensor? base, "
       "bool generate, Tensor? proj_a=None, Tensor? proj_b=None, bool into_base=False, "
       "Tensor? adapter_ids=None, int dropout_threshold=0, float dropout_scale=1.0, "
-      "int dropout_key0=0, int dropout_key1=0) -> (Tensor, Tensor)");
+      "Tensor? dropout_seed=None) -> (Tensor, Tensor)");
   m.def(
       "backward(Tensor grad, Tensor h, Tensor lambda_d, Tensor lambda_b, int key0, int key1, "
       "int in_features, bool generate, bool need_dx, bool need_dd, bool need_db, "
       "Tensor? proj_a=None, Tensor? proj_b=None, Tensor? adapter_ids=None, "
-      "int dropout_threshold=0, float dropout_scale=1.0, int dropout_key0=0, "
-      "int dropout_key1=0, Tensor? dx_into=None) -> (Tensor, Tensor, Tensor)");
+      "int dropout_threshold=0, float dropout_scale=1.0, Tensor? dropout_seed=None, "
+      "Tensor? dx_into=None) -> (Tensor, Tensor, Tensor)");
   m.def("projection(int matrix, int rows, int cols, int key0, int key1, Tensor like) -> Tensor");
 }
 

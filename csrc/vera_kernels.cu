@@ -23,6 +23,7 @@
 // Adapter dropout (GemmParams::dropout) is a template parameter as well: the
 // mask is regenerated from the dropout stream (philox.cuh) where it is used,
 // on x's tiles as they load (forward h) or on the output tile (backward dx).
+// Its seed is read from device memory where the mask is made.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -125,6 +126,13 @@ __device__ __forceinline__ typename Acc<T>::type scale_at(const T* scale, int64_
   }
 }
 
+// The call's mask, its key words read from device memory (cached after the
+// first read): held in registers across the K loop they cost a spill.
+__device__ __forceinline__ DropoutMask read_mask(const DropoutArgs& d) {
+  return {static_cast<uint32_t>(__ldg(d.key)), static_cast<uint32_t>(__ldg(d.key + 1)),
+          d.threshold, d.scale};
+}
+
 template <typename T, bool kBanked, Dropout kDrop>
 __global__ void __launch_bounds__(kThreads) gemm_kernel(const GemmParams p) {
   using AccT = typename Acc<T>::type;
@@ -167,7 +175,7 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(const GemmParams p) {
       const int64_t m = m0 + mm;
       PhiloxWords drop_w = {};
       if constexpr (kDrop == Dropout::kX)
-        drop_w = dropout_words(p.drop, static_cast<uint32_t>(m),
+        drop_w = dropout_words(read_mask(p.drop), static_cast<uint32_t>(m),
                                static_cast<uint32_t>((k0 + kk0) / 8));
 #pragma unroll
       for (int e = 0; e < kRun; ++e) {
@@ -178,7 +186,7 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(const GemmParams p) {
           v = to_acc(x[m * p.stride_xm + k * p.stride_xk]);
           // Each factor rounds to T once, as the Triton kernel and the torch backend do.
           if constexpr (kDrop == Dropout::kX)
-            v = to_acc(from_acc<T>(v * static_cast<AccT>(dropout_factor(p.drop, drop_w, e))));
+            v = to_acc(from_acc<T>(v * static_cast<AccT>(dropout_factor(read_mask(p.drop), drop_w, e))));
           if (x_scale != nullptr)
             v = to_acc(from_acc<T>(v * scale_at<kBanked>(x_scale, p.stride_sx, x_ids[i], k)));
         }
@@ -220,7 +228,7 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(const GemmParams p) {
     // neighbour tx ^ 1 has the other half): one call per row, run by both.
     PhiloxWords drop_w = {};
     if constexpr (kDrop == Dropout::kOut)
-      drop_w = dropout_words(p.drop, static_cast<uint32_t>(m),
+      drop_w = dropout_words(read_mask(p.drop), static_cast<uint32_t>(m),
                              static_cast<uint32_t>((n0 + tx * 4) / 8));
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
@@ -230,7 +238,7 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(const GemmParams p) {
       if (store) {
         AccT v = acc[i][j];
         if constexpr (kDrop == Dropout::kOut)
-          v *= static_cast<AccT>(dropout_factor(p.drop, drop_w, (tx & 1) * 4 + j));
+          v *= static_cast<AccT>(dropout_factor(read_mask(p.drop), drop_w, (tx & 1) * 4 + j));
         if (out_scale != nullptr) v *= scale_at<kBanked>(out_scale, p.stride_so, id, n);
         if (base != nullptr) v += to_acc(base[m * p.stride_bm + n * p.stride_bn]);
         out[m * p.stride_om + n * p.stride_on] = from_acc<T>(v);

@@ -42,6 +42,15 @@ enum class Dropout : int {
   kOut,  // the output's columns: acc times its factor before it is stored (dx)
 };
 
+// One call's dropout as a launch takes it. The seed's key words stay in
+// device memory, where they were drawn (inside a CUDA graph, each replay
+// draws new ones); each thread reads them once into a DropoutMask (philox.cuh).
+struct DropoutArgs {
+  const int64_t* key;  // the call seed's two key words; the low 32 bits of each count
+  uint32_t threshold;
+  float scale;
+};
+
 // acc (M x N) = (x ⊙ x_scale) (M x K) @ T (K x N), with
 // T(k, n) = P(n, k) if transposed else P(k, n), P the projection.
 //
@@ -69,7 +78,7 @@ struct GemmParams {
   int64_t M, N, K;
   Epilogue epilogue;
   Dropout dropout;   // applied before x_scale (kX) or before out_scale and base (kOut);
-  DropoutMask drop;  // reductions use the undropped acc, as the Triton kernel does
+  DropoutArgs drop;  // reductions use the undropped acc, as the Triton kernel does
 };
 
 cudaError_t gemm(DType dtype, const GemmParams& params, cudaStream_t stream);

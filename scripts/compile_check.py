@@ -281,8 +281,8 @@ def run_layer(dtype_name, strategy, in_f, out_f, tokens, rank, device="cpu", see
         if variant == "banked":
             extra["adapter_ids"] = torch.arange(tokens, device=device, dtype=torch.int32) % N_ADAPTERS
         elif variant == "dropout":
-            from vera_kernels.dropout import DropoutMask
-            extra["dropout"] = DropoutMask(0.1, seed + 1)
+            from vera_kernels.dropout import DropoutMask, seed_words
+            extra["dropout"] = DropoutMask(0.1, seed_words(seed + 1, device))
         source = ProjectionSource.from_seed(seed)
         _Recorder.phase = "forward"
         _, h = backend.forward(x, lambda_d, lambda_b, source, base, **extra)

@@ -23,7 +23,7 @@ import vera_kernels as vk
 from vera_kernels.backends import cuda as cuda_backend
 from vera_kernels import backends as ops
 from vera_kernels.backends.contract import NeededGrads, ProjectionSource
-from vera_kernels.dropout import DropoutMask, keep_mask
+from vera_kernels.dropout import DropoutMask, keep_mask, seed_words
 from philox_model import KNOWN_ANSWERS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -84,19 +84,21 @@ def _spec_factors(dropout: DropoutMask, rows: int, cols: int) -> np.ndarray:
 def test_host_dropout_mask_bit_exact(host_check, rows, cols, p, seed):
     # philox.cuh's dropout_words / dropout_factor, one call per 8 features as the
     # kernels use them, against the spec; p = 1e-6 rounds to threshold 0 (all kept).
-    dropout = DropoutMask(p, seed)
+    dropout = DropoutMask(p, seed_words(seed, "cpu"))
     scale_bits = int(np.array(dropout.scale, dtype=np.float32).view(np.uint32))
     bits = _hex_rows(_run(host_check, "dropout", rows, cols, seed, dropout.threshold, scale_bits))
     np.testing.assert_array_equal(bits, _spec_factors(dropout, rows, cols))
 
 
 def test_dropout_args_are_the_spec_mask():
-    dropout = DropoutMask(0.3, 2**40 + 5)
-    threshold, scale, key0, key1 = cuda_backend._dropout_args(dropout)
-    assert (threshold, key0, key1) == (19661, 5, 2**8)
+    dropout = DropoutMask(0.3, seed_words(2**40 + 5, "cpu"))
+    threshold, scale, seed = cuda_backend._dropout_args(dropout)
+    assert threshold == 19661
+    # The seed stays the device tensor of its two key words: the kernels read it.
+    assert seed is dropout.seed and seed.dtype == torch.int64 and seed.tolist() == [5, 2**8]
     # The op takes the scale as a double and requires it to be float32-exact.
     assert scale == dropout.scale == float(np.float32(scale))
-    assert cuda_backend._dropout_args(None) == (0, 1.0, 0, 0)  # threshold 0: no dropout
+    assert cuda_backend._dropout_args(None) == (0, 1.0, None)  # threshold 0: no dropout
 
 
 def _toolkit_reason():
@@ -116,8 +118,7 @@ def test_prebuilt_extension_loads_and_registers_ops():
     cuda_backend.load()
     schemas = {name: str(getattr(torch.ops.vera_kernels_cuda, name).default._schema)
                for name in ("forward", "backward", "projection")}
-    dropout_args = ("int dropout_threshold=0, float dropout_scale=1., int dropout_key0=0, "
-                    "int dropout_key1=0)")
+    dropout_args = "int dropout_threshold=0, float dropout_scale=1., Tensor? dropout_seed=None)"
     assert ("Tensor? proj_b=None, bool into_base=False, Tensor? adapter_ids=None, "
             f"{dropout_args} -> (Tensor, Tensor)") in schemas["forward"]
     assert (f"Tensor? proj_b=None, Tensor? adapter_ids=None, {dropout_args[:-1]}, "
@@ -140,14 +141,14 @@ def test_ops_take_adapter_ids_then_dropout_last(op):
     arguments = getattr(torch.ops.vera_kernels_cuda, op).default._schema.arguments
     tail = [(a.name, str(a.type), a.has_default_value(), a.default_value) for a in arguments]
     start = [a.name for a in arguments].index("adapter_ids")
-    assert tail[start:start + 5] == [
+    assert tail[start:start + 4] == [
         ("adapter_ids", "Optional[Tensor]", True, None),
         ("dropout_threshold", "int", True, 0), ("dropout_scale", "float", True, 1.0),
-        ("dropout_key0", "int", True, 0), ("dropout_key1", "int", True, 0)]
+        ("dropout_seed", "Optional[Tensor]", True, None)]
     # backward ends with dx_into: the base layer's dx, which the adapter's is added into.
-    assert tail[start + 5:] == ([] if op == "forward"
+    assert tail[start + 4:] == ([] if op == "forward"
                                 else [("dx_into", "Optional[Tensor]", True, None)])
-    assert len(arguments) == {"forward": 15, "backward": 19}[op]
+    assert len(arguments) == {"forward": 14, "backward": 18}[op]
 
 
 class _RecordingOps:
@@ -176,19 +177,20 @@ def test_backend_passes_the_dropout_mask_as_the_schemas_name_it(monkeypatch):
                for op in ("forward", "backward")}
     recorder = _RecordingOps()
     monkeypatch.setattr(torch.ops, "vera_kernels_cuda", recorder)
-    dropout = DropoutMask(0.25, 2**33 + 3)
+    dropout = DropoutMask(0.25, seed_words(2**33 + 3, "cpu"))
     x, d, b = torch.ones(3, 4), torch.ones(2), torch.ones(5)
     source = ProjectionSource.from_seed(7)
     cuda_backend.BACKEND.forward(x, d, b, source, None, dropout=dropout)
     cuda_backend.BACKEND.backward(torch.ones(3, 5), torch.ones(3, 2), d, b, source, 4,
                                   NeededGrads(True, False, False), dropout=dropout)
     expected = {"dropout_threshold": dropout.threshold, "dropout_scale": dropout.scale,
-                "dropout_key0": 3, "dropout_key1": 2, "key0": 7, "key1": 0}
+                "key0": 7, "key1": 0}
     for op, schema in schemas.items():
         args = recorder.calls[op]
         assert len(args) == len(schema.arguments)
         named = {a.name: v for a, v in zip(schema.arguments, args)}
         assert {k: named[k] for k in expected} == expected
+        assert named["dropout_seed"] is dropout.seed  # the tensor itself, never read on the host
         assert named["adapter_ids"] is None
     dx_into = torch.zeros(3, 4)
     cuda_backend.BACKEND.backward(torch.ones(3, 5), torch.ones(3, 2), d, b, source, 4,
@@ -333,7 +335,7 @@ def test_jit_build_without_prebuilt_extension(tmp_path):
                           timeout=900, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "vera_kernels_cuda::forward(" in proc.stdout
-    assert "int dropout_key1=0) -> (Tensor, Tensor)" in proc.stdout
+    assert "Tensor? dropout_seed=None) -> (Tensor, Tensor)" in proc.stdout
     assert list(tmp_path.rglob("vera_kernels_cuda*.so")), "no JIT-built library in the cache"
 
 
@@ -370,7 +372,7 @@ def test_cuda_dropout_masks_bit_exact(tokens, features, dtype):
     # With identity projections (r = in = out) and unit vectors, h = dropout(x) and
     # dx = dropout(grad) exactly: each is one product with one nonzero term.
     cuda_backend.load()
-    dropout = DropoutMask(0.3, 2**40 + 9)
+    dropout = DropoutMask(0.3, seed_words(2**40 + 9, "cuda"))
     eye = torch.eye(features, dtype=dtype, device="cuda")
     ones = torch.ones(features, dtype=dtype, device="cuda")
     x = torch.randn(tokens, features, dtype=dtype, device="cuda")

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import vera_kernels as vk
-from vera_kernels.dropout import DropoutMask, keep_mask
+from vera_kernels.dropout import DropoutMask, keep_mask, seed_words
 from vera_kernels.reference import vera_linear_reference
 from helpers import backend_device_params, vera_inputs
 
@@ -17,7 +17,7 @@ def _philox_model_mask(dropout: DropoutMask, rows: int, cols: int):
     """The spec written out element by element with the independent Python Philox model."""
     from philox_model import philox4x32_10
 
-    key = (dropout.seed & 0xFFFFFFFF, dropout.seed >> 32)
+    key = tuple(dropout.seed.tolist())  # the seed tensor holds the two key words
     mask = torch.empty(rows, cols, dtype=torch.bool)
     for t in range(rows):
         for j in range(cols):
@@ -28,7 +28,8 @@ def _philox_model_mask(dropout: DropoutMask, rows: int, cols: int):
 
 
 def test_mask_follows_the_spec_and_its_rate():
-    dropout = DropoutMask(P, 2**63 + 17)
+    dropout = DropoutMask(P, seed_words(2**63 + 17, "cpu"))
+    assert dropout.seed.tolist() == [17, 2**31]
     got = keep_mask(dropout, 0, 5, 21, "cpu")
     assert torch.equal(got, _philox_model_mask(dropout, 5, 21))
     big = keep_mask(dropout, 0, 400, 500, "cpu")
@@ -53,11 +54,39 @@ def test_every_backend_applies_the_same_mask(backend, device, dtype):
     grad = torch.randn_like(y)
     got = [y, *torch.autograd.grad(y, leaves, grad)]
     ref_leaves = [t.detach().double().cpu().requires_grad_(True) for t in leaves]
-    y_ref = _with_mask(*ref_leaves, DropoutMask(P, 99))
+    y_ref = _with_mask(*ref_leaves, DropoutMask(P, seed_words(99, "cpu")))
     expected = [y_ref, *torch.autograd.grad(y_ref, ref_leaves, grad.double().cpu())]
     tol = 1e-12 if dtype == torch.float64 else 2e-5
     for name, g, e in zip(["y", "dx", "dd", "db", "dbase"], got, expected):
         torch.testing.assert_close(g.double().cpu(), e, rtol=tol, atol=tol, msg=name)
+
+
+@pytest.mark.parametrize("backend,device", backend_device_params())
+def test_seed_as_int_or_as_its_key_word_tensor(backend, device):
+    x, d, b, base = vera_inputs((5, 3), 21, 11, 4, dtype=torch.float32, device=device)
+    seed = 2**63 + 2**32 + 7
+    run = lambda s: vk.vera_linear(x, d, b, SEED, base, backend=backend, dropout=P,  # noqa: E731
+                                   dropout_seed=s)
+    expected = run(seed)
+    assert torch.equal(run(seed_words(seed, device)), expected)
+    # Only each word's low 32 bits count (kernels read them as uint32).
+    assert torch.equal(run(seed_words(seed, device) + torch.tensor([0, 2**32], device=device)),
+                       expected)
+    # A strided view is made contiguous: the kernels read words 0 and 1 from memory.
+    strided = torch.stack([seed_words(seed, device), seed_words(1, device)], dim=1)[:, 0]
+    assert torch.equal(run(strided), expected)
+    assert not torch.equal(run(seed_words(seed + 1, device)), expected)
+
+
+def test_bad_seed_tensors():
+    x, d, b, _ = vera_inputs((2,), 4, 3, 2, dtype=torch.float32, device="cpu")
+    cases = [(torch.tensor([1, 2], dtype=torch.int32), TypeError, "int64"),
+             (torch.tensor([1, 2, 3]), ValueError, r"shape \(2,\)"),
+             (torch.tensor([1, 2], device="meta"), ValueError, "is on meta but x is on cpu"),
+             (1.5, TypeError, "seed must be an int"), (-1, ValueError, "seed must be in")]
+    for seed, error, message in cases:
+        with pytest.raises(error, match=message):
+            vk.vera_linear(x, d, b, SEED, dropout=P, dropout_seed=seed)
 
 
 def test_dx_with_a_fixed_mask_against_finite_differences():
@@ -88,7 +117,7 @@ def test_bad_probability():
 
 
 @pytest.mark.parametrize("backend,device", backend_device_params())
-def test_saved_for_backward_is_the_same_as_without_dropout(backend, device):
+def test_saved_for_backward_is_what_is_saved_without_dropout_and_the_seed(backend, device):
     x = torch.randn(64, 48, device=device, requires_grad=True)
     d, b = torch.randn(8, device=device), torch.randn(40, device=device)
     saved = {}
@@ -98,7 +127,8 @@ def test_saved_for_backward_is_the_same_as_without_dropout(backend, device):
                 lambda t: sizes.append(t.untyped_storage().nbytes()) or t, lambda t: t):
             vk.vera_linear(x, d, b, SEED, backend=backend, dropout=p)
         saved[p] = sum(sizes)
-    assert saved[0.5] == saved[0.0] == 64 * 8 * 4 + (8 + 40) * 4  # h and the two vectors
+    assert saved[0.0] == 64 * 8 * 4 + (8 + 40) * 4  # h and the two vectors
+    assert saved[0.5] == saved[0.0] + 2 * 8  # and the mask's seed: two int64 key words
 
 
 def test_module_dropout_trains_and_is_identity_in_eval():

@@ -34,7 +34,7 @@ import pytest
 import torch
 
 import vera_kernels as vk
-from vera_kernels.dropout import DropoutMask, keep_mask
+from vera_kernels.dropout import DropoutMask, keep_mask, seed_words
 from vera_kernels.projection import projection_bound
 from helpers import EPS, load_compile_check
 
@@ -87,7 +87,7 @@ def make_sweep(dtype_name, strategy, launch) -> Sweep:
     name, _, variant = launch.partition("[")
     s = Sweep(dtype_name, strategy, launch)
     d, b = _rand(gen, R, dtype=dtype), _rand(gen, OUT, dtype=dtype)
-    dropout = DropoutMask(0.25, SEED + 1) if variant == "dropout]" else None
+    dropout = DropoutMask(0.25, seed_words(SEED + 1, DEVICE)) if variant == "dropout]" else None
     if name == "h":
         s.x, s.matrix = _rand(gen, TOKENS, IN, dtype=dtype), "A"
         s.kwargs = dict(transposed=True, dropout=dropout, dropout_on="x")

@@ -16,8 +16,8 @@ import torch
 from torch import Tensor
 
 from .backends import ProjectionSource, resolve_backend
-from .dropout import DropoutMask, check_probability, draw_call_seed
-from .projection import SUPPORTED_DTYPES, check_seed
+from .dropout import DropoutMask, check_probability, draw_call_seed, seed_words
+from .projection import SUPPORTED_DTYPES
 
 __all__ = ["VeRACall", "check_call"]
 
@@ -37,7 +37,8 @@ class VeRACall:
         into_base: write the result into ``base``'s buffer (no graph is needed, not
             under torch.export).
         adapter_ids: ``(tokens,)`` int32 when the vectors are banks, else None.
-        dropout: the call's dropout mask on the adapter's input, or None.
+        dropout: the call's dropout mask on the adapter's input (its seed a tensor on
+            x's device), or None.
     """
 
     x: Tensor
@@ -134,7 +135,18 @@ def _check_dropout(p, seed, device: torch.device) -> Optional[DropoutMask]:
     p = check_probability(p)
     if p == 0:
         return None
-    return DropoutMask(p, draw_call_seed(device) if seed is None else check_seed(seed))
+    if seed is None:
+        return DropoutMask(p, draw_call_seed(device))
+    if not isinstance(seed, Tensor):
+        return DropoutMask(p, seed_words(seed, device))  # TypeError / ValueError for bad ints
+    if seed.dtype != torch.int64:
+        raise TypeError(f"dropout_seed as a tensor must be int64 (two key words), got {seed.dtype}")
+    if tuple(seed.shape) != (2,):
+        raise ValueError(f"dropout_seed as a tensor must have shape (2,) (two key words), got "
+                         f"{tuple(seed.shape)}")
+    if seed.device != device:
+        raise ValueError(f"dropout_seed is on {seed.device} but x is on {device}")
+    return DropoutMask(p, seed.contiguous())  # the kernels read words 0 and 1 from memory
 
 
 def check_call(x, lambda_d, lambda_b, seed, base_output=None, *, backend=None, projections=None,

@@ -13,6 +13,11 @@ so one Philox call yields eight draws. Kept inputs are scaled by
 ``65536 / (65536 - threshold)``: exactly unbiased for the probability
 actually used (p rounded to a multiple of 2⁻¹⁶). Backward regenerates the
 mask for dx, so nothing of size tokens x in is ever stored.
+
+The call seed is a device tensor, its two key words as int64 (``seed_words``),
+never a Python int: drawn by ``torch.randint`` on x's device, it is an
+ordinary traced op under torch.compile and a replayed one in a CUDA graph,
+and the kernels read it from memory.
 """
 
 from __future__ import annotations
@@ -24,10 +29,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .projection import join_key, philox4x32_10, split_seed
+from .projection import philox4x32_10, split_seed
 
-__all__ = ["check_probability", "DropoutMask", "STREAM", "draw_call_seed", "keep_mask", "scaled_mask_chunks", "drop_rows_",
-           "dropped"]
+__all__ = ["check_probability", "DropoutMask", "STREAM", "draw_call_seed", "seed_words",
+           "keep_mask", "scaled_mask_chunks", "drop_rows_", "dropped"]
 
 STREAM = 2
 _LEVELS = 1 << 16
@@ -42,12 +47,31 @@ def check_probability(p) -> float:
     return float(p)
 
 
-@dataclass(frozen=True)
+def seed_words(seed, device) -> Tensor:
+    """A 64-bit int seed as the mask's seed tensor: int64 ``(seed & 0xFFFFFFFF, seed >> 32)``."""
+    return torch.tensor(split_seed(seed), dtype=torch.int64, device=device)
+
+
+def draw_call_seed(device) -> Tensor:
+    """A fresh seed tensor on ``device`` from torch's default generator for it.
+
+    ``torch.randint`` on the device, no host synchronization: traced as a
+    random op under torch.compile, replayed with a new draw by a CUDA graph.
+    ``torch.manual_seed`` reproduces the sequence in eager mode.
+    """
+    return torch.randint(0, 1 << 32, (2,), dtype=torch.int64, device=device)
+
+
+@dataclass(frozen=True, eq=False)
 class DropoutMask:
-    """One call's dropout: probability ``p`` in [0, 1) and the call's seed."""
+    """One call's dropout: probability ``p`` in [0, 1) and the call's seed.
+
+    ``seed`` is an int64 tensor of two key words on the activations' device
+    (``seed_words``, ``draw_call_seed``); only each word's low 32 bits count.
+    """
 
     p: float
-    seed: int
+    seed: Tensor
 
     def __post_init__(self):
         check_probability(self.p)
@@ -65,36 +89,10 @@ class DropoutMask:
         """
         return torch.tensor(_LEVELS / (_LEVELS - self.threshold), dtype=torch.float32).item()
 
-    def key_words(self) -> tuple[int, int]:
-        return split_seed(self.seed)
-
-    def op_args(self) -> tuple[float, int, int]:
-        """``(p, key0, key1)`` for int64 interfaces (torch.library ops)."""
-        return (self.p, *self.key_words())
-
     @staticmethod
-    def from_op_args(p: float, key0: int, key1: int) -> Optional["DropoutMask"]:
-        """The inverse of :meth:`op_args`; None for p = 0."""
-        return DropoutMask(p, join_key((key0, key1))) if p > 0 else None
-
-
-NO_DROPOUT_ARGS = (0.0, 0, 0)
-
-
-def draw_call_seed(device: torch.device) -> int:
-    """A fresh 64-bit seed from torch's default generator for ``device`` (no host sync).
-
-    CUDA generators are Philox counters: the seed is a hash of their seed and
-    offset, and the offset advances, as dropout kernels consume it. Either way
-    ``torch.manual_seed`` reproduces the sequence.
-    """
-    if device.type == "cuda":
-        gen = torch.cuda.default_generators[device.index if device.index is not None
-                                            else torch.cuda.current_device()]
-        offset = gen.get_offset()
-        gen.set_offset(offset + 4)
-        return (gen.initial_seed() * 0x9E3779B97F4A7C15 + offset) % (1 << 64)
-    return int(torch.randint(0, 1 << 62, (), dtype=torch.int64).item()) * 4 + 1
+    def from_op_args(p: float, seed: Optional[Tensor]) -> Optional["DropoutMask"]:
+        """The mask of the ops' ``(dropout_p, dropout_seed)``; None for p = 0."""
+        return DropoutMask(p, seed) if p > 0 else None
 
 
 def keep_mask(dropout: DropoutMask, row_start: int, rows: int, cols: int, device) -> Tensor:
@@ -103,7 +101,7 @@ def keep_mask(dropout: DropoutMask, row_start: int, rows: int, cols: int, device
     c0 = torch.arange(groups, dtype=torch.int64, device=device)
     c1 = torch.arange(row_start, row_start + rows, dtype=torch.int64, device=device)[:, None]
     zero = torch.zeros((), dtype=torch.int64, device=device)
-    words = philox4x32_10((c0, c1, zero + STREAM, zero), dropout.key_words())
+    words = philox4x32_10((c0, c1, zero + STREAM, zero), (dropout.seed[0], dropout.seed[1]))
     # (rows, groups, 4 words, 2 halves) -> feature 8g + 2w + h
     halves = torch.stack([torch.stack([w & 0xFFFF, w >> 16], dim=-1) for w in words], dim=-2)
     draws = halves.reshape(rows, groups * 8)[:, :cols]

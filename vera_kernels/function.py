@@ -10,7 +10,7 @@ a fraction of the dispatch overhead.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 from torch import Tensor
@@ -18,6 +18,7 @@ from torch import Tensor
 from . import ops
 from .backends import Grads, NeededGrads
 from .call import VeRACall, check_call
+from .dropout import DropoutMask
 
 __all__ = ["vera_linear", "vera_linear_multi", "DOUBLE_BACKWARD_ERROR"]
 
@@ -58,9 +59,11 @@ def _guard_double_backward(grads: Grads, *inputs) -> Grads:
 
 def _save(ctx, x, lambda_d, lambda_b, source, backend, adapter_ids, dropout, h, *extra) -> None:
     # An explicit source holds frozen inputs: keeping it keeps references, no
-    # copies. Dropout keeps its seed only: the mask is regenerated.
-    ctx.save_for_backward(h, lambda_d, lambda_b, adapter_ids, *extra)
-    ctx.source, ctx.backend, ctx.in_features, ctx.dropout = source, backend, x.shape[1], dropout
+    # copies. Dropout keeps its seed tensor (two words) only: the mask is regenerated.
+    seed = dropout.seed if dropout is not None else None
+    ctx.save_for_backward(h, lambda_d, lambda_b, adapter_ids, seed, *extra)
+    ctx.source, ctx.backend, ctx.in_features = source, backend, x.shape[1]
+    ctx.dropout_p = dropout.p if dropout is not None else 0.0
 
 
 def _input_grads(ctx, saved: tuple, grad_y: Tensor, needed: NeededGrads, backward: Callable,
@@ -69,9 +72,9 @@ def _input_grads(ctx, saved: tuple, grad_y: Tensor, needed: NeededGrads, backwar
     call), from ``saved`` = ``ctx.saved_tensors`` (unpacked once: checkpointing allows no more)."""
     if not needed.any():
         return Grads(None, None, None)
-    h, lambda_d, lambda_b, adapter_ids = saved[:4]
+    h, lambda_d, lambda_b, adapter_ids, seed = saved[:5]
     grads = backward(grad_y, h, lambda_d, lambda_b, ctx.source, ctx.in_features, ctx.backend,
-                     needed, adapter_ids, ctx.dropout, **options)
+                     needed, adapter_ids, DropoutMask.from_op_args(ctx.dropout_p, seed), **options)
     return _guard_double_backward(grads, grad_y, lambda_d, lambda_b)
 
 
@@ -137,7 +140,7 @@ class _VeRALayerFunction(torch.autograd.Function):
         saved = ctx.saved_tensors
         dx_base = None
         if need_x:
-            weight = saved[4]
+            weight = saved[5]
             dx_base = grad_y @ (weight.T if ctx.weight_in_out else weight)
         grads = _input_grads(ctx, saved, grad_y, NeededGrads(need_x, need_d, need_b),
                              ops.run_backward, dx_into=dx_base)
@@ -201,7 +204,7 @@ def vera_linear(
     projections: Optional[tuple[Tensor, Tensor]] = None,
     into_base: bool = False,
     dropout: float = 0.0,
-    dropout_seed: Optional[int] = None,
+    dropout_seed: Union[int, Tensor, None] = None,
 ) -> Tensor:
     """VeRA's adapter path: ``base_output + lambda_b * (B @ (lambda_d * (A @ x)))`` per token.
 
@@ -229,8 +232,13 @@ def vera_linear(
         dropout: probability of dropping each adapter input (PEFT's
             ``vera_dropout``: ``A @ dropout(x)``); the mask is regenerated from
             Philox in backward, never stored (``vera_kernels/dropout.py``).
-        dropout_seed: the mask's 64-bit seed; ``None`` draws one from torch's
-            default generator for x's device (``torch.manual_seed`` reproduces it).
+        dropout_seed: the mask's seed: an int in [0, 2**64), or an int64 tensor
+            of its two key words ``(seed & 0xFFFFFFFF, seed >> 32)`` on x's
+            device (``vera_kernels.dropout.seed_words``; the low 32 bits of
+            each count). ``None`` draws one with ``torch.randint`` on x's
+            device, so a compiled graph or a CUDA graph draws a new mask per
+            call; ``torch.manual_seed`` reproduces eager calls (Inductor draws
+            its own way, as for ``nn.Dropout``).
 
     Returns:
         ``(..., out)`` tensor in x's dtype, differentiable in x, lambda_d,
@@ -238,8 +246,8 @@ def vera_linear(
         ``torch.autocast`` everything is computed in the autocast dtype.
 
     Raises:
-        TypeError: non-tensors, unsupported dtypes, or x and the vectors in
-            different dtypes.
+        TypeError: non-tensors, unsupported dtypes, x and the vectors in
+            different dtypes, or a dropout_seed tensor that is not int64.
         ValueError: shape or device mismatches, a bad seed or backend name.
     """
     return _run(check_call(x, lambda_d, lambda_b, seed, base_output, backend=backend,
@@ -267,7 +275,7 @@ def vera_linear_multi(
     into_base: bool = False,
     check_ids: bool = True,
     dropout: float = 0.0,
-    dropout_seed: Optional[int] = None,
+    dropout_seed: Union[int, Tensor, None] = None,
 ) -> Tensor:
     """``vera_linear`` for a batch that mixes several adapters sharing A and B (one seed).
 

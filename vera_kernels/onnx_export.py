@@ -73,9 +73,9 @@ def _row_vectors(bank, adapter_ids):
 
 def _vera_forward(x, lambda_d, lambda_b, key0: int, key1: int, base, backend: str,
                   proj_a=None, proj_b=None, adapter_ids=None, dropout_p: float = 0.0,
-                  dropout_key0: int = 0, dropout_key1: int = 0):
+                  dropout_seed=None):
     """``vera_kernels::vera_forward`` as ONNX: ``(y, h)`` for 2-D ``x`` (see ``ops.py``)."""
-    del backend, dropout_key0, dropout_key1  # the kernel choice, and the mask seed of p = 0
+    del backend, dropout_seed  # the kernel choice, and the mask seed (None for p = 0)
     if dropout_p:
         raise NotImplementedError(DROPOUT_EXPORT_ERROR)
     if proj_a is None:

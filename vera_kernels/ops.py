@@ -1,12 +1,12 @@
 """The torch.library boundary: the custom ops torch.compile traces, and the dispatch to a backend.
 
     vera_kernels::vera_forward(x, lambda_d, lambda_b, key0, key1, base, backend, proj_a, proj_b,
-                               adapter_ids, dropout_p, dropout_key0, dropout_key1) -> (y, h)
+                               adapter_ids, dropout_p, dropout_seed) -> (y, h)
         y = base + b ⊙ ((d ⊙ (x Aᵀ)) Bᵀ), h = x Aᵀ
     vera_kernels::vera_forward_into_base(same inputs) -> ()      base += the adapter, in place
     vera_kernels::vera_backward(grad, h, lambda_d, lambda_b, key0, key1, in_features, backend,
                                 need_dx, need_dd, need_db, proj_a, proj_b, adapter_ids,
-                                dropout_p, dropout_key0, dropout_key1) -> (dx, dd, db)
+                                dropout_p, dropout_seed) -> (dx, dd, db)
 
 With ``adapter_ids`` (tokens,) the vectors are banks, one row per adapter
 (``backends/banks.py``); with ``dropout_p`` > 0, h = dropout(x) Aᵀ with the
@@ -15,7 +15,10 @@ mask of the call's dropout seed (``dropout.py``), regenerated for dx.
 This is the one place where the call is spelled out positionally. A
 torch.library int is int64, too small for a 64-bit seed, so a seed travels
 as its two Philox key words (zeros when ``proj_a`` / ``proj_b`` give the
-projections); everywhere else a :class:`ProjectionSource` carries it.
+projections); everywhere else a :class:`ProjectionSource` carries it. The
+dropout seed is a Tensor argument (int64, its two key words, on x's
+device): drawn inside a compiled graph or a CUDA graph capture, it must
+stay a tensor, which the kernels read from memory.
 Fake implementations let torch.compile trace the ops without graph breaks.
 
 :func:`run_forward` / :func:`run_backward` are the ops' bodies and also the
@@ -31,7 +34,7 @@ import torch
 from torch import Tensor
 
 from .backends import Grads, NeededGrads, ProjectionSource, get_backend
-from .dropout import NO_DROPOUT_ARGS, DropoutMask
+from .dropout import DropoutMask
 
 __all__ = ["run_forward", "run_backward", "forward_op", "forward_into_base_op", "backward_op",
            "op_needed_grads", "op_input_grads", "op_forward_inputs"]
@@ -98,11 +101,11 @@ def op_needed_grads(needs_input_grad: tuple) -> tuple[NeededGrads, bool]:
 def op_input_grads(grads: Grads, dbase: Optional[Tensor]) -> tuple:
     """The forward op's input gradients, in its argument order."""
     return (grads.x, grads.lambda_d, grads.lambda_b, None, None, dbase, None, None, None, None,
-            None, None, None)
+            None, None)
 
 
 def _dropout_args(dropout: Optional[DropoutMask]) -> tuple:
-    return dropout.op_args() if dropout is not None else NO_DROPOUT_ARGS
+    return (dropout.p, dropout.seed) if dropout is not None else (0.0, None)
 
 
 def forward_op(x, lambda_d, lambda_b, source: ProjectionSource, base, backend: str,
@@ -149,19 +152,18 @@ def vera_forward(
     proj_b: Optional[Tensor] = None,
     adapter_ids: Optional[Tensor] = None,
     dropout_p: float = 0.0,
-    dropout_key0: int = 0,
-    dropout_key1: int = 0,
+    dropout_seed: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
     """(y, h) for 2-D ``x``; see the module docstring."""
     return run_forward(x, lambda_d, lambda_b,
                        ProjectionSource.from_key_words(key0, key1, proj_a, proj_b), base, backend,
                        adapter_ids=adapter_ids,
-                       dropout=DropoutMask.from_op_args(dropout_p, dropout_key0, dropout_key1))
+                       dropout=DropoutMask.from_op_args(dropout_p, dropout_seed))
 
 
 @vera_forward.register_fake
 def _(x, lambda_d, lambda_b, key0, key1, base, backend, proj_a=None, proj_b=None,
-      adapter_ids=None, dropout_p=0.0, dropout_key0=0, dropout_key1=0):
+      adapter_ids=None, dropout_p=0.0, dropout_seed=None):
     tokens = x.shape[0]
     return x.new_empty(tokens, lambda_b.shape[-1]), x.new_empty(tokens, lambda_d.shape[-1])
 
@@ -179,13 +181,12 @@ def vera_forward_into_base(
     proj_b: Optional[Tensor] = None,
     adapter_ids: Optional[Tensor] = None,
     dropout_p: float = 0.0,
-    dropout_key0: int = 0,
-    dropout_key1: int = 0,
+    dropout_seed: Optional[Tensor] = None,
 ) -> None:
     """``base += b * ((d * (x @ A.T)) @ B.T)`` in place: the forward without autograd."""
     run_forward(x, lambda_d, lambda_b, ProjectionSource.from_key_words(key0, key1, proj_a, proj_b),
                 base, backend, into_base=True, adapter_ids=adapter_ids,
-                dropout=DropoutMask.from_op_args(dropout_p, dropout_key0, dropout_key1))
+                dropout=DropoutMask.from_op_args(dropout_p, dropout_seed))
 
 
 @torch.library.custom_op("vera_kernels::vera_backward", mutates_args=())
@@ -205,20 +206,19 @@ def vera_backward(
     proj_b: Optional[Tensor] = None,
     adapter_ids: Optional[Tensor] = None,
     dropout_p: float = 0.0,
-    dropout_key0: int = 0,
-    dropout_key1: int = 0,
+    dropout_seed: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dx, dd, db); a gradient that was not asked for comes back as an empty tensor."""
     grads = run_backward(grad, h, lambda_d, lambda_b,
                          ProjectionSource.from_key_words(key0, key1, proj_a, proj_b),
                          in_features, backend, NeededGrads(need_dx, need_dd, need_db), adapter_ids,
-                         DropoutMask.from_op_args(dropout_p, dropout_key0, dropout_key1))
+                         DropoutMask.from_op_args(dropout_p, dropout_seed))
     return tuple(g if g is not None else h.new_empty(0) for g in grads)
 
 
 @vera_backward.register_fake
 def _(grad, h, lambda_d, lambda_b, key0, key1, in_features, backend, need_dx, need_dd, need_db,
-      proj_a=None, proj_b=None, adapter_ids=None, dropout_p=0.0, dropout_key0=0, dropout_key1=0):
+      proj_a=None, proj_b=None, adapter_ids=None, dropout_p=0.0, dropout_seed=None):
     tokens = h.shape[0]
     return (
         h.new_empty(tokens, in_features) if need_dx else h.new_empty(0),

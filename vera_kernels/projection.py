@@ -57,15 +57,17 @@ def _mulhilo(m: int, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def philox4x32_10(
     counter: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
-    key: tuple[int, int],
+    key: tuple[Union[int, torch.Tensor], Union[int, torch.Tensor]],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Philox4x32-10 (Random123) on int64 tensors holding uint32 values.
 
     ``counter`` is four broadcastable int64 tensors (c0, c1, c2, c3); ``key`` is
-    two Python ints (k0, k1). Returns the four output words as int64 tensors.
+    two Python ints or int64 tensors (k0, k1), of which the low 32 bits count
+    (tensors: a dropout seed read on its device, no host sync). Returns the
+    four output words as int64 tensors.
     """
     c0, c1, c2, c3 = counter
-    k0, k1 = key
+    k0, k1 = key[0] & _MASK32, key[1] & _MASK32
     for round_index in range(_PHILOX_ROUNDS):
         if round_index:
             k0 = (k0 + _PHILOX_W0) & _MASK32

@@ -168,11 +168,12 @@ BACKEND = CudaBackend()
 
 
 def _dropout_args(dropout: Optional[DropoutMask]) -> tuple:
-    """The ops' trailing ``(dropout_threshold, dropout_scale, dropout_key0, dropout_key1)``.
+    """The ops' trailing ``(dropout_threshold, dropout_scale, dropout_seed)``.
 
     The mask's threshold and float32 scale as the spec rounds them, so the
-    kernels need not repeat that rounding; threshold 0 is no dropout.
+    kernels need not repeat that rounding; threshold 0 is no dropout. The
+    seed stays a device tensor (two int64 key words) that the kernels read.
     """
     if dropout is None:
-        return (0, 1.0, 0, 0)
-    return (dropout.threshold, dropout.scale, *dropout.key_words())
+        return (0, 1.0, None)
+    return (dropout.threshold, dropout.scale, dropout.seed)

@@ -82,7 +82,7 @@ import triton
 import triton.language as tl
 
 from ...dropout import DropoutMask
-from .philox import dropout_scale_tile, projection_tile
+from .philox import dropout_scale_tile, load_seed, projection_tile
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -137,7 +137,7 @@ DROP_X: tl.constexpr = tl.constexpr(1)
 DROP_OUT: tl.constexpr = tl.constexpr(2)
 
 
-@triton.jit(do_not_specialize=["seed", "drop_seed"])
+@triton.jit(do_not_specialize=["seed"])
 def _vera_gemm_kernel(
     # acc = (x ⊙ x_scale) @ T, T (K x N): T(k, n) = P(n, k) if TRANSPOSED else P(k, n)
     x_ptr, stride_xm, stride_xk,
@@ -153,7 +153,8 @@ def _vera_gemm_kernel(
     M, N, K,
     M_BUCKET,  # next power of two of M: the autotuning key, unused otherwise
     seed, bound,
-    drop_seed, drop_threshold, drop_scale,  # the dropout stream, when DROPOUT
+    # the dropout stream, when DROPOUT: its seed's two int64 key words in memory
+    drop_seed_ptr, drop_threshold, drop_scale,
     STREAM: tl.constexpr,
     TRANSPOSED: tl.constexpr,
     SCALE_X: tl.constexpr,
@@ -186,6 +187,8 @@ def _vera_gemm_kernel(
         ids = tl.load(ids_ptr + offs_m, mask=mask_m, other=-1)
         has_adapter = ids >= 0
         bank_rows = tl.where(has_adapter, ids, 0).to(tl.int64)
+    if DROPOUT != NO_DROPOUT:
+        drop_seed = load_seed(drop_seed_ptr)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
     for k_start in range(0, K, BLOCK_K):
         offs_k = k_start + tl.arange(0, BLOCK_K)
@@ -567,7 +570,7 @@ def gemm(
         *_strides(base, x),
         *_strides(reduce_with, x), partial if partial is not None else x,
         m, n, k, triton.next_power_of_2(m), proj.seed, proj.bound,
-        *((dropout.seed, dropout.threshold, dropout.scale) if dropout is not None else (0, 0, 1.0)),
+        *((dropout.seed, dropout.threshold, dropout.scale) if dropout is not None else (x, 0, 1.0)),
     )
     meta = dict(
         STREAM=proj.stream, TRANSPOSED=transposed, SCALE_X=x_scale is not None,

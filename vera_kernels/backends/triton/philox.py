@@ -61,12 +61,25 @@ def projection_tile(
 
 
 @triton.jit
+def load_seed(seed_ptr):
+    """The 64-bit seed whose key words (int64, low 32 bits used) are at ``seed_ptr[0:2]``.
+
+    A dropout seed lives in device memory (drawn on the device, possibly
+    inside a CUDA graph): it is read here, not passed by value.
+    """
+    key0 = tl.load(seed_ptr).to(tl.uint32).to(tl.uint64)
+    key1 = tl.load(seed_ptr + 1).to(tl.uint32).to(tl.uint64)
+    return key0 | (key1 << 32)
+
+
+@triton.jit
 def dropout_scale_tile(seed, threshold, scale, row_start, col_start, BLOCK_ROWS: tl.constexpr,
                        BLOCK_COLS: tl.constexpr):
     """float32 ``keep · scale`` for token rows ``[row_start, +BLOCK_ROWS)`` x features
     ``[col_start, +BLOCK_COLS)`` of the dropout stream (vera_kernels/dropout.py).
 
-    ``col_start`` must be a multiple of 8: one Philox call yields eight 16-bit draws.
+    ``seed``: the call's 64-bit seed (``load_seed``). ``col_start`` must be a
+    multiple of 8: one Philox call yields eight 16-bit draws.
     """
     # [..., h] = the low / high half of each word: feature 8g + 2·word + h.
     words = _philox_words(seed, row_start, col_start // 8, DROPOUT_STREAM, BLOCK_ROWS,
