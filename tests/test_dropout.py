@@ -151,3 +151,38 @@ def test_module_dropout_trains_and_is_identity_in_eval():
     assert model[0].dropout == 0.25
     with pytest.raises(ValueError, match="dropout"):
         vk.VeRALinear(12, 10, r=4, dropout=1.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_compiled_host_mask_is_the_torch_mask_bit_for_bit(dtype, monkeypatch):
+    # The CPU mask compiled from csrc/philox.cuh (backends/host_dropout.py) and the
+    # torch implementation give the same bits, across chunk boundaries too.
+    from vera_kernels import dropout as spec
+    from vera_kernels.backends import host_dropout
+    reason = host_dropout.library()
+    if reason is not None:
+        pytest.skip(reason)
+    monkeypatch.setattr(spec, "_CHUNK_ELEMENTS", 7 * 37)  # several chunks, ragged ones
+    x = torch.randn(53, 37, dtype=torch.float64).to(dtype)
+    x[0, :4] = torch.tensor([float("nan"), -0.0, float("inf"), -1.5])
+    for p, seed in ((0.3, 2**40 + 9), (0.9, 7), (1e-6, 2**64 - 1)):
+        mask = DropoutMask(p, seed_words(seed, "cpu"))
+        compiled = [(a, b, c) for a, b, c in spec.dropped_chunks(x, mask)]
+        in_place = spec.drop_rows_(x.clone(), mask)
+        monkeypatch.setattr(host_dropout, "library", lambda: "the torch implementation")
+        torch_chunks = list(spec.dropped_chunks(x, mask))
+        torch_in_place = spec.drop_rows_(x.clone(), mask)
+        monkeypatch.undo()
+        monkeypatch.setattr(spec, "_CHUNK_ELEMENTS", 7 * 37)
+        assert [(a, b) for a, b, _ in compiled] == [(a, b) for a, b, _ in torch_chunks]
+        for (_, _, got), (_, _, want) in zip(compiled, torch_chunks):
+            _assert_same_bits(got, want)
+        _assert_same_bits(in_place, torch_in_place)
+
+
+def _assert_same_bits(got, want):
+    # Bit for bit (signed zeros included), NaN payloads aside.
+    nan = torch.isnan(want)
+    assert torch.equal(torch.isnan(got), nan)
+    bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[got.element_size()]
+    assert torch.equal(got.view(bits)[~nan], want.view(bits)[~nan])

@@ -32,7 +32,7 @@ from torch import Tensor
 from .projection import philox4x32_10, split_seed
 
 __all__ = ["check_probability", "DropoutMask", "STREAM", "draw_call_seed", "seed_words",
-           "keep_mask", "scaled_mask_chunks", "drop_rows_", "dropped"]
+           "keep_mask", "scaled_mask_chunks", "dropped_chunks", "drop_rows_", "dropped"]
 
 STREAM = 2
 _LEVELS = 1 << 16
@@ -115,18 +115,52 @@ def scaled_mask_chunks(dropout: DropoutMask, rows: int, cols: int, dtype, device
     what the fused kernels do. Chunks keep the temporaries bounded (~4 M elements).
     """
     acc = torch.promote_types(dtype, torch.float32)
-    step = max(1, _CHUNK_ELEMENTS // max(1, cols))
-    for start in range(0, rows, step):
-        stop = min(rows, start + step)
+    for start, stop in _row_chunks(rows, cols):
         mask = keep_mask(dropout, start, stop - start, cols, device)
         yield start, stop, mask.to(acc) * dropout.scale
 
 
+def _row_chunks(rows: int, cols: int):
+    step = max(1, _CHUNK_ELEMENTS // max(1, cols))
+    for start in range(0, rows, step):
+        yield start, min(rows, start + step)
+
+
+def _compiled_on_host(t: Tensor, dropout: DropoutMask) -> bool:
+    # The compiled CPU mask (backends/host_dropout.py) in eager mode; under
+    # torch.compile Inductor fuses the torch implementation itself.
+    if t.device.type != "cpu" or dropout.seed.device.type != "cpu" \
+            or torch.compiler.is_compiling():
+        return False
+    from .backends import host_dropout
+
+    return host_dropout.library() is None
+
+
+def dropped_chunks(x: Tensor, dropout: DropoutMask):
+    """``(start, stop, dropout(x[start:stop]))`` over row chunks: new tensors, x untouched."""
+    if _compiled_on_host(x, dropout):
+        from .backends.host_dropout import apply_dropout_
+
+        for start, stop in _row_chunks(x.shape[0], x.shape[1]):
+            chunk = x[start:stop].clone(memory_format=torch.contiguous_format)
+            apply_dropout_(chunk, dropout.seed, start, dropout.threshold, dropout.scale)
+            yield start, stop, chunk
+        return
+    for start, stop, factors in scaled_mask_chunks(dropout, x.shape[0], x.shape[1], x.dtype,
+                                                   x.device):
+        yield start, stop, dropped(x[start:stop], factors)
+
+
 def drop_rows_(t: Tensor, dropout: DropoutMask) -> Tensor:
-    """Apply the mask and scale to ``t`` (tokens x features) in place, chunk by chunk."""
-    for start, stop, factors in scaled_mask_chunks(dropout, t.shape[0], t.shape[1], t.dtype,
-                                                   t.device):
-        t[start:stop] = dropped(t[start:stop], factors)
+    """Apply the mask and scale to ``t`` (tokens x features) in place."""
+    if t.is_contiguous() and _compiled_on_host(t, dropout):
+        from .backends.host_dropout import apply_dropout_
+
+        apply_dropout_(t, dropout.seed, 0, dropout.threshold, dropout.scale)
+        return t
+    for start, stop, chunk in dropped_chunks(t, dropout):
+        t[start:stop] = chunk
     return t
 
 

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from ..projection import cached_projection
-from ..dropout import drop_rows_, dropped, scaled_mask_chunks
+from ..dropout import drop_rows_, dropped_chunks
 from .banks import per_adapter_sum, row_vectors
 from .contract import Backend, Grads, NeededGrads, ProjectionSource
 
@@ -120,9 +120,8 @@ def _shrink(x: Tensor, proj_a: Tensor, dropout) -> Tensor:
     if dropout is None:
         return x @ proj_a.T
     h = x.new_empty(x.shape[0], proj_a.shape[0])
-    for start, stop, factors in scaled_mask_chunks(dropout, x.shape[0], x.shape[1], x.dtype,
-                                                   x.device):
-        torch.mm(dropped(x[start:stop], factors), proj_a.T, out=h[start:stop])
+    for start, stop, chunk in dropped_chunks(x, dropout):
+        torch.mm(chunk, proj_a.T, out=h[start:stop])
     return h
 
 
