@@ -9,6 +9,7 @@ from .adapters import (adapter_batch, add_adapter, delete_adapter, list_adapters
                        set_trainable_adapters)
 from .backends import available_backends
 from .function import vera_linear, vera_linear_multi
+from .lora_export import save_lora_adapter
 from .model import (
     apply_vera,
     disable_vera,
@@ -44,6 +45,7 @@ __all__ = [
     "print_trainable_parameters",
     "from_peft",
     "save_peft_adapter",
+    "save_lora_adapter",
     "save_adapter",
     "load_adapter",
     "add_adapter",

@@ -293,7 +293,16 @@ class VeRALinear(AdapterLifecycle, nn.Module):
         """An adapter (the merged one, else the active one) as a dense matrix
         ``diag(b) B diag(d) A`` (float32, or float64 for a float64 base), laid out like
         the base weight."""
-        dtype = self._merge_dtype()
+        lora_a, lora_b = self.lora_factors(adapter, self._merge_dtype())
+        delta = lora_b @ lora_a  # (out, in)
+        return delta.T if self.fan_in_fan_out else delta
+
+    @torch.no_grad()
+    def lora_factors(self, adapter: Optional[str] = None,
+                     dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor]:
+        """An adapter (the merged one, else the active one) as the rank-r LoRA it is:
+        ``(A (r x in), diag(b) B diag(d) (out x r))`` in ``dtype``, whose product is the
+        adapter's delta (LoRA's scaling 1)."""
         explicit = self._projection_pair(dtype)
         if explicit is not None:
             proj_a, proj_b = explicit
@@ -303,9 +312,7 @@ class VeRALinear(AdapterLifecycle, nn.Module):
             proj_b = cached_projection("B", self.out_features, self.r, self.seed, dtype, device)
         lambda_d, lambda_b = self.adapter_vectors(adapter or self.merged_adapter
                                                   or self.active_adapter)
-        scaled_b = proj_b * lambda_b.to(dtype)[:, None] * lambda_d.to(dtype)
-        delta = scaled_b @ proj_a  # (out, in)
-        return delta.T if self.fan_in_fan_out else delta
+        return proj_a, proj_b * lambda_b.to(dtype)[:, None] * lambda_d.to(dtype)
 
     @torch.no_grad()
     def _fold(self, adapter: str, sign: int) -> None:

@@ -194,7 +194,7 @@ def _export_projections(layers: list, r: int, exact_training: bool):
     return projection("A", r, max_in, seed), projection("B", max_out, r, seed), scales
 
 
-def _name_or_path(model: nn.Module) -> Optional[str]:
+def name_or_path(model: nn.Module) -> Optional[str]:
     # What PEFT records so that AutoPeftModel can load the base model itself.
     config = getattr(model, "config", None)
     return getattr(model, "name_or_path", None) or getattr(config, "_name_or_path", None) or None
@@ -244,7 +244,7 @@ def save_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], *,
         fan_in_fan_out=all(is_conv1d(layer.base_layer) for _, layer in layers),
         bias=extras["bias"],
         modules_to_save=extras["modules_to_save"] or None,
-        base_model_name_or_path=_name_or_path(root),
+        base_model_name_or_path=name_or_path(root),
         task_type=task_type,
         inference_mode=True,  # as PeftModel.save_pretrained writes it
     )
