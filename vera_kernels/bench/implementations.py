@@ -9,7 +9,10 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import logging
+import warnings
 
 import torch
 from torch import nn
@@ -49,9 +52,24 @@ def peft_available() -> bool:
     return importlib.util.find_spec("peft") is not None
 
 
-def _peft_layer(base: nn.Linear, case: Case) -> nn.Module:
-    from peft import VeraConfig, get_peft_model
+@functools.lru_cache(maxsize=1)
+def _quiet_peft():
+    # Importing peft imports torchao and bitsandbytes, which log and warn (deprecations,
+    # a kernel hub's "could not verify publisher trust") into the benchmark's table.
+    level = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import peft
+    finally:
+        logging.disable(level)
+    return peft
 
+
+def _peft_layer(base: nn.Linear, case: Case) -> nn.Module:
+    peft = _quiet_peft()
+    VeraConfig, get_peft_model = peft.VeraConfig, peft.get_peft_model
     config = VeraConfig(r=case.r, target_modules=["0"], vera_dropout=case.dropout)
     model = get_peft_model(nn.Sequential(base), config)
     return model.to(case.dtype)
