@@ -39,10 +39,17 @@
 //
 // The composition mirrors vera_kernels/backends/triton/backend.py; the kernels are in
 // vera_kernels.cu. Everything runs on the current CUDA stream.
+//
+// Compiled a second time with VERA_CUDA_EMULATION defined, this file is the
+// `vera_kernels_cuda_emu` library: the same ops on CPU tensors, running the
+// same kernels through csrc/cuda_emulation.h (docs/design.md §7). The two
+// libraries can be loaded side by side.
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAStream.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
+#ifndef VERA_CUDA_EMULATION
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
 
 #include <cmath>
 #include <optional>
@@ -55,6 +62,26 @@
 namespace {
 
 using at::Tensor;
+
+#ifdef VERA_CUDA_EMULATION
+#define VERA_OPS vera_kernels_cuda_emu
+#define VERA_DISPATCH_KEY CPU
+constexpr const char* kDeviceKind = "CPU";
+bool on_kernel_device(const Tensor& t) { return t.is_cpu(); }
+// One host thread runs every launch to completion: no device to select, no stream.
+struct DeviceGuard {
+  template <typename Device>
+  explicit DeviceGuard(Device) {}
+};
+cudaStream_t current_stream() { return nullptr; }
+#else
+#define VERA_OPS vera_kernels_cuda
+#define VERA_DISPATCH_KEY CUDA
+constexpr const char* kDeviceKind = "CUDA";
+bool on_kernel_device(const Tensor& t) { return t.is_cuda(); }
+using DeviceGuard = c10::cuda::CUDAGuard;
+cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream(); }
+#endif
 
 constexpr int kMatrixA = 0;
 constexpr int kMatrixB = 1;
@@ -77,7 +104,8 @@ void check(cudaError_t err, const char* what) {
 }
 
 void check_input(const Tensor& t, const char* name, const Tensor& x, int64_t dims) {
-  TORCH_CHECK(t.is_cuda(), "vera_kernels cuda backend: ", name, " must be a CUDA tensor");
+  TORCH_CHECK(on_kernel_device(t), "vera_kernels cuda backend: ", name, " must be a ", kDeviceKind,
+              " tensor");
   TORCH_CHECK(t.device() == x.device(), "vera_kernels cuda backend: ", name, " is on ",
               t.device(), " but x is on ", x.device());
   TORCH_CHECK(t.scalar_type() == x.scalar_type(), "vera_kernels cuda backend: ", name,
@@ -148,7 +176,7 @@ Tensor materialize(int64_t matrix, int64_t rows, int64_t cols, uint32_t key0, ui
   Tensor out = at::empty({rows, cols}, like.options());
   check(vera::generate_projection(dtype_of(like), out.data_ptr(), rows, cols, key0, key1,
                                   bound_for(cols), static_cast<int>(matrix),
-                                  c10::cuda::getCurrentCUDAStream()),
+                                  current_stream()),
         "projection generation");
   return out;
 }
@@ -225,7 +253,7 @@ Tensor partial_buffer(int64_t m, int64_t n, const Tensor& like) {
 }
 
 void run(const Tensor& like, const vera::GemmParams& p, const char* what) {
-  check(vera::gemm(dtype_of(like), p, c10::cuda::getCurrentCUDAStream()), what);
+  check(vera::gemm(dtype_of(like), p, current_stream()), what);
 }
 
 std::tuple<Tensor, Tensor> vera_forward(const Tensor& x_in, const Tensor& lambda_d_in,
@@ -236,13 +264,13 @@ std::tuple<Tensor, Tensor> vera_forward(const Tensor& x_in, const Tensor& lambda
                                         const std::optional<Tensor>& adapter_ids,
                                         int64_t dropout_threshold, double dropout_scale,
                                         const std::optional<Tensor>& dropout_seed) {
-  TORCH_CHECK(x_in.is_cuda() && x_in.dim() == 2,
-              "vera_kernels cuda backend: x must be a 2-D CUDA tensor");
+  TORCH_CHECK(on_kernel_device(x_in) && x_in.dim() == 2,
+              "vera_kernels cuda backend: x must be a 2-D ", kDeviceKind, " tensor");
   const bool banked = adapter_ids.has_value();
   check_input(lambda_d_in, "lambda_d", x_in, banked ? 2 : 1);
   check_input(lambda_b_in, "lambda_b", x_in, banked ? 2 : 1);
   if (banked) check_adapter_ids(*adapter_ids, x_in, "x", lambda_d_in, lambda_b_in);
-  const c10::cuda::CUDAGuard guard(x_in.device());
+  const DeviceGuard guard(x_in.device());
   const Tensor lambda_d = lambda_d_in.contiguous(), lambda_b = lambda_b_in.contiguous();
   const Tensor ids = banked ? adapter_ids->contiguous() : Tensor();
   const uint32_t k0 = key_word(key0, "key0"), k1 = key_word(key1, "key1");
@@ -285,13 +313,14 @@ std::tuple<Tensor, Tensor, Tensor> vera_backward(const Tensor& grad, const Tenso
                                                  int64_t dropout_threshold, double dropout_scale,
                                                  const std::optional<Tensor>& dropout_seed,
                                                  const std::optional<Tensor>& dx_into) {
-  TORCH_CHECK(h.is_cuda() && h.dim() == 2, "vera_kernels cuda backend: h must be a 2-D CUDA tensor");
+  TORCH_CHECK(on_kernel_device(h) && h.dim() == 2, "vera_kernels cuda backend: h must be a 2-D ",
+              kDeviceKind, " tensor");
   check_input(grad, "grad", h, 2);
   const bool banked = adapter_ids.has_value();
   check_input(lambda_d_in, "lambda_d", h, banked ? 2 : 1);
   check_input(lambda_b_in, "lambda_b", h, banked ? 2 : 1);
   if (banked) check_adapter_ids(*adapter_ids, h, "h", lambda_d_in, lambda_b_in);
-  const c10::cuda::CUDAGuard guard(h.device());
+  const DeviceGuard guard(h.device());
   const Tensor lambda_d = lambda_d_in.contiguous(), lambda_b = lambda_b_in.contiguous();
   const Tensor ids = banked ? adapter_ids->contiguous() : Tensor();
   const int32_t* row_ids = banked ? ids.data_ptr<int32_t>() : nullptr;
@@ -363,7 +392,7 @@ Tensor vera_projection(int64_t matrix, int64_t rows, int64_t cols, int64_t key0,
   TORCH_CHECK(matrix == kMatrixA || matrix == kMatrixB,
               "vera_kernels cuda backend: matrix must be 0 (A) or 1 (B)");
   TORCH_CHECK(rows > 0 && cols > 0, "vera_kernels cuda backend: rows and cols must be positive");
-  const c10::cuda::CUDAGuard guard(like.device());
+  const DeviceGuard guard(like.device());
   return materialize(matrix, rows, cols, key_word(key0, "key0"), key_word(key1, "key1"), like);
 }
 
@@ -373,7 +402,7 @@ int64_t block_m() { return vera::kBlockM; }
 // Asked before choosing the backend: a library built without this GPU's
 // architecture (and without PTX it can compile) would fail at the first launch.
 std::string kernel_image_problem(int64_t device) {
-  const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+  const DeviceGuard guard(static_cast<c10::DeviceIndex>(device));
   const cudaError_t err = vera::kernel_image_status();
   if (err == cudaSuccess) return "";
   return std::string(cudaGetErrorName(err)) + ": " + cudaGetErrorString(err);
@@ -383,7 +412,11 @@ std::vector<int64_t> compiled_archs() { return vera::compiled_archs(); }
 
 }  // namespace
 
-TORCH_LIBRARY(vera_kernels_cuda, m) {
+// One level of indirection, so that VERA_OPS is expanded before the macros paste it.
+#define VERA_TORCH_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)
+#define VERA_TORCH_LIBRARY_IMPL(ns, key, m) TORCH_LIBRARY_IMPL(ns, key, m)
+
+VERA_TORCH_LIBRARY(VERA_OPS, m) {
   m.def("block_m() -> int", &block_m);
   m.def("kernel_image_problem(int device) -> str", &kernel_image_problem);
   m.def("compiled_archs() -> int[]", &compiled_archs);
@@ -401,7 +434,7 @@ TORCH_LIBRARY(vera_kernels_cuda, m) {
   m.def("projection(int matrix, int rows, int cols, int key0, int key1, Tensor like) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(vera_kernels_cuda, CUDA, m) {
+VERA_TORCH_LIBRARY_IMPL(VERA_OPS, VERA_DISPATCH_KEY, m) {
   m.impl("forward", &vera_forward);
   m.impl("backward", &vera_backward);
   m.impl("projection", &vera_projection);

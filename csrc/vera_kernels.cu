@@ -31,6 +31,11 @@
 #include "philox.cuh"
 #include "vera_kernels.h"
 
+// kernel<<<grid, block, smem, stream>>>, which cuda_emulation.h runs on the CPU instead.
+#ifndef VERA_CUDA_EMULATION
+#define VERA_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<grid, block, smem, stream>>>
+#endif
+
 namespace vera {
 namespace {
 
@@ -280,13 +285,13 @@ cudaError_t launch_gemm_banked(const GemmParams& p, cudaStream_t stream) {
                   static_cast<unsigned>((p.M + kBlockM - 1) / kBlockM));
   switch (p.dropout) {
     case Dropout::kNone:
-      gemm_kernel<T, kBanked, Dropout::kNone><<<grid, kThreads, 0, stream>>>(p);
+      VERA_LAUNCH(grid, kThreads, 0, stream, gemm_kernel<T, kBanked, Dropout::kNone>)(p);
       break;
     case Dropout::kX:
-      gemm_kernel<T, kBanked, Dropout::kX><<<grid, kThreads, 0, stream>>>(p);
+      VERA_LAUNCH(grid, kThreads, 0, stream, gemm_kernel<T, kBanked, Dropout::kX>)(p);
       break;
     case Dropout::kOut:
-      gemm_kernel<T, kBanked, Dropout::kOut><<<grid, kThreads, 0, stream>>>(p);
+      VERA_LAUNCH(grid, kThreads, 0, stream, gemm_kernel<T, kBanked, Dropout::kOut>)(p);
       break;
     default:
       return cudaErrorInvalidValue;
@@ -306,8 +311,8 @@ cudaError_t launch_generate(void* out, int64_t rows, int64_t cols, uint32_t key0
   const int64_t groups = rows * ((cols + 3) / 4);
   const int threads = 256;
   const unsigned blocks = static_cast<unsigned>((groups + threads - 1) / threads);
-  generate_kernel<T><<<blocks, threads, 0, stream>>>(static_cast<T*>(out), rows, cols, key0, key1,
-                                                     bound, matrix);
+  VERA_LAUNCH(blocks, threads, 0, stream, generate_kernel<T>)(static_cast<T*>(out), rows, cols,
+                                                              key0, key1, bound, matrix);
   return cudaGetLastError();
 }
 

@@ -9,6 +9,10 @@
 
 #include "philox.cuh"
 
+#ifdef VERA_CUDA_EMULATION
+#include "cuda_emulation.h"  // the kernels on the CPU (docs/design.md §7)
+#endif
+
 namespace vera {
 
 enum class DType : int { kHalf, kBFloat16, kFloat, kDouble };

@@ -339,10 +339,29 @@ def test_jit_build_without_prebuilt_extension(tmp_path):
     assert list(tmp_path.rglob("vera_kernels_cuda*.so")), "no JIT-built library in the cache"
 
 
-def test_cuda_backend_refuses_cpu_tensors():
-    x = torch.randn(3, 4)
-    with pytest.raises(RuntimeError, match="backend 'cuda' cannot run on cpu: .*CUDA tensors only"):
-        vk.vera_linear(x, torch.ones(2), torch.ones(5), 0, backend="cuda")
+@pytest.mark.parametrize("emulate", [None, "0", "1"])
+def test_cuda_backend_takes_cpu_tensors_only_emulated(emulate, monkeypatch):
+    # Without VERA_KERNELS_CUDA_EMULATE=1, CPU tensors are refused (and never auto-picked);
+    # with it they run the kernels on the CPU (tests/test_cuda_emulation.py checks them).
+    if emulate is None:
+        monkeypatch.delenv(cuda_backend.EMULATE_ENV_VAR, raising=False)
+    else:
+        monkeypatch.setenv(cuda_backend.EMULATE_ENV_VAR, emulate)
+    x = torch.randn(3, 4, dtype=torch.float64)
+    d, b = torch.ones(2, dtype=torch.float64), torch.ones(5, dtype=torch.float64)
+    assert ops.resolve_backend(None, torch.device("cpu")) != "cuda"
+    if emulate != "1":
+        with pytest.raises(RuntimeError, match=(
+                "backend 'cuda' cannot run on cpu: .*CUDA tensors only "
+                r"\(CPU tensors under VERA_KERNELS_CUDA_EMULATE=1\)")):
+            vk.vera_linear(x, d, b, 0, backend="cuda")
+        return
+    if _toolkit_reason() is not None:
+        with pytest.raises(RuntimeError, match="the CUDA emulation needs the CUDA toolkit"):
+            vk.vera_linear(x, d, b, 0, backend="cuda")
+        return
+    torch.testing.assert_close(vk.vera_linear(x, d, b, 0, backend="cuda"),
+                               vk.vera_linear(x, d, b, 0, backend="torch"))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")

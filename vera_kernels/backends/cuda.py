@@ -9,9 +9,18 @@ A library runs on the GPUs it holds a cubin for and, through the driver's JIT,
 on newer ones when it holds PTX (setup.py's DEFAULT_CUDA_ARCH_LIST): before
 the backend is chosen for a device, the library is asked whether it has an
 image that device can run (``kernel_image_problem``).
+
+With ``VERA_KERNELS_CUDA_EMULATE=1`` the backend also takes CPU tensors: the
+same kernel sources, compiled for the CPU by the host C++ compiler against
+csrc/cuda_emulation.h (the CUDA programming model: blocks in turn, a block's
+threads as fibers), run through the ``vera_kernels_cuda_emu`` library that
+bindings.cpp becomes when compiled with VERA_CUDA_EMULATION. It is JIT-built
+on first use and needs the CUDA toolkit's headers (not a GPU); it is slow, a
+way to test the kernels' logic without a GPU (docs/design.md §7).
 """
 
 import functools
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -25,11 +34,20 @@ from .strategy import RegeneratingBackend
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
 CSRC = PACKAGE_DIR.parent / "csrc"
 SOURCES = [CSRC / "bindings.cpp", CSRC / "vera_kernels.cu"]
+EMULATION_SOURCES = [CSRC / "bindings.cpp", CSRC / "vera_kernels_emulated.cpp"]
+EMULATE_ENV_VAR = "VERA_KERNELS_CUDA_EMULATE"
 
 _load_error: Optional[str] = None
 _loaded = False
 # device index -> why the loaded library cannot run there (None: it can).
 _image_problems: dict[int, Optional[str]] = {}
+_emulation_error: Optional[str] = None
+_emulation_loaded = False
+
+
+def emulating() -> bool:
+    """Whether CPU tensors run the CUDA kernels emulated (``VERA_KERNELS_CUDA_EMULATE=1``)."""
+    return os.environ.get(EMULATE_ENV_VAR) == "1"
 
 
 @functools.lru_cache(maxsize=1)
@@ -80,6 +98,54 @@ def load() -> None:
     _loaded = True
 
 
+def _emulation_build_possible() -> Optional[str]:
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    if CUDA_HOME is None:
+        return ("the CUDA emulation needs the CUDA toolkit's headers (cuda_fp16.h, cuda_bf16.h, "
+                "host versions of the kernels' types): set CUDA_HOME")
+    if not all(path.exists() for path in EMULATION_SOURCES):
+        return f"no sources at {CSRC} to build the CUDA emulation from"
+    return None
+
+
+def load_emulation() -> None:
+    """Make ``torch.ops.vera_kernels_cuda_emu`` available (JIT-built on first use); idempotent."""
+    global _emulation_loaded, _emulation_error
+    if _emulation_loaded:
+        return
+    if _emulation_error is None:
+        _emulation_error = _emulation_build_possible()
+    if _emulation_error is not None:
+        raise RuntimeError(_emulation_error)
+    from torch.utils.cpp_extension import CUDA_HOME, load as jit_load
+
+    try:
+        jit_load(
+            name="vera_kernels_cuda_emu",
+            sources=[str(p) for p in EMULATION_SOURCES],
+            extra_include_paths=[str(CSRC), os.path.join(CUDA_HOME, "include")],
+            # No FMA contraction: the spec's projection multiply must round on its own.
+            extra_cflags=["-O2", "-DVERA_CUDA_EMULATION", "-ffp-contract=off",
+                          "-Wno-unknown-pragmas"],
+            is_python_module=False,
+        )
+    except Exception as error:  # noqa: BLE001  (a compiler's failure comes in many types)
+        _emulation_error = f"the CUDA emulation could not be built: {error}"
+        raise RuntimeError(_emulation_error) from error
+    _emulation_loaded = True
+
+
+def _ops(device: torch.device):
+    """The op library for tensors on ``device``, loaded: the emulation's for CPU tensors
+    under ``VERA_KERNELS_CUDA_EMULATE=1``, else the CUDA extension's."""
+    if device.type == "cpu" and emulating():
+        load_emulation()
+        return torch.ops.vera_kernels_cuda_emu
+    load()
+    return torch.ops.vera_kernels_cuda
+
+
 def kernel_image_problem(index: int) -> Optional[str]:
     """Why the loaded extension has no kernel image CUDA device ``index`` can run, or None.
 
@@ -108,8 +174,12 @@ class CudaBackend(RegeneratingBackend):
     auto_devices = ("cuda",)
 
     def unavailable_on(self, device: torch.device) -> Optional[str]:
+        if device.type == "cpu" and emulating():
+            # Not built before its first launch, as the JIT-built extension.
+            return _emulation_error if _emulation_error is not None else _emulation_build_possible()
         if device.type != "cuda":
-            return "the cuda backend runs on CUDA tensors only"
+            return (f"the cuda backend runs on CUDA tensors only (CPU tensors under "
+                    f"{EMULATE_ENV_VAR}=1)")
         if not torch.cuda.is_available():
             return "no CUDA device is available"
         if _load_error is not None:
@@ -127,27 +197,26 @@ class CudaBackend(RegeneratingBackend):
 
     @functools.cached_property
     def reuse_factor(self) -> int:
-        # Asked on every launch (the strategy choice): read from the extension once.
-        load()
-        return torch.ops.vera_kernels_cuda.block_m()  # kBlockM in csrc/vera_kernels.h
+        # Asked on every launch (the strategy choice): read from a library once, the
+        # emulation's when that is what runs (both compile the same kBlockM).
+        device = torch.device("cpu" if emulating() else "cuda")
+        return _ops(device).block_m()  # kBlockM in csrc/vera_kernels.h
 
     def forward(self, x, lambda_d, lambda_b, source, base, *, into_base=False, adapter_ids=None,
                 dropout=None):
-        load()
         # The extension takes the vectors in the compute dtype (float32 ones
         # under half activations are rounded here; Triton scales in float32).
         lambda_d, lambda_b = lambda_d.to(x.dtype), lambda_b.to(x.dtype)
-        return torch.ops.vera_kernels_cuda.forward(
+        return _ops(x.device).forward(
             x, lambda_d, lambda_b, *source.key_words(), base, self.generates(x.shape[0]),
             source.a, source.b, into_base, adapter_ids, *_dropout_args(dropout),
         )
 
     def backward(self, grad, h, lambda_d, lambda_b, source, in_features, needed, adapter_ids=None,
                  dropout=None, dx_into=None):
-        load()
         dtypes = lambda_d.dtype, lambda_b.dtype  # the gradients' (the vectors may be wider)
         lambda_d, lambda_b = lambda_d.to(h.dtype), lambda_b.to(h.dtype)
-        dx, dd, db = torch.ops.vera_kernels_cuda.backward(
+        dx, dd, db = _ops(h.device).backward(
             grad, h, lambda_d, lambda_b, *source.key_words(), in_features,
             self.generates(h.shape[0]), needed.x, needed.lambda_d, needed.lambda_b,
             source.a, source.b, adapter_ids, *_dropout_args(dropout), dx_into,
