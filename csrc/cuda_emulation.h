@@ -49,7 +49,8 @@
 #define blockDim (::vera_emu::current.block_dim)
 #define gridDim (::vera_emu::current.grid_dim)
 
-// kernel<<<grid, block, smem, stream>>>(args) as VERA_LAUNCH(grid, block, smem, stream, kernel)(args).
+// kernel<<<grid, block, smem, stream>>>(args), written
+// VERA_LAUNCH(grid, block, smem, stream, kernel)(args).
 #define VERA_LAUNCH(grid, block, smem, stream, ...) \
   ::vera_emu::launch(grid, block, smem, stream, __VA_ARGS__)
 

@@ -1,6 +1,6 @@
 """The cuda backend's kernels run on the CPU (VERA_KERNELS_CUDA_EMULATE=1): csrc/vera_kernels.cu
 compiled by the host C++ compiler against csrc/cuda_emulation.h, checked against the float64
-reference within the README's budgets, on shapes that straddle every tile edge (kBlockM = 64
+reference within the README's budgets, on shapes on and around every tile edge (kBlockM = 64
 token rows, kBlockN = 64 outputs, kBlockK = 16), with strided and expanded inputs, adapter
 banks with -1 rows, dropout masks bit for bit the torch backend's, both projection
 strategies, into_base / dx_into, and gradcheck. Needs the CUDA toolkit's headers, no GPU.
@@ -24,6 +24,8 @@ SEED = 2**40 + 77
 # row blocks (and two partial rows in the token reductions); r = 17 is K of two
 # steps for y and u, in = 33 three steps for h; out = 65 two column blocks.
 LEAD, IN, OUT, R = (5, 13), 33, 65, 17
+# ... and on the edges, and one short of them.
+SHAPES = [(LEAD, IN, OUT, R), ((2, 32), 64, 128, 16), ((63,), 31, 63, 15)]
 STRATEGIES = ["generate", "workspace"]
 CPU = torch.device("cpu")
 
@@ -46,18 +48,23 @@ def strategy(request, monkeypatch):
 
 CONTIGUOUS = {"x": "contiguous", "lambda_d": "contiguous", "lambda_b": "contiguous",
               "base_output": "contiguous", "grad": "contiguous"}
-ODD_LAYOUTS = {"x": "strided", "lambda_d": "expanded", "lambda_b": "strided",
-               "base_output": "transposed", "grad": "expanded"}
+STRIDED = {"x": "strided", "lambda_d": "expanded", "lambda_b": "strided",
+           "base_output": "transposed", "grad": "expanded"}
+EXPANDED = {"x": "expanded", "lambda_d": "strided", "lambda_b": "expanded",
+            "base_output": "expanded", "grad": "transposed"}
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("layouts", [CONTIGUOUS, ODD_LAYOUTS], ids=["contiguous", "strided"])
-def test_within_the_budgets(dtype, layouts, strategy):
+@pytest.mark.parametrize("layouts", [CONTIGUOUS, STRIDED, EXPANDED],
+                         ids=["contiguous", "strided", "expanded"])
+@pytest.mark.parametrize("shape", SHAPES, ids=["past", "on", "short"])
+def test_within_the_budgets(shape, dtype, layouts, strategy):
     # test_properties' check (y and every gradient against float64, §6's budget), one
     # case; it reports its error to hypothesis, so it runs as a one-example property.
-    case = Case("cuda", dtype, LEAD, IN, OUT, R, SEED, layouts,
+    case = Case("cuda", dtype, *shape, SEED, layouts,
                 ("x", "lambda_d", "lambda_b", "base_output"), (1.0, 1.0), 3)
-    settings(max_examples=1, database=None, deadline=None)(given(st.just(case))(check_vera_linear))()
+    one_case = settings(max_examples=1, database=None, deadline=None)(given(st.just(case)))
+    one_case(check_vera_linear)()
 
 
 def _rand(*shape, seed=0, dtype=torch.float64):
@@ -102,14 +109,14 @@ def test_dropout_like_torch(strategy):
                        _rand(65, OUT, seed=5))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 def test_dropout_masks_bit_exact(dtype):
     # With identity projections and unit vectors, y = dropout(x) and dx = dropout(grad):
     # one nonzero term per output, so both backends' masks show bit for bit.
-    tokens, features = 70, 21
+    tokens, features = 70, 67  # past a row block, a column block and a dropout group of 8
     eye, ones = torch.eye(features, dtype=dtype), torch.ones(features, dtype=dtype)
-    x, grad = _rand(tokens, features, seed=1, dtype=dtype), _rand(tokens, features, seed=2,
-                                                                  dtype=dtype)
+    x = _rand(tokens, features, seed=1, dtype=dtype)
+    grad = _rand(tokens, features, seed=2, dtype=dtype)
     results = {}
     for backend in ("cuda", "torch"):
         leaf = x.clone().requires_grad_(True)
@@ -136,8 +143,8 @@ def test_projection_kernel_bit_exact(matrix, rows, cols, dtype):
 
 
 def test_into_base_and_dx_into(strategy):
-    x, d, b, base = _rand(65, IN, seed=1), _rand(R, seed=2), _rand(OUT, seed=3), _rand(65, OUT,
-                                                                                       seed=4)
+    x, d, b = _rand(65, IN, seed=1), _rand(R, seed=2), _rand(OUT, seed=3)
+    base = _rand(65, OUT, seed=4)
     expected = vk.vera_linear(x, d, b, SEED, base, backend="torch")
     target = base.clone()
     with torch.no_grad():
@@ -150,7 +157,8 @@ def test_into_base_and_dx_into(strategy):
     needed = NeededGrads(True, True, True)
     plain = cuda_backend.BACKEND.backward(grad, h, d, b, source, IN, needed)
     dx_into = _rand(65, IN, seed=7)
-    added = cuda_backend.BACKEND.backward(grad, h, d, b, source, IN, needed, dx_into=dx_into.clone())
+    added = cuda_backend.BACKEND.backward(grad, h, d, b, source, IN, needed,
+                                          dx_into=dx_into.clone())
     assert_close_scaled(added.x, dx_into + plain.x, 1e-12, "dx into")
     assert torch.equal(added.lambda_d, plain.lambda_d) and torch.equal(added.lambda_b,
                                                                        plain.lambda_b)
