@@ -14,11 +14,15 @@
 //             and the next block reuses it (its contents undefined, as on the GPU)
 //   threadIdx, blockIdx, blockDim, gridDim: the running fiber's, set by the
 //             scheduler before each resume
+//   nvcuda::wmma  every thread holds a whole fragment: the warp-wide loads,
+//             products and stores then give each thread the warp's result
+//             (fp32 accumulation in k order; the hardware's order and
+//             rounding inside an MMA are its own)
 //
-// Not modelled: warps (no shuffles, votes or lock-step execution; the kernels
-// use none), atomics, dynamic shared memory, streams (the stream argument is
-// ignored) and the device's rounding (no FMA contraction: build with
-// -ffp-contract=off).
+// Not modelled: warps otherwise (no shuffles, votes or lock-step execution;
+// the kernels use none), atomics, dynamic shared memory, streams (the stream
+// argument is ignored) and the device's rounding (no FMA contraction: build
+// with -ffp-contract=off).
 #pragma once
 
 #include <cuda_bf16.h>  // the toolkit's host implementations of __half / __nv_bfloat16
@@ -29,6 +33,7 @@
 #include <cstddef>
 #include <functional>
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 #undef __shared__
@@ -186,3 +191,80 @@ Launch<Params...> launch(dim3 grid, dim3 threads, size_t shared_bytes, cudaStrea
 }
 
 }  // namespace vera_emu
+
+// The WMMA subset the kernels use (mma.h's names and signatures).
+namespace nvcuda {
+namespace wmma {
+
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+struct row_major {};
+struct col_major {};
+enum layout_t { mem_row_major, mem_col_major };
+
+template <typename Use, int M, int N, int K>
+struct fragment_shape;
+template <int M, int N, int K>
+struct fragment_shape<matrix_a, M, N, K> {
+  static constexpr int rows = M, cols = K;
+};
+template <int M, int N, int K>
+struct fragment_shape<matrix_b, M, N, K> {
+  static constexpr int rows = K, cols = N;
+};
+template <int M, int N, int K>
+struct fragment_shape<accumulator, M, N, K> {
+  static constexpr int rows = M, cols = N;
+};
+
+template <typename Use, int M, int N, int K, typename T, typename Layout = void>
+struct fragment {
+  static constexpr int rows = fragment_shape<Use, M, N, K>::rows;
+  static constexpr int cols = fragment_shape<Use, M, N, K>::cols;
+  T x[rows][cols];
+};
+
+template <typename Use, int M, int N, int K, typename T, typename Layout>
+void fill_fragment(fragment<Use, M, N, K, T, Layout>& f, const T& value) {
+  for (auto& row : f.x)
+    for (auto& element : row) element = value;
+}
+
+template <typename Use, int M, int N, int K, typename T, typename Layout>
+void load_matrix_sync(fragment<Use, M, N, K, T, Layout>& f, const T* p, unsigned ldm) {
+  static_assert(std::is_same_v<Layout, row_major> || std::is_same_v<Layout, col_major>);
+  for (int r = 0; r < f.rows; ++r)
+    for (int c = 0; c < f.cols; ++c)
+      f.x[r][c] = std::is_same_v<Layout, row_major> ? p[r * ldm + c] : p[c * ldm + r];
+}
+
+template <int M, int N, int K>
+void store_matrix_sync(float* p, const fragment<accumulator, M, N, K, float>& f, unsigned ldm,
+                       layout_t layout) {
+  for (int r = 0; r < M; ++r)
+    for (int c = 0; c < N; ++c)
+      (layout == mem_row_major ? p[r * ldm + c] : p[c * ldm + r]) = f.x[r][c];
+}
+
+inline float to_float(__half v) { return __half2float(v); }
+inline float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+// d = a b + c; d may be c.
+template <int M, int N, int K, typename T, typename LayoutA, typename LayoutB>
+void mma_sync(fragment<accumulator, M, N, K, float>& d,
+              const fragment<matrix_a, M, N, K, T, LayoutA>& a,
+              const fragment<matrix_b, M, N, K, T, LayoutB>& b,
+              const fragment<accumulator, M, N, K, float>& c) {
+  fragment<accumulator, M, N, K, float> sum;
+  for (int i = 0; i < M; ++i)
+    for (int j = 0; j < N; ++j) {
+      float s = c.x[i][j];
+      for (int k = 0; k < K; ++k) s += to_float(a.x[i][k]) * to_float(b.x[k][j]);
+      sum.x[i][j] = s;
+    }
+  d = sum;
+}
+
+}  // namespace wmma
+}  // namespace nvcuda

@@ -11,10 +11,13 @@
 // Each step it fills a 16 x 64 tile of T in shared memory, generated from the
 // seed (one Philox call per four elements, reused by all 64 token rows of the
 // block) or loaded from a per-launch workspace (reuse across all tokens; the
-// host picks, see docs/design.md, cost model), then every thread accumulates 4 x 4 outputs
-// in fp32 (fp64 for double). SIMT FMAs, no tensor cores: this is the fallback
-// for machines without Triton. Token reductions are per-block partial rows
-// summed in a fixed order: deterministic, no atomics. No torch headers here.
+// host picks, see docs/design.md, cost model), then the block multiplies the
+// two tiles (BlockMma): fp16 and bf16 on tensor cores (WMMA m16n16k16, fp32
+// accumulators; bf16 from sm_80, SIMT on sm_75), fp32 and fp64 with SIMT
+// FMAs, every thread accumulating 4 x 4 outputs in fp32 (fp64 for double).
+// This is the fallback for machines without Triton. Token reductions are
+// per-block partial rows summed in a fixed order: deterministic, no atomics.
+// No torch headers here.
 //
 // Adapter banks (GemmParams::row_ids): each token row gathers its own x_scale
 // and out_scale row. That mode is a separate instantiation (kBanked), so the
@@ -28,8 +31,14 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <type_traits>
+
 #include "philox.cuh"
 #include "vera_kernels.h"
+
+#ifndef VERA_CUDA_EMULATION
+#include <mma.h>  // the emulation has its own nvcuda::wmma (cuda_emulation.h)
+#endif
 
 // kernel<<<grid, block, smem, stream>>>, which cuda_emulation.h runs on the CPU instead.
 #ifndef VERA_CUDA_EMULATION
@@ -78,12 +87,13 @@ __device__ __forceinline__ typename Acc<T>::type rounded(float value) {
   return to_acc(from_acc<T>(static_cast<typename Acc<T>::type>(value)));
 }
 
-// Fill tile[kk][nn] = T(k0 + kk, n0 + nn). Out-of-range entries are finite
-// garbage when generated (the x tile is zero there, or the output is not
-// stored) and zero when loaded.
-template <typename T>
-__device__ void fill_projection_tile(typename Acc<T>::type (*tile)[kBlockN],
-                                     const GemmParams& p, int64_t k0, int64_t n0) {
+// Fill tile[kk][nn] = T(k0 + kk, n0 + nn), held as TileT (T itself, or its
+// accumulator type: the same value). Out-of-range entries are finite garbage
+// when generated (the x tile is zero there, or the output is not stored) and
+// zero when loaded.
+template <typename T, typename TileT>
+__device__ void fill_projection_tile(TileT (*tile)[kBlockN], const GemmParams& p, int64_t k0,
+                                     int64_t n0) {
   const int t = threadIdx.x;
   const ProjectionSource& src = p.proj;
   if (src.workspace == nullptr) {
@@ -93,14 +103,16 @@ __device__ void fill_projection_tile(typename Acc<T>::type (*tile)[kBlockN],
       const PhiloxWords w = projection_words(src.stream, static_cast<uint32_t>(n0 + nn),
                                              static_cast<uint32_t>(k0 / 4 + q), src.key0, src.key1);
 #pragma unroll
-      for (int i = 0; i < 4; ++i) tile[4 * q + i][nn] = rounded<T>(projection_value(w.w[i], src.bound));
+      for (int i = 0; i < 4; ++i)
+        tile[4 * q + i][nn] = from_acc<TileT>(rounded<T>(projection_value(w.w[i], src.bound)));
     } else {
       // P row = k, P columns = n .. n+3: one Philox call fills four nn.
       const int kk = t / (kBlockN / 4), q = t % (kBlockN / 4);  // 16 x 16 groups
       const PhiloxWords w = projection_words(src.stream, static_cast<uint32_t>(k0 + kk),
                                              static_cast<uint32_t>(n0 / 4 + q), src.key0, src.key1);
 #pragma unroll
-      for (int i = 0; i < 4; ++i) tile[kk][4 * q + i] = rounded<T>(projection_value(w.w[i], src.bound));
+      for (int i = 0; i < 4; ++i)
+        tile[kk][4 * q + i] = from_acc<TileT>(rounded<T>(projection_value(w.w[i], src.bound)));
     }
     return;
   }
@@ -115,9 +127,107 @@ __device__ void fill_projection_tile(typename Acc<T>::type (*tile)[kBlockN],
       const int64_t row = p.transposed ? n : k, col = p.transposed ? k : n;
       v = to_acc(ws[row * src.stride_row + col * src.stride_col]);
     }
-    tile[kk][nn] = v;
+    tile[kk][nn] = from_acc<TileT>(v);
   }
 }
+
+// Whether BlockMma runs T on tensor cores: fp16 from sm_70, bf16 from sm_80
+// (its WMMA types need it), and both in the emulation, which models WMMA.
+template <typename T>
+struct UsesTensorCores : std::false_type {};
+#if defined(VERA_CUDA_EMULATION) || (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 700)
+template <>
+struct UsesTensorCores<__half> : std::true_type {};
+#endif
+#if defined(VERA_CUDA_EMULATION) || (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800)
+template <>
+struct UsesTensorCores<__nv_bfloat16> : std::true_type {};
+#endif
+
+// The block's 64 x 64 product, accumulated over the K steps from the shared
+// tiles x_tile[kk][mm] and t_tile[kk][nn] (TileT); result() gives each thread
+// its 4 x 4 outputs, rows ty * 4 + i and columns tx * 4 + j, for the epilogue.
+template <typename T, bool kTensorCores = UsesTensorCores<T>::value>
+struct BlockMma;
+
+// SIMT: each thread accumulates its own 4 x 4 outputs with FMAs.
+template <typename T>
+struct BlockMma<T, false> {
+  using AccT = typename Acc<T>::type;
+  using TileT = AccT;  // converted once, as the tiles fill, not per FMA
+  AccT acc[4][4] = {};
+
+  __device__ __forceinline__ void step(const TileT (*x_tile)[kBlockM],
+                                       const TileT (*t_tile)[kBlockN], int ty, int tx) {
+#pragma unroll
+    for (int kk = 0; kk < kBlockK; ++kk) {
+      AccT a[4], b[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) a[i] = x_tile[kk][ty * 4 + i];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) b[j] = t_tile[kk][tx * 4 + j];
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc[i][j] += a[i] * b[j];
+    }
+  }
+
+  __device__ __forceinline__ void result(AccT (&out)[4][4], int, int) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) out[i][j] = acc[i][j];
+  }
+};
+
+// Tensor cores: warp w owns the 16 rows from 16 * (w % 4) and the 32 columns
+// from 32 * (w / 4), two 16 x 16 fp32 fragments; each K step is one k16 MMA
+// per fragment. The tiles hold T itself (every entry is a T value: exact).
+template <typename T>
+struct BlockMma<T, true> {
+  static_assert(kBlockK == 16 && kBlockM == 64 && kBlockN == 64 && kThreads == 256,
+                "8 warps of two 16 x 16 x 16 fragments cover the 64 x 64 x 16 step");
+  using TileT = T;
+  nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> acc[2];
+
+  __device__ __forceinline__ BlockMma() {
+    nvcuda::wmma::fill_fragment(acc[0], 0.0f);
+    nvcuda::wmma::fill_fragment(acc[1], 0.0f);
+  }
+
+  __device__ __forceinline__ static int rows() { return 16 * (threadIdx.x / 32 % 4); }
+  __device__ __forceinline__ static int cols() { return 32 * (threadIdx.x / 32 / 4); }
+
+  __device__ __forceinline__ void step(const TileT (*x_tile)[kBlockM],
+                                       const TileT (*t_tile)[kBlockN], int, int) {
+    using namespace nvcuda;
+    // x_tile is transposed (k-major): x's 16 x 16 block is column-major in it.
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::col_major> a;
+    wmma::load_matrix_sync(a, &x_tile[0][rows()], kBlockM);
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b;
+      wmma::load_matrix_sync(b, &t_tile[0][cols() + 16 * c], kBlockN);
+      wmma::mma_sync(acc[c], a, b, acc[c]);
+    }
+  }
+
+  // The fragments' layout is opaque: they go through shared memory to the
+  // threads whose outputs they hold.
+  __device__ __forceinline__ void result(float (&out)[4][4], int ty, int tx) {
+    __shared__ __align__(32) float stage[kBlockM][kBlockN];
+#pragma unroll
+    for (int c = 0; c < 2; ++c)
+      nvcuda::wmma::store_matrix_sync(&stage[rows()][cols() + 16 * c], acc[c], kBlockN,
+                                      nvcuda::wmma::mem_row_major);
+    __syncthreads();
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) out[i][j] = stage[ty * 4 + i][tx * 4 + j];
+  }
+};
 
 // Element i of a scale vector; banked, of bank row `id` (0 where id is -1: no adapter,
 // multiplied in like any scale, as the Triton kernel and the torch backend do).
@@ -150,8 +260,11 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(const GemmParams p) {
   constexpr int kRunsPerRow = kBlockK / kRun;
   constexpr int kRuns = kBlockM * kRunsPerRow;
   constexpr int kPasses = (kRuns + kThreads - 1) / kThreads;  // runs per thread per K step
-  __shared__ AccT x_tile[kBlockK][kBlockM];  // transposed: x_tile[kk][mm]
-  __shared__ AccT t_tile[kBlockK][kBlockN];
+  using Mma = BlockMma<T>;
+  using TileT = typename Mma::TileT;
+  // 32-byte aligned: WMMA loads 16-element rows of them.
+  __shared__ __align__(32) TileT x_tile[kBlockK][kBlockM];  // transposed: x_tile[kk][mm]
+  __shared__ __align__(32) TileT t_tile[kBlockK][kBlockN];
   __shared__ AccT reduce[kThreads / 16][kBlockN];
 
   const T* x = static_cast<const T*>(p.x);
@@ -170,7 +283,7 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(const GemmParams p) {
     }
   }
 
-  AccT acc[4][4] = {};
+  Mma mma;
   for (int64_t k0 = 0; k0 < p.K; k0 += kBlockK) {
 #pragma unroll
     for (int i = 0; i < kPasses; ++i) {
@@ -195,25 +308,16 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(const GemmParams p) {
           if (x_scale != nullptr)
             v = to_acc(from_acc<T>(v * scale_at<kBanked>(x_scale, p.stride_sx, x_ids[i], k)));
         }
-        x_tile[kk][mm] = v;
+        x_tile[kk][mm] = from_acc<TileT>(v);
       }
     }
     fill_projection_tile<T>(t_tile, p, k0, n0);
     __syncthreads();
-#pragma unroll
-    for (int kk = 0; kk < kBlockK; ++kk) {
-      AccT a[4], b[4];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) a[i] = x_tile[kk][ty * 4 + i];
-#pragma unroll
-      for (int j = 0; j < 4; ++j) b[j] = t_tile[kk][tx * 4 + j];
-#pragma unroll
-      for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) acc[i][j] += a[i] * b[j];
-    }
+    mma.step(x_tile, t_tile, ty, tx);
     __syncthreads();
   }
+  AccT acc[4][4];
+  mma.result(acc, ty, tx);
 
   // One pass over this thread's outputs: store them, and/or sum acc ⊙ aux
   // over its rows for the block's partial row.

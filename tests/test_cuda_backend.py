@@ -24,6 +24,7 @@ from vera_kernels.backends import cuda as cuda_backend
 from vera_kernels import backends as ops
 from vera_kernels.backends.contract import NeededGrads, ProjectionSource
 from vera_kernels.dropout import DropoutMask, keep_mask, seed_words
+from helpers import load_compile_check
 from philox_model import KNOWN_ANSWERS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -264,6 +265,24 @@ def test_prebuilt_extension_holds_the_build_architectures():
     cuda_backend.load()
     assert sorted(torch.ops.vera_kernels_cuda.compiled_archs()) == sorted(
         10 * arch for arch in cubins | ptx)
+
+
+@needs_toolkit
+@pytest.mark.parametrize("arch", [75, 80, 90])
+def test_gemm_kernels_run_the_half_types_on_tensor_cores(arch):
+    # From the SASS (scripts/compile_check.py): fp16 on HMMA from sm_75, bf16 from sm_80
+    # (sm_75 has no bf16 MMA: SIMT there), fp32 and fp64 on FMAs; no spills either way.
+    check = load_compile_check()
+    if check._tool("cuobjdump") is None:
+        pytest.skip("no cuobjdump to read the SASS with")
+    gemms = [r for r in check.compile_cuda(arch) if r["launch"].startswith("cuda:gemm_kernel")]
+    assert len(gemms) == 4 * 2 * 3, "dtypes x (one adapter, banks) x dropout modes"
+    tensor_cores = {r["dtype"]: set() for r in gemms}
+    for r in gemms:
+        tensor_cores[r["dtype"]].add(r["tensor_cores"])
+    expected = {"fp16": {True}, "bf16": {arch >= 80}, "fp32": {False}, "fp64": {False}}
+    assert tensor_cores == expected
+    assert not [r["launch"] for r in gemms if r["spill_bytes"] or r["local_bytes"]]
 
 
 class _ImageQuery:
