@@ -36,12 +36,10 @@
 #include "philox.cuh"
 #include "vera_kernels.h"
 
+// cuda_emulation.h, included by vera_kernels.h, has its own nvcuda::wmma and
+// VERA_LAUNCH, which runs a launch on the CPU instead.
 #ifndef VERA_CUDA_EMULATION
-#include <mma.h>  // the emulation has its own nvcuda::wmma (cuda_emulation.h)
-#endif
-
-// kernel<<<grid, block, smem, stream>>>, which cuda_emulation.h runs on the CPU instead.
-#ifndef VERA_CUDA_EMULATION
+#include <mma.h>
 #define VERA_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<grid, block, smem, stream>>>
 #endif
 
