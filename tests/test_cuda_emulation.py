@@ -3,8 +3,13 @@ compiled by the host C++ compiler against csrc/cuda_emulation.h, checked against
 reference within the README's budgets, on shapes on and around every tile edge (kBlockM = 64
 token rows, kBlockN = 64 outputs, kBlockK = 16), with strided and expanded inputs, adapter
 banks with -1 rows, dropout masks bit for bit the torch backend's, both projection
-strategies, into_base / dx_into, and gradcheck. Needs the CUDA toolkit's headers, no GPU.
+strategies, into_base / dx_into, and gradcheck; and the emulation's model itself on small
+kernels (csrc/cuda_emulation_check.cpp). Needs the CUDA toolkit's headers, no GPU.
 """
+
+import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,6 +33,7 @@ LEAD, IN, OUT, R = (5, 13), 33, 65, 17
 SHAPES = [(LEAD, IN, OUT, R), ((2, 32), 64, 128, 16), ((63,), 31, 63, 15)]
 STRATEGIES = ["generate", "workspace"]
 CPU = torch.device("cpu")
+CSRC = Path(__file__).resolve().parent.parent / "csrc"
 
 
 @pytest.fixture(autouse=True)
@@ -176,3 +182,22 @@ def test_chosen_only_by_name_for_cpu_tensors():
     assert "cuda" in vk.available_backends("cpu")
     assert ops.resolve_backend(None, CPU) != "cuda"
     assert ops.resolve_backend("cuda", CPU) == "cuda"
+
+
+def test_the_model_on_small_kernels(tmp_path):
+    # csrc/cuda_emulation_check.cpp: a barrier exchange in 2-D blocks of a 2-D grid,
+    # barriers after half a block has returned, one warp's WMMA product, bad launches.
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    compiler = shutil.which("c++") or shutil.which("g++")
+    if compiler is None:
+        pytest.skip("no C++ compiler on this machine")
+    binary = tmp_path / "cuda_emulation_check"
+    subprocess.run([compiler, "-std=c++17", "-O1", "-Wall", "-Werror", "-DVERA_CUDA_EMULATION",
+                    f"-I{CSRC}", f"-I{Path(CUDA_HOME) / 'include'}",
+                    str(CSRC / "cuda_emulation_check.cpp"), "-o", str(binary)],
+                   check=True, timeout=120)
+    run = subprocess.run([str(binary)], capture_output=True, text=True, timeout=60)
+    assert run.stdout.split("\n")[:-1] == [
+        "rotate ok", "rounds_after_exits ok", "wmma ok", "invalid_launches ok"], run.stdout
+    assert run.returncode == 0
