@@ -42,13 +42,14 @@ void apply_rows(scalar_t* data, int64_t rows, int64_t cols, int64_t row_start,
 void apply_dropout_(at::Tensor t, const at::Tensor& key, int64_t row_start, int64_t threshold,
                     double scale) {
   TORCH_CHECK(t.device().is_cpu() && key.device().is_cpu(), "apply_dropout_ runs on CPU tensors");
-  TORCH_CHECK(t.dim() == 2 && t.stride(1) == 1 && t.stride(0) == t.size(1),
+  TORCH_CHECK(t.dim() == 2 && t.is_contiguous(),
               "apply_dropout_ takes a contiguous (tokens, features) tensor, got strides ",
               t.strides());
   TORCH_CHECK(key.scalar_type() == at::kLong && key.numel() == 2,
               "apply_dropout_'s key is int64[2] (low, high words), got ", key.scalar_type(), " ",
               key.sizes());
-  const int64_t* words = key.contiguous().data_ptr<int64_t>();
+  const at::Tensor key_words = key.contiguous();  // alive while its words are read
+  const int64_t* words = key_words.data_ptr<int64_t>();
   const vera::DropoutMask mask{static_cast<uint32_t>(words[0]), static_cast<uint32_t>(words[1]),
                                static_cast<uint32_t>(threshold), static_cast<float>(scale)};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "apply_dropout_", [&] {

@@ -106,6 +106,16 @@ def run(rank: int, mode: str, out_dir: str) -> None:
         with torch.no_grad():
             out = wrapped(x_eval)
         vk.save_adapter(wrapped, os.path.join(out_dir, "adapter"))  # every rank; rank 0 writes
+        vk.save_lora_adapter(wrapped, os.path.join(out_dir, "lora"))
+        vk.load_vera_state_dict(wrapped, state)  # gathers, checks, shards again
+        if mode == "fsdp1":  # merging and a disabled block on sharded base weights
+            with torch.no_grad():
+                before = wrapped(x_eval)
+                vk.merge_vera(wrapped)
+                with vk.disable_vera(wrapped):
+                    wrapped(x_eval)
+                vk.unmerge_vera(wrapped)
+                torch.testing.assert_close(wrapped(x_eval), before, rtol=1e-5, atol=1e-6)
         if mode == "zero3":  # merging reads (and writes) the partitioned base weights
             vk.merge_and_unload(wrapped)
             with torch.no_grad():

@@ -80,6 +80,12 @@ def test_two_ranks_match_single_process(mode, tmp_path):
     for key in vector_keys:
         torch.testing.assert_close(vk.vera_state_dict(plain)[key], expected[key],
                                    rtol=1e-5, atol=1e-6)
+    # The LoRA export too: whole factors, equal to the single process's.
+    from safetensors.torch import load_file
+    lora = load_file(tmp_path / "lora" / "adapter_model.safetensors")
+    vk.save_lora_adapter(reference, tmp_path / "reference_lora")
+    for key, value in load_file(tmp_path / "reference_lora" / "adapter_model.safetensors").items():
+        torch.testing.assert_close(lora[key], value, rtol=1e-5, atol=1e-6)
 
 
 def test_ddp_syncs_only_the_vectors():

@@ -321,3 +321,87 @@ def test_an_open_block_keeps_the_adapters_it_needs():
         with pytest.raises(ValueError, match="open disable_vera / adapter_batch block"):
             vk.delete_adapter(model, "fr")
     vk.delete_adapter(model, "fr")  # free once the block is left
+
+
+# --- found by an adversarial review of the above ------------------------------------------
+
+class _Pair(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.enc, self.dec = _plain(), _plain()
+
+
+def test_two_adapted_submodules_are_both_seen_with_their_names():
+    model = _Pair()
+    vk.apply_vera(model.enc, ["0", "2"], r=4, seed=SEED)
+    vk.apply_vera(model.dec, ["0", "2"], r=4, seed=SEED)
+    assert [n for n, _ in vera_layers(model)] == ["enc.0", "enc.2", "dec.0", "dec.2"]
+    assert [n for n, _ in vera_layers(model.enc)] == ["0", "2"]
+    # Adapting the parent after a child: its names are relative to the parent.
+    other = _Pair()
+    vk.apply_vera(other.enc, ["0"], r=4, seed=SEED)
+    vk.apply_vera(other, ["dec.0"], r=4, seed=SEED)
+    assert [n for n, _ in vera_layers(other)] == ["enc.0", "dec.0"]
+
+
+def test_merging_a_tied_weight_is_refused():
+    tied = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8)).double()
+    tied[1].weight = tied[0].weight
+    vk.apply_vera(tied, ["0"], r=4, seed=SEED)
+    _randomize(tied, "default")
+    before = tied[1].weight.detach().clone()
+    with pytest.raises(ValueError, match="tied to .*1.weight.*merging would change them too"):
+        vk.merge_vera(tied)
+    with pytest.raises(ValueError, match="tied"):
+        vk.merge_and_unload(tied)
+    assert torch.equal(tied[1].weight.detach(), before) and not tied[0].merged
+
+
+def test_a_merged_weight_loads_only_with_the_vectors_it_holds():
+    model = _two_adapters()
+    for _, layer in vera_layers(model):
+        layer.merge("fr")
+    state = model.state_dict()
+    fresh = _mlp()  # no "fr": its weight would hold an adapter the layers cannot unmerge
+    before = _weights(fresh)
+    with pytest.raises(RuntimeError, match="holds adapter 'fr', which this layer does not have"):
+        fresh.load_state_dict(state, strict=False)
+    assert all(torch.equal(a, b) for a, b in zip(_weights(fresh), before))
+    without = {k: v for k, v in state.items() if "vera_adapters" not in k}
+    vk.add_adapter(fresh, "fr")
+    with pytest.raises(RuntimeError, match="holds adapter 'fr'.s delta, but that adapter's vectors"):
+        fresh.load_state_dict(without, strict=False)
+    fresh.load_state_dict(state)  # the vectors come along: fine, and it unmerges exactly
+    vk.unmerge_vera(fresh)
+    assert all(torch.allclose(a, b, rtol=0, atol=1e-12) for a, b in zip(_weights(fresh), before))
+
+
+def test_unload_inside_an_open_block_is_refused():
+    model = _two_adapters()
+    vk.merge_vera(model)
+    with vk.disable_vera(model):
+        with pytest.raises(RuntimeError, match="unload inside a disable_vera"):
+            vk.unload(model)
+        with pytest.raises(RuntimeError, match="merge_and_unload inside a disable_vera"):
+            vk.merge_and_unload(model)
+    assert model[0].merged_adapter == "default"  # the block gave it back
+
+
+def test_merge_vera_merges_no_layer_when_one_cannot():
+    model = _two_adapters()
+    model[2].disabled = True
+    with pytest.raises(RuntimeError, match="layer '2': cannot merge a disabled layer"):
+        vk.merge_vera(model)
+    assert not model[0].merged
+
+
+def test_saving_defaults_to_the_adapter_the_model_computes(tmp_path):
+    model = _two_adapters()
+    vk.set_adapter(model, "default")
+    for _, layer in vera_layers(model):
+        layer.merge("fr")  # the weights hold "fr": that is what the model computes
+    vk.save_adapter(model, tmp_path / "a")
+    plain = vk.load_adapter(_plain(), tmp_path / "a")
+    x = _x()
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), model(x), rtol=1e-12, atol=1e-12)

@@ -42,8 +42,10 @@ def _layers(model: nn.Module) -> dict:
 
 
 def active_adapter(model: nn.Module) -> str:
-    """The adapter every row uses now (``"default"`` while the base model alone is active)."""
-    name = shared_value(_layers(model).values(), lambda layer: layer.active_adapter,
+    """The adapter every row uses now: the one the weights hold if merged, else the active
+    one (``"default"`` while the base model alone is active)."""
+    name = shared_value(_layers(model).values(),
+                        lambda layer: layer.merged_adapter or layer.active_adapter,
                         "the VeRA layers have different active adapters {values}: "
                         "set_adapter(model, name) first")
     return name or DEFAULT_ADAPTER

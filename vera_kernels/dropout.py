@@ -99,7 +99,9 @@ def keep_mask(dropout: DropoutMask, row_start: int, rows: int, cols: int, device
     """The spec's keep mask for rows ``[row_start, row_start + rows)`` x ``cols`` features (bool)."""
     groups = math.ceil(cols / 8)  # one Philox call: 8 features
     c0 = torch.arange(groups, dtype=torch.int64, device=device)
-    c1 = torch.arange(row_start, row_start + rows, dtype=torch.int64, device=device)[:, None]
+    # The token row is a 32-bit counter word (as in the kernels): it wraps past 2^32 rows.
+    c1 = (torch.arange(row_start, row_start + rows, dtype=torch.int64, device=device)
+          & 0xFFFFFFFF)[:, None]
     zero = torch.zeros((), dtype=torch.int64, device=device)
     words = philox4x32_10((c0, c1, zero + STREAM, zero), (dropout.seed[0], dropout.seed[1]))
     # (rows, groups, 4 words, 2 halves) -> feature 8g + 2w + h

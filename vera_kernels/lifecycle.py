@@ -120,6 +120,11 @@ class AdapterLifecycle:
         self._disabled = bool(value)
 
     @property
+    def in_block(self) -> bool:
+        """Whether a ``disable_vera`` or ``adapter_batch`` block is open on this layer."""
+        return bool(self._suspended or self._rows)
+
+    @property
     def row_adapters(self) -> Optional[tuple]:
         """``(adapter names, row ids)`` of the innermost ``adapter_batch``, or None."""
         return self._rows[-1] if self._rows else None
@@ -187,6 +192,18 @@ class AdapterLifecycle:
             for vector in self.adapter_vectors(name):
                 vector.requires_grad_(name in names)
 
+    def merge_problem(self, adapter: Optional[str] = None) -> Optional[str]:
+        """Why ``merge(adapter)`` would be refused now, or None (KeyError: no such adapter)."""
+        if self._rows:
+            return "cannot merge while adapter_batch mixes adapters per row"
+        if self._disabled:
+            return "cannot merge a disabled layer (inside disable_vera)"
+        adapter = adapter or self._active
+        if adapter is None:
+            return "no active adapter to merge (set_adapter(model, None) is active)"
+        self.adapter_vectors(adapter)
+        return None
+
     def merge(self, adapter: Optional[str] = None) -> None:
         """Fold ``adapter`` (default: the active one) into ``base_layer.weight``; forward then
         runs the base layer alone."""
@@ -196,14 +213,10 @@ class AdapterLifecycle:
                                    f"unmerge before merging {adapter!r}")
             warnings.warn("VeRALinear.merge(): already merged, nothing done", stacklevel=2)
             return
-        if self._rows:
-            raise RuntimeError("cannot merge while adapter_batch mixes adapters per row")
-        if self._disabled:
-            raise RuntimeError("cannot merge a disabled layer (inside disable_vera)")
+        problem = self.merge_problem(adapter)
+        if problem is not None:
+            raise RuntimeError(problem)
         adapter = adapter or self._active
-        if adapter is None:
-            raise RuntimeError("no active adapter to merge (set_adapter(model, None) is active)")
-        self.adapter_vectors(adapter)
         self._fold(adapter, +1)
         self._merged = adapter
 
@@ -219,22 +232,34 @@ class AdapterLifecycle:
         self._fold(self._merged, -1)
         self._merged = None
 
-    @contextlib.contextmanager
-    def adapters_disabled(self):
-        """Within the block the layer computes its base layer alone (a merged adapter is taken
-        out for the block); afterwards the state is exactly what it was."""
+    def suspend(self) -> tuple:
+        """Disable the layer (a merged adapter is taken out of the weight); the state to hand
+        back to ``resume``, which restores it exactly. Pairs nest."""
         saved = (self._merged, self._disabled)
         if self.merged:
             self.unmerge()
         self._suspended.append(saved)
         self._disabled = True
+        return saved
+
+    def resume(self, saved: tuple) -> None:
+        """Undo the ``suspend`` that returned ``saved`` (the innermost one)."""
+        if not self._suspended or self._suspended[-1] is not saved:
+            raise RuntimeError("disable_vera blocks must nest: resuming another than the innermost")
+        self._suspended.pop()
+        self._disabled = saved[1]
+        if saved[0] is not None:
+            self.merge(saved[0])
+
+    @contextlib.contextmanager
+    def adapters_disabled(self):
+        """Within the block the layer computes its base layer alone (a merged adapter is taken
+        out for the block); afterwards the state is exactly what it was."""
+        saved = self.suspend()
         try:
             yield self
         finally:
-            self._suspended.pop()
-            self._disabled = saved[1]
-            if saved[0] is not None:
-                self.merge(saved[0])
+            self.resume(saved)
 
     def push_rows(self, names: tuple, row_ids: Tensor) -> int:
         """Batch row i uses adapter ``names[row_ids[i]]`` (-1: none) until ``pop_rows``; nests.

@@ -46,7 +46,8 @@ def save_lora_adapter(model: nn.Module, directory: Union[str, os.PathLike],
     ``PeftModel.from_pretrained(base_model, directory)`` (``base_model``: the
     model without VeRA layers) then computes what ``model`` computes with that
     adapter; so do LoRA serving engines. Conv1D layers get ``fan_in_fan_out``;
-    modules to save and trained biases are written as PEFT writes them.
+    modules to save and trained biases are written as PEFT writes them. Under
+    torch.distributed call it on every rank (sharded vectors are gathered); rank 0 writes.
 
     Args:
         adapter: which adapter; None for the active one.
@@ -85,18 +86,22 @@ def save_lora_adapter(model: nn.Module, directory: Union[str, os.PathLike],
         task_type=task_type,
         inference_mode=True,
     )
-    state = vera_state_dict(root, adapter)  # the extras under the model's own keys
+    # Whole vectors (gathered under FSDP / ZeRO-3: a collective), and the extras under the
+    # model's own keys.
+    state = vera_state_dict(model, adapter)
     del state[CONFIG_KEY]
     tensors = {}
     for name, layer in layers:
-        vector_dtype = state.pop(f"{name}.vera_lambda_d").dtype
-        del state[f"{name}.vera_lambda_b"]
-        lora_a, lora_b = layer.lora_factors(adapter, torch.float64)
+        vectors = state.pop(f"{name}.vera_lambda_d"), state.pop(f"{name}.vera_lambda_b")
+        lora_a, lora_b = layer.lora_factors(adapter, torch.float64, vectors)
         for factor, value in (("lora_A", lora_a), ("lora_B", lora_b)):
             # A copy each: layers of one shape share their cached A, and a file cannot.
-            tensors[f"{PEFT_PREFIX}{name}.{factor}.weight"] = value.to(dtype or vector_dtype,
+            tensors[f"{PEFT_PREFIX}{name}.{factor}.weight"] = value.to(dtype or vectors[0].dtype,
                                                                        copy=True)
     tensors.update({PEFT_PREFIX + key: value for key, value in state.items()})
+    if torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_rank() != 0:
+        return  # every rank gathered; rank 0 writes
     os.makedirs(directory, exist_ok=True)
     config.save_pretrained(str(directory))
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},

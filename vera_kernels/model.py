@@ -58,6 +58,21 @@ def unwrap(model: nn.Module) -> nn.Module:
 
     FSDP2's ``fully_shard`` works in place and needs no unwrapping.
     """
+    model = _unwrap_wrappers(model)
+    if vars(model).get(ROOT_ATTR):
+        return model
+    # A wrapper of another kind around the adapted model: the one marked module,
+    # when every VeRA layer lies inside it (several adapted submodules: the model).
+    marked = [m for m in model.modules() if vars(m).get(ROOT_ATTR)]
+    if len(marked) != 1:
+        return model
+    inside = {id(m) for m in marked[0].modules()}
+    layers = [m for m in model.modules() if isinstance(m, VeRALinear)]
+    return marked[0] if all(id(layer) in inside for layer in layers) else model
+
+
+def _unwrap_wrappers(model: nn.Module) -> nn.Module:
+    """``model`` inside DDP, FSDP1, torch.compile and from_peft wrappers."""
     fsdp1 = _fsdp1_class()
     while True:
         converted = vars(model).get(CONVERTED_ATTR)
@@ -69,11 +84,7 @@ def unwrap(model: nn.Module) -> nn.Module:
         elif converted is not None:
             model = converted
         else:
-            break
-    if not vars(model).get(ROOT_ATTR):
-        # modules() goes outermost first: the first marked module is the root.
-        return next((m for m in model.modules() if vars(m).get(ROOT_ATTR)), model)
-    return model
+            return model
 
 
 def _fsdp1_class():
@@ -104,7 +115,9 @@ def gathered(model: nn.Module, modify: bool = False):
                 if id(m) not in inner:  # the outermost ones gather their subtrees
                     stack.enter_context(fsdp1.summon_full_params(m, writeback=modify))
                     entered = True
-        partitioned = [p for p in model.parameters() if hasattr(p, "ds_id")]
+        # ZeRO-3 gathers what it is given: the adapted layers and the trained extras,
+        # not the whole model.
+        partitioned = [p for p in _adapter_params(model) if hasattr(p, "ds_id")]
         if partitioned:
             import deepspeed
 
@@ -112,6 +125,16 @@ def gathered(model: nn.Module, modify: bool = False):
                 partitioned, modifier_rank=0 if modify else None))
             entered = True
         yield entered
+
+
+def _adapter_params(model: nn.Module) -> list:
+    """The VeRA layers' parameters (vectors, base weight and bias) and the trained extras'."""
+    root = unwrap(model)
+    params = {id(p): p for _, layer in vera_layers(root) for p in layer.parameters()}
+    for tensor in _trained_tensors(root, trained_extras(root)).values():
+        if isinstance(tensor, nn.Parameter):
+            params.setdefault(id(tensor), tensor)
+    return list(params.values())
 
 
 def replace_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -313,7 +336,7 @@ def apply_vera(
         ValueError: nothing matched, a bad option, a ``modules_to_save`` entry matching
             nothing or tied to a module outside it. TypeError: a match is not an nn.Linear.
     """
-    root = unwrap(model)
+    root = _unwrap_wrappers(model)  # the model asked for, not a marked submodule of it
     extras = _combined_extras(root, modules_to_save, bias)
     matched = select_targets(root, target_modules, exclude_modules=exclude_modules,
                              layers_to_transform=layers_to_transform,
@@ -328,6 +351,8 @@ def apply_vera(
                                                              dropout=dropout))
     _set_trained(root, extras)
     _mark_trainable(root)
+    for module in root.modules():  # layer names are relative to this root from now on
+        vars(module).pop(ROOT_ATTR, None)
     vars(root)[ROOT_ATTR] = True
     return model
 
@@ -353,20 +378,46 @@ def disable_vera(model: nn.Module):
     warning says so.
     """
     _warn_kept_extras(unwrap(model), "disable_vera")
-    with contextlib.ExitStack() as stack:
-        for _, layer in vera_layers(model):
-            stack.enter_context(layer.adapters_disabled())
+    layers = [layer for _, layer in vera_layers(model)]
+    with gathered(model, modify=True):  # a merged adapter leaves sharded weights whole
+        saved = [layer.suspend() for layer in layers]
+    try:
         yield model
+    finally:
+        with gathered(model, modify=True):
+            for layer, state in zip(reversed(layers), reversed(saved)):
+                layer.resume(state)
 
 
 def merge_vera(model: nn.Module) -> nn.Module:
     """Fold every VeRA layer's adapter into its base weight (see ``VeRALinear.merge``).
-    Sharded weights (FSDP1, ZeRO-3) are gathered for it: call it on every rank."""
+    Every layer is checked first (none merges if one cannot). Sharded weights (FSDP1,
+    ZeRO-3) are gathered for it: call it on every rank."""
+    root = unwrap(model)
+    layers = [(name, layer) for name, layer in vera_layers(root) if not layer.merged]
+    _check_mergeable(root, layers)
     with gathered(model, modify=True):
-        for _, layer in vera_layers(model):
-            if not layer.merged:
-                layer.merge()
+        for _, layer in layers:
+            layer.merge()
     return model
+
+
+def _check_mergeable(root: nn.Module, layers: list) -> None:
+    """ValueError / RuntimeError before anything merges: a layer that cannot merge now, or
+    whose base weight is tied to another module (merging would change that one too)."""
+    owners: dict = {}
+    for pname, param in root.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(param), []).append(pname)
+    for name, layer in layers:
+        problem = layer.merge_problem()
+        if problem is not None:
+            raise RuntimeError(f"layer {name!r}: {problem}")
+        inside = f"{name}." if name else ""
+        tied = [n for n in owners.get(id(layer.base_layer.weight), []) if not n.startswith(inside)]
+        if tied:
+            raise ValueError(f"layer {name!r}'s base weight is tied to {tied[:2]}: merging would "
+                             "change them too; untie them first (e.g. tie_word_embeddings=False) "
+                             "or keep the adapter unmerged")
 
 
 def unmerge_vera(model: nn.Module) -> nn.Module:
@@ -382,6 +433,16 @@ def _vera_layer_list(root: nn.Module) -> list:
     layers = list(vera_layers(root))
     if not layers:
         raise ValueError("model has no VeRALinear layers")
+    return layers
+
+
+def _layers_to_remove(root: nn.Module, action: str) -> list:
+    # An open block would put its state back into base layers that left the model.
+    layers = _vera_layer_list(root)
+    busy = [name for name, layer in layers if layer.in_block]
+    if busy:
+        raise RuntimeError(f"{action} inside a disable_vera or adapter_batch block (layers "
+                           f"{busy[:3]}...): leave the block first")
     return layers
 
 
@@ -406,15 +467,13 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     ZeRO-3) are gathered to merge: call it on every rank.
     """
     root = unwrap(model)
-    layers = _vera_layer_list(root)
-    mixed = [name for name, layer in layers if layer.row_adapters is not None]
-    if mixed:
-        raise RuntimeError(f"merge_and_unload inside adapter_batch (layers {mixed[:3]}...): "
-                           "one adapter per model can be merged")
+    layers = _layers_to_remove(root, "merge_and_unload")
+    to_merge = [(name, layer) for name, layer in layers
+                if not (layer.merged or layer.disabled or layer.active_adapter is None)]
+    _check_mergeable(root, to_merge)
     with gathered(model, modify=True):
-        for _, layer in layers:
-            if not (layer.merged or layer.disabled or layer.active_adapter is None):
-                layer.merge()
+        for _, layer in to_merge:
+            layer.merge()
     _untie_diverged_embeddings(root)
     return _put_base_layers_back(root, layers)
 
@@ -445,7 +504,7 @@ def unload(model: nn.Module) -> nn.Module:
     model holds no other copy; warned). In place; returns the unwrapped model.
     """
     root = unwrap(model)
-    layers = _vera_layer_list(root)
+    layers = _layers_to_remove(root, "unload")
     _warn_kept_extras(root, "unload")
     for _, layer in layers:
         if layer.merged:
@@ -585,7 +644,8 @@ def load_vera_state_dict(model: nn.Module, state_dict: dict, *, strict: bool = T
     on (they become trainable and remembered, as ``apply_vera`` would make them).
     Merged layers stay merged,
     with the loaded vectors: the old adapter is taken out of the base weight
-    and the new one folded in, so the base weight never drifts.
+    and the new one folded in, so the base weight never drifts. Under FSDP1 and
+    ZeRO-3, call it on every rank (the vectors are gathered, then sharded again).
     """
     layers = dict(vera_layers(model))
     root = unwrap(model)
@@ -594,26 +654,28 @@ def load_vera_state_dict(model: nn.Module, state_dict: dict, *, strict: bool = T
     if current != saved and not adopt:
         raise ValueError(f"the model trains {_describe(current)} beside its vectors, the state "
                          f"dict carries {_describe(saved)}: they must be the same")
-    extras = _trained_tensors(root, saved)
-    _check_vera_state_dict(layers, state_dict, strict, extras)
-    for layer in layers.values():
-        layer.adapter_vectors(adapter)  # KeyError naming the adapters if absent
-    if adapter != DEFAULT_ADAPTER:
-        _check_shared_extras_unchanged(state_dict, extras, adapter)
-    with torch.no_grad():
-        for name, layer in layers.items():
-            merged = layer.merged_adapter == adapter  # the weight holds the vectors we replace
-            if merged:
-                layer.unmerge()
-            lambda_d, lambda_b = layer.adapter_vectors(adapter)
-            _copy_into(lambda_d, state_dict[f"{name}.vera_lambda_d"])
-            _copy_into(lambda_b, state_dict[f"{name}.vera_lambda_b"])
-            if merged:
-                layer.merge(adapter)
-        for key, tensor in extras.items():
-            _copy_into(tensor, state_dict[key])
-    if adopt:
-        _set_trained(root, saved)
-        for tensor in extras.values():
-            if isinstance(tensor, nn.Parameter):
-                tensor.requires_grad_(True)
+    # Sharded vectors (FSDP1, ZeRO-3) are whole within: checked and written back.
+    with gathered(model, modify=True):
+        extras = _trained_tensors(root, saved)
+        _check_vera_state_dict(layers, state_dict, strict, extras)
+        for layer in layers.values():
+            layer.adapter_vectors(adapter)  # KeyError naming the adapters if absent
+        if adapter != DEFAULT_ADAPTER:
+            _check_shared_extras_unchanged(state_dict, extras, adapter)
+        with torch.no_grad():
+            for name, layer in layers.items():
+                merged = layer.merged_adapter == adapter  # the weight holds the vectors we replace
+                if merged:
+                    layer.unmerge()
+                lambda_d, lambda_b = layer.adapter_vectors(adapter)
+                _copy_into(lambda_d, state_dict[f"{name}.vera_lambda_d"])
+                _copy_into(lambda_b, state_dict[f"{name}.vera_lambda_b"])
+                if merged:
+                    layer.merge(adapter)
+            for key, tensor in extras.items():
+                _copy_into(tensor, state_dict[key])
+        if adopt:
+            _set_trained(root, saved)
+            for tensor in extras.values():
+                if isinstance(tensor, nn.Parameter):
+                    tensor.requires_grad_(True)

@@ -298,11 +298,12 @@ class VeRALinear(AdapterLifecycle, nn.Module):
         return delta.T if self.fan_in_fan_out else delta
 
     @torch.no_grad()
-    def lora_factors(self, adapter: Optional[str] = None,
-                     dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor]:
+    def lora_factors(self, adapter: Optional[str] = None, dtype: torch.dtype = torch.float64,
+                     vectors: Optional[tuple] = None) -> tuple[Tensor, Tensor]:
         """An adapter (the merged one, else the active one) as the rank-r LoRA it is:
         ``(A (r x in), diag(b) B diag(d) (out x r))`` in ``dtype``, whose product is the
-        adapter's delta (LoRA's scaling 1)."""
+        adapter's delta (LoRA's scaling 1). ``vectors``: ``(d, b)`` to use instead of the
+        adapter's own (e.g. whole copies of sharded ones)."""
         explicit = self._projection_pair(dtype)
         if explicit is not None:
             proj_a, proj_b = explicit
@@ -310,9 +311,10 @@ class VeRALinear(AdapterLifecycle, nn.Module):
             device = self.base_layer.weight.device
             proj_a = cached_projection("A", self.r, self.in_features, self.seed, dtype, device)
             proj_b = cached_projection("B", self.out_features, self.r, self.seed, dtype, device)
-        lambda_d, lambda_b = self.adapter_vectors(adapter or self.merged_adapter
-                                                  or self.active_adapter)
-        return proj_a, proj_b * lambda_b.to(dtype)[:, None] * lambda_d.to(dtype)
+        lambda_d, lambda_b = vectors or self.adapter_vectors(adapter or self.merged_adapter
+                                                             or self.active_adapter)
+        return proj_a, proj_b * lambda_b.to(proj_b.device, dtype)[:, None] \
+            * lambda_d.to(proj_b.device, dtype)
 
     @torch.no_grad()
     def _fold(self, adapter: str, sign: int) -> None:
@@ -373,6 +375,17 @@ class VeRALinear(AdapterLifecycle, nn.Module):
                 problem = tensor_problem(state_dict[key], tensor)
                 if problem is not None:
                     problems.append(f"{key}: {problem}")
+        if prefix + "base_layer.weight" in state_dict and extra_key in state_dict and not problems:
+            # A weight saved merged holds that adapter's delta: unmerging it later needs
+            # the very vectors it was merged with, so they must come along.
+            merged = decode_extra_state(state_dict[extra_key])["merged_adapter"]
+            if merged is not None and merged not in self.adapter_names():
+                problems.append(f"{extra_key}: the weight holds adapter {merged!r}, which this "
+                                f"layer does not have ({self.adapter_names()}): add it first")
+            elif merged is not None and not all(
+                    key in state_dict for key in self._vector_keys(prefix, merged)):
+                problems.append(f"{prefix}base_layer.weight: it holds adapter {merged!r}'s delta, "
+                                "but that adapter's vectors are not in the state dict")
         return problems
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
