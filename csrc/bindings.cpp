@@ -1,11 +1,11 @@
 // torch bindings of the CUDA kernels: the `vera_kernels_cuda` op library.
 //
 //   forward(x, lambda_d, lambda_b, key0, key1, base?, generate, proj_a?, proj_b?, into_base,
-//           adapter_ids?, dropout_threshold, dropout_scale, dropout_seed?)
+//           adapter_ids?, dropout_threshold, dropout_scale, dropout_seed?, tf32)
 //           -> (y, h)   (y is base itself when into_base)
 //   backward(grad, h, lambda_d, lambda_b, key0, key1, in_features, generate,
 //            need_dx, need_dd, need_db, proj_a?, proj_b?, adapter_ids?,
-//            dropout_threshold, dropout_scale, dropout_seed?, dx_into?) -> (dx, dd, db)
+//            dropout_threshold, dropout_scale, dropout_seed?, dx_into?, tf32) -> (dx, dd, db)
 //            (a gradient not asked for comes back empty)
 //   projection(matrix, rows, cols, key0, key1, like) -> Tensor
 //   block_m() -> int   (kBlockM: token rows per thread block)
@@ -14,6 +14,10 @@
 //   compiled_archs() -> int[]   (the architectures nvcc compiled for: 750 is sm_75)
 //
 // proj_a (r x in) / proj_b (out x r), when given, replace the seed's matrices.
+//
+// tf32 (default false): float32 products at TF32 precision on tensor cores
+// (sm_80+; SIMT on sm_75), as torch's float32 matmul precision below "highest"
+// asks; the caller decides (vera_kernels/backends/cuda.py). Other dtypes ignore it.
 //
 // adapter_ids (tokens,) int32, when given, makes lambda_d (n_adapters x r) and
 // lambda_b (n_adapters x out) banks: token row t uses bank row adapter_ids[t]
@@ -211,7 +215,7 @@ Projection projection(int matrix, int64_t rows, int64_t cols, uint32_t key0, uin
 }
 
 vera::GemmParams gemm_params(const Tensor& x, const Tensor* x_scale, const Projection& proj,
-                             bool transposed, int64_t n) {
+                             bool transposed, int64_t n, bool tf32) {
   vera::GemmParams p = {};
   p.x = x.data_ptr();
   p.stride_xm = x.stride(0);
@@ -224,6 +228,7 @@ vera::GemmParams gemm_params(const Tensor& x, const Tensor* x_scale, const Proje
   p.K = x.size(1);
   p.N = n;
   p.epilogue = vera::Epilogue::kStore;
+  p.precision = tf32 ? vera::Precision::kTf32 : vera::Precision::kIeee;
   return p;
 }
 
@@ -263,7 +268,7 @@ std::tuple<Tensor, Tensor> vera_forward(const Tensor& x_in, const Tensor& lambda
                                         const std::optional<Tensor>& proj_b, bool into_base,
                                         const std::optional<Tensor>& adapter_ids,
                                         int64_t dropout_threshold, double dropout_scale,
-                                        const std::optional<Tensor>& dropout_seed) {
+                                        const std::optional<Tensor>& dropout_seed, bool tf32) {
   TORCH_CHECK(on_kernel_device(x_in) && x_in.dim() == 2,
               "vera_kernels cuda backend: x must be a 2-D ", kDeviceKind, " tensor");
   const bool banked = adapter_ids.has_value();
@@ -281,7 +286,7 @@ std::tuple<Tensor, Tensor> vera_forward(const Tensor& x_in, const Tensor& lambda
   const Projection b = projection(kMatrixB, out, r, k0, k1, generate, x_in, proj_b);
 
   Tensor h = at::empty({m, r}, x_in.options());  // shared by every adapter of a bank
-  vera::GemmParams p = gemm_params(x_in, nullptr, a, /*transposed=*/true, r);
+  vera::GemmParams p = gemm_params(x_in, nullptr, a, /*transposed=*/true, r, tf32);
   set_out(p, h);
   set_dropout(p, vera::Dropout::kX, drop);
   run(x_in, p, "forward h = dropout(x) A^T");
@@ -289,7 +294,7 @@ std::tuple<Tensor, Tensor> vera_forward(const Tensor& x_in, const Tensor& lambda
   TORCH_CHECK(!into_base || base.has_value(), "vera_kernels cuda backend: into_base needs a base");
   // In place, each element of base is read and then written by the same thread.
   Tensor y = into_base ? *base : at::empty({m, out}, x_in.options());
-  p = gemm_params(h, &lambda_d, b, /*transposed=*/true, out);
+  p = gemm_params(h, &lambda_d, b, /*transposed=*/true, out, tf32);
   set_out(p, y);
   p.out_scale = lambda_b.data_ptr();
   p.stride_so = row_stride(lambda_b);
@@ -312,7 +317,7 @@ std::tuple<Tensor, Tensor, Tensor> vera_backward(const Tensor& grad, const Tenso
                                                  const std::optional<Tensor>& adapter_ids,
                                                  int64_t dropout_threshold, double dropout_scale,
                                                  const std::optional<Tensor>& dropout_seed,
-                                                 const std::optional<Tensor>& dx_into) {
+                                                 const std::optional<Tensor>& dx_into, bool tf32) {
   TORCH_CHECK(on_kernel_device(h) && h.dim() == 2, "vera_kernels cuda backend: h must be a 2-D ",
               kDeviceKind, " tensor");
   check_input(grad, "grad", h, 2);
@@ -333,7 +338,7 @@ std::tuple<Tensor, Tensor, Tensor> vera_backward(const Tensor& grad, const Tenso
   if (need_dx || need_dd) {
     // u = (g ⊙ b) B, and dd = Σ_tokens u ⊙ h in the same pass (one adapter).
     Tensor u = at::empty({m, r}, h.options());
-    vera::GemmParams p = gemm_params(grad, &lambda_b, b, /*transposed=*/false, r);
+    vera::GemmParams p = gemm_params(grad, &lambda_b, b, /*transposed=*/false, r, tf32);
     p.row_ids = row_ids;
     set_out(p, u);
     Tensor partial;
@@ -358,7 +363,7 @@ std::tuple<Tensor, Tensor, Tensor> vera_backward(const Tensor& grad, const Tenso
       } else {
         dx = at::empty({m, in_features}, h.options());
       }
-      p = gemm_params(u, &lambda_d, a, /*transposed=*/false, in_features);
+      p = gemm_params(u, &lambda_d, a, /*transposed=*/false, in_features, tf32);
       p.row_ids = row_ids;
       set_out(p, dx);
       if (dx_into.has_value()) set_base(p, dx);
@@ -370,7 +375,7 @@ std::tuple<Tensor, Tensor, Tensor> vera_backward(const Tensor& grad, const Tenso
     // Summing per adapter needs the rows of g ⊙ z, so z = (d ⊙ h) Bᵀ is stored
     // here (a tokens x out transient) and multiplied by g in place.
     Tensor z = at::empty({m, out}, h.options());
-    vera::GemmParams p = gemm_params(h, &lambda_d, b, /*transposed=*/true, out);
+    vera::GemmParams p = gemm_params(h, &lambda_d, b, /*transposed=*/true, out, tf32);
     p.row_ids = row_ids;
     set_out(p, z);
     run(h, p, "backward z = (d h) B^T");
@@ -378,7 +383,7 @@ std::tuple<Tensor, Tensor, Tensor> vera_backward(const Tensor& grad, const Tenso
   } else if (need_db) {
     // db = Σ_tokens g ⊙ z with z = (d ⊙ h) Bᵀ consumed in registers.
     Tensor partial = partial_buffer(m, out, h);
-    vera::GemmParams p = gemm_params(h, &lambda_d, b, /*transposed=*/true, out);
+    vera::GemmParams p = gemm_params(h, &lambda_d, b, /*transposed=*/true, out, tf32);
     set_reduction(p, grad, partial);
     p.epilogue = vera::Epilogue::kReduceAux;
     run(h, p, "backward db");
@@ -424,13 +429,13 @@ VERA_TORCH_LIBRARY(VERA_OPS, m) {
       "forward(Tensor x, Tensor lambda_d, Tensor lambda_b, int key0, int key1, Tensor? base, "
       "bool generate, Tensor? proj_a=None, Tensor? proj_b=None, bool into_base=False, "
       "Tensor? adapter_ids=None, int dropout_threshold=0, float dropout_scale=1.0, "
-      "Tensor? dropout_seed=None) -> (Tensor, Tensor)");
+      "Tensor? dropout_seed=None, bool tf32=False) -> (Tensor, Tensor)");
   m.def(
       "backward(Tensor grad, Tensor h, Tensor lambda_d, Tensor lambda_b, int key0, int key1, "
       "int in_features, bool generate, bool need_dx, bool need_dd, bool need_db, "
       "Tensor? proj_a=None, Tensor? proj_b=None, Tensor? adapter_ids=None, "
       "int dropout_threshold=0, float dropout_scale=1.0, Tensor? dropout_seed=None, "
-      "Tensor? dx_into=None) -> (Tensor, Tensor, Tensor)");
+      "Tensor? dx_into=None, bool tf32=False) -> (Tensor, Tensor, Tensor)");
   m.def("projection(int matrix, int rows, int cols, int key0, int key1, Tensor like) -> Tensor");
 }
 

@@ -17,7 +17,8 @@
 //   nvcuda::wmma  every thread holds a whole fragment: the warp-wide loads,
 //             products and stores then give each thread the warp's result
 //             (fp32 accumulation in k order; the hardware's order and
-//             rounding inside an MMA are its own)
+//             rounding inside an MMA are its own); tf32 fragments hold
+//             floats, rounded by __float_to_tf32 as cvt.rna.tf32.f32 does
 //
 // Not modelled: warps otherwise (no shuffles, votes or lock-step execution;
 // the kernels use none), atomics, dynamic shared memory, streams (the stream
@@ -31,6 +32,8 @@
 #include <ucontext.h>
 
 #include <cstddef>
+#include <cstdint>
+#include <cstring>
 #include <functional>
 #include <memory>
 #include <type_traits>
@@ -202,6 +205,30 @@ struct accumulator {};
 struct row_major {};
 struct col_major {};
 enum layout_t { mem_row_major, mem_col_major };
+namespace precision {
+struct tf32 {};
+}  // namespace precision
+
+// What a fragment of element type T holds: tf32 ones hold floats (as mma.h's do).
+template <typename T>
+struct storage {
+  using type = T;
+};
+template <>
+struct storage<precision::tf32> {
+  using type = float;
+};
+
+// cvt.rna.tf32.f32: the mantissa rounded to 10 bits, to nearest with ties away
+// from zero (half an ulp added to the magnitude, then truncated; a finite value
+// may round to inf); inf and NaN kept. The 13 bits below come back zero.
+inline float __float_to_tf32(float in) {
+  uint32_t bits;
+  std::memcpy(&bits, &in, sizeof bits);
+  if ((bits & 0x7F800000u) != 0x7F800000u) bits = (bits + 0x1000u) & ~0x1FFFu;
+  std::memcpy(&in, &bits, sizeof bits);
+  return in;
+}
 
 template <typename Use, int M, int N, int K>
 struct fragment_shape;
@@ -222,17 +249,18 @@ template <typename Use, int M, int N, int K, typename T, typename Layout = void>
 struct fragment {
   static constexpr int rows = fragment_shape<Use, M, N, K>::rows;
   static constexpr int cols = fragment_shape<Use, M, N, K>::cols;
-  T x[rows][cols];
+  typename storage<T>::type x[rows][cols];
 };
 
 template <typename Use, int M, int N, int K, typename T, typename Layout>
-void fill_fragment(fragment<Use, M, N, K, T, Layout>& f, const T& value) {
+void fill_fragment(fragment<Use, M, N, K, T, Layout>& f, const typename storage<T>::type& value) {
   for (auto& row : f.x)
     for (auto& element : row) element = value;
 }
 
 template <typename Use, int M, int N, int K, typename T, typename Layout>
-void load_matrix_sync(fragment<Use, M, N, K, T, Layout>& f, const T* p, unsigned ldm) {
+void load_matrix_sync(fragment<Use, M, N, K, T, Layout>& f, const typename storage<T>::type* p,
+                      unsigned ldm) {
   static_assert(std::is_same_v<Layout, row_major> || std::is_same_v<Layout, col_major>);
   for (int r = 0; r < f.rows; ++r)
     for (int c = 0; c < f.cols; ++c)
@@ -247,6 +275,7 @@ void store_matrix_sync(float* p, const fragment<accumulator, M, N, K, float>& f,
       (layout == mem_row_major ? p[r * ldm + c] : p[c * ldm + r]) = f.x[r][c];
 }
 
+inline float to_float(float v) { return v; }
 inline float to_float(__half v) { return __half2float(v); }
 inline float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
 

@@ -4,7 +4,11 @@
 //
 //   c++ -std=c++17 -O1 -Wall -Werror -DVERA_CUDA_EMULATION -Icsrc
 //       -I$CUDA_HOME/include csrc/cuda_emulation_check.cpp
+#include <cmath>
+#include <cstdint>
 #include <cstdio>
+#include <cstring>
+#include <limits>
 #include <vector>
 
 #include "cuda_emulation.h"
@@ -64,6 +68,19 @@ __global__ void wmma_product(const __half* a, const __half* b, float* c) {
   wmma::store_matrix_sync(c, fc, 16, wmma::mem_row_major);
 }
 
+// The same at TF32 precision: 16 x 16 x 8, operands rounded as the kernels round them.
+__global__ void wmma_tf32_product(const float* a, const float* b, float* c) {
+  using namespace nvcuda;
+  wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::col_major> fa;
+  wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::row_major> fb;
+  wmma::fragment<wmma::accumulator, 16, 16, 8, float> fc;
+  wmma::fill_fragment(fc, 0.0f);
+  wmma::load_matrix_sync(fa, a, 16);
+  wmma::load_matrix_sync(fb, b, 16);
+  wmma::mma_sync(fc, fa, fb, fc);
+  wmma::store_matrix_sync(c, fc, 16, wmma::mem_row_major);
+}
+
 __global__ void nothing() {}
 
 void check_rotate() {
@@ -104,6 +121,39 @@ void check_wmma() {
   report("wmma", ok);
 }
 
+float bits_to_float(uint32_t bits) {
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+void check_tf32() {
+  using nvcuda::wmma::__float_to_tf32;
+  const float inf = std::numeric_limits<float>::infinity();
+  const float tie = 1.0f + std::ldexp(1.0f, -11);  // half a TF32 ulp above 1
+  bool ok = __float_to_tf32(tie) == 1.0f + std::ldexp(1.0f, -10)  // ties away from zero
+            && __float_to_tf32(-tie) == -(1.0f + std::ldexp(1.0f, -10))
+            && __float_to_tf32(std::nextafter(tie, 0.0f)) == 1.0f
+            && __float_to_tf32(bits_to_float(0x7F7FFFFFu)) == inf  // FLT_MAX rounds up
+            && __float_to_tf32(-inf) == -inf && std::isnan(__float_to_tf32(NAN));
+  // 1 + 2^-12 rounds to 1: each product below is then the small integer i % 3 * (j % 5 - 2).
+  std::vector<float> a(16 * 8), b(8 * 16), c(256);
+  for (int i = 0; i < 128; ++i) {
+    a[i] = __float_to_tf32(static_cast<float>(i % 3) * (1.0f + std::ldexp(1.0f, -12)));
+    b[i] = static_cast<float>(i % 5 - 2);
+  }
+  VERA_LAUNCH(1, kThreads, 0, nullptr, wmma_tf32_product)(a.data(), b.data(), c.data());
+  ok &= cudaGetLastError() == cudaSuccess;
+  for (int m = 0; m < 16; ++m)
+    for (int n = 0; n < 16; ++n) {
+      float expected = 0.0f;
+      for (int k = 0; k < 8; ++k)  // a column-major (m + 16 k), b row-major (16 k + n)
+        expected += static_cast<float>((m + 16 * k) % 3) * b[16 * k + n];
+      ok &= c[m * 16 + n] == expected;
+    }
+  report("tf32", ok);
+}
+
 void check_invalid_launches() {
   VERA_LAUNCH(1, 2048, 0, nullptr, nothing)();
   const bool too_many = cudaGetLastError() == cudaErrorInvalidConfiguration;
@@ -119,6 +169,7 @@ int main() {
   check_rotate();
   check_rounds_after_exits();
   check_wmma();
+  check_tf32();
   check_invalid_launches();
   return failures == 0 ? 0 : 1;
 }

@@ -13,8 +13,9 @@
 // block) or loaded from a per-launch workspace (reuse across all tokens; the
 // host picks, see docs/design.md, cost model), then the block multiplies the
 // two tiles (BlockMma): fp16 and bf16 on tensor cores (WMMA m16n16k16, fp32
-// accumulators; bf16 from sm_80, SIMT on sm_75), fp32 and fp64 with SIMT
-// FMAs, every thread accumulating 4 x 4 outputs in fp32 (fp64 for double).
+// accumulators; bf16 from sm_80, SIMT on sm_75), fp32 at TF32 precision too
+// (WMMA m16n16k8, sm_80+), fp32 at IEEE precision and fp64 with SIMT FMAs,
+// every thread accumulating 4 x 4 outputs in fp32 (fp64 for double).
 // This is the fallback for machines without Triton. Token reductions are
 // per-block partial rows summed in a fixed order: deterministic, no atomics.
 // No torch headers here.
@@ -85,13 +86,12 @@ __device__ __forceinline__ typename Acc<T>::type rounded(float value) {
   return to_acc(from_acc<T>(static_cast<typename Acc<T>::type>(value)));
 }
 
-// Fill tile[kk][nn] = T(k0 + kk, n0 + nn), held as TileT (T itself, or its
-// accumulator type: the same value). Out-of-range entries are finite garbage
-// when generated (the x tile is zero there, or the output is not stored) and
-// zero when loaded.
-template <typename T, typename TileT>
-__device__ void fill_projection_tile(TileT (*tile)[kBlockN], const GemmParams& p, int64_t k0,
-                                     int64_t n0) {
+// Fill tile[kk][nn] = T(k0 + kk, n0 + nn), as Mma::to_tile makes an entry.
+// Out-of-range entries are finite garbage when generated (the x tile is zero
+// there, or the output is not stored) and zero when loaded.
+template <typename T, typename Mma>
+__device__ void fill_projection_tile(typename Mma::TileT (*tile)[kBlockN], const GemmParams& p,
+                                     int64_t k0, int64_t n0) {
   const int t = threadIdx.x;
   const ProjectionSource& src = p.proj;
   if (src.workspace == nullptr) {
@@ -102,7 +102,7 @@ __device__ void fill_projection_tile(TileT (*tile)[kBlockN], const GemmParams& p
                                              static_cast<uint32_t>(k0 / 4 + q), src.key0, src.key1);
 #pragma unroll
       for (int i = 0; i < 4; ++i)
-        tile[4 * q + i][nn] = from_acc<TileT>(rounded<T>(projection_value(w.w[i], src.bound)));
+        tile[4 * q + i][nn] = Mma::to_tile(rounded<T>(projection_value(w.w[i], src.bound)));
     } else {
       // P row = k, P columns = n .. n+3: one Philox call fills four nn.
       const int kk = t / (kBlockN / 4), q = t % (kBlockN / 4);  // 16 x 16 groups
@@ -110,7 +110,7 @@ __device__ void fill_projection_tile(TileT (*tile)[kBlockN], const GemmParams& p
                                              static_cast<uint32_t>(n0 / 4 + q), src.key0, src.key1);
 #pragma unroll
       for (int i = 0; i < 4; ++i)
-        tile[kk][4 * q + i] = from_acc<TileT>(rounded<T>(projection_value(w.w[i], src.bound)));
+        tile[kk][4 * q + i] = Mma::to_tile(rounded<T>(projection_value(w.w[i], src.bound)));
     }
     return;
   }
@@ -125,27 +125,55 @@ __device__ void fill_projection_tile(TileT (*tile)[kBlockN], const GemmParams& p
       const int64_t row = p.transposed ? n : k, col = p.transposed ? k : n;
       v = to_acc(ws[row * src.stride_row + col * src.stride_col]);
     }
-    tile[kk][nn] = from_acc<TileT>(v);
+    tile[kk][nn] = Mma::to_tile(v);
   }
 }
 
-// Whether BlockMma runs T on tensor cores: fp16 from sm_70, bf16 from sm_80
-// (its WMMA types need it), and both in the emulation, which models WMMA.
+// T's WMMA operands: the fragment element type, the MMA's depth, and the
+// shared tiles' entries. fp16 and bf16: m16n16k16, the tiles hold T itself
+// (exact: every entry is a T value).
 template <typename T>
+struct WmmaOperand {
+  using Element = T;
+  using TileT = T;
+  static constexpr int kK = 16;
+  __device__ __forceinline__ static T to_tile(float v) { return from_acc<T>(v); }
+};
+
+// Whether BlockMma runs T at kPrecision on tensor cores: fp16 from sm_70, bf16
+// and fp32 at TF32 precision from sm_80 (their WMMA types need it), and all
+// three in the emulation, which models WMMA.
+template <typename T, Precision kPrecision>
 struct UsesTensorCores : std::false_type {};
 #if defined(VERA_CUDA_EMULATION) || (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 700)
-template <>
-struct UsesTensorCores<__half> : std::true_type {};
+template <Precision kPrecision>
+struct UsesTensorCores<__half, kPrecision> : std::true_type {};
 #endif
 #if defined(VERA_CUDA_EMULATION) || (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800)
+template <Precision kPrecision>
+struct UsesTensorCores<__nv_bfloat16, kPrecision> : std::true_type {};
 template <>
-struct UsesTensorCores<__nv_bfloat16> : std::true_type {};
+struct UsesTensorCores<float, Precision::kTf32> : std::true_type {};
+
+// fp32 at TF32 precision: m16n16k8. mma_sync's tf32 operands must be converted
+// with __float_to_tf32 (CUDA programming guide): done once per entry as the
+// tiles fill, not at every fragment load.
+template <>
+struct WmmaOperand<float> {
+  using Element = nvcuda::wmma::precision::tf32;
+  using TileT = float;
+  static constexpr int kK = 8;
+  __device__ __forceinline__ static float to_tile(float v) {
+    return nvcuda::wmma::__float_to_tf32(v);
+  }
+};
 #endif
 
 // The block's 64 x 64 product, accumulated over the K steps from the shared
-// tiles x_tile[kk][mm] and t_tile[kk][nn] (TileT); result() gives each thread
-// its 4 x 4 outputs, rows ty * 4 + i and columns tx * 4 + j, for the epilogue.
-template <typename T, bool kTensorCores = UsesTensorCores<T>::value>
+// tiles x_tile[kk][mm] and t_tile[kk][nn] (TileT, each entry written as
+// to_tile makes it); result() gives each thread its 4 x 4 outputs, rows
+// ty * 4 + i and columns tx * 4 + j, for the epilogue.
+template <typename T, bool kTensorCores>
 struct BlockMma;
 
 // SIMT: each thread accumulates its own 4 x 4 outputs with FMAs.
@@ -154,6 +182,8 @@ struct BlockMma<T, false> {
   using AccT = typename Acc<T>::type;
   using TileT = AccT;  // converted once, as the tiles fill, not per FMA
   AccT acc[4][4] = {};
+
+  __device__ __forceinline__ static TileT to_tile(AccT v) { return v; }
 
   __device__ __forceinline__ void step(const TileT (*x_tile)[kBlockM],
                                        const TileT (*t_tile)[kBlockN], int ty, int tx) {
@@ -180,14 +210,18 @@ struct BlockMma<T, false> {
 };
 
 // Tensor cores: warp w owns the 16 rows from 16 * (w % 4) and the 32 columns
-// from 32 * (w / 4), two 16 x 16 fp32 fragments; each K step is one k16 MMA
-// per fragment. The tiles hold T itself (every entry is a T value: exact).
+// from 32 * (w / 4), two 16 x 16 fp32 fragments; each K step is kBlockK / kK
+// MMAs per fragment (WmmaOperand<T>).
 template <typename T>
 struct BlockMma<T, true> {
-  static_assert(kBlockK == 16 && kBlockM == 64 && kBlockN == 64 && kThreads == 256,
-                "8 warps of two 16 x 16 x 16 fragments cover the 64 x 64 x 16 step");
-  using TileT = T;
-  nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> acc[2];
+  using Operand = WmmaOperand<T>;
+  static constexpr int kK = Operand::kK;
+  static_assert(kBlockK % kK == 0 && kBlockM == 64 && kBlockN == 64 && kThreads == 256,
+                "8 warps of two 16 x 16 fragments cover the 64 x 64 step");
+  using TileT = typename Operand::TileT;
+  nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, kK, float> acc[2];
+
+  __device__ __forceinline__ static TileT to_tile(float v) { return Operand::to_tile(v); }
 
   __device__ __forceinline__ BlockMma() {
     nvcuda::wmma::fill_fragment(acc[0], 0.0f);
@@ -200,14 +234,18 @@ struct BlockMma<T, true> {
   __device__ __forceinline__ void step(const TileT (*x_tile)[kBlockM],
                                        const TileT (*t_tile)[kBlockN], int, int) {
     using namespace nvcuda;
-    // x_tile is transposed (k-major): x's 16 x 16 block is column-major in it.
-    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::col_major> a;
-    wmma::load_matrix_sync(a, &x_tile[0][rows()], kBlockM);
+    using Element = typename Operand::Element;
 #pragma unroll
-    for (int c = 0; c < 2; ++c) {
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b;
-      wmma::load_matrix_sync(b, &t_tile[0][cols() + 16 * c], kBlockN);
-      wmma::mma_sync(acc[c], a, b, acc[c]);
+    for (int k = 0; k < kBlockK; k += kK) {
+      // x_tile is transposed (k-major): x's 16 x kK block is column-major in it.
+      wmma::fragment<wmma::matrix_a, 16, 16, kK, Element, wmma::col_major> a;
+      wmma::load_matrix_sync(a, &x_tile[k][rows()], kBlockM);
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        wmma::fragment<wmma::matrix_b, 16, 16, kK, Element, wmma::row_major> b;
+        wmma::load_matrix_sync(b, &t_tile[k][cols() + 16 * c], kBlockN);
+        wmma::mma_sync(acc[c], a, b, acc[c]);
+      }
     }
   }
 
@@ -246,7 +284,7 @@ __device__ __forceinline__ DropoutMask read_mask(const DropoutArgs& d) {
           d.threshold, d.scale};
 }
 
-template <typename T, bool kBanked, Dropout kDrop>
+template <typename T, bool kBanked, Dropout kDrop, Precision kPrecision>
 __global__ void __launch_bounds__(kThreads) gemm_kernel(const GemmParams p) {
   using AccT = typename Acc<T>::type;
   // The x tile is loaded in runs of kRun consecutive k of one row. Without
@@ -258,7 +296,7 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(const GemmParams p) {
   constexpr int kRunsPerRow = kBlockK / kRun;
   constexpr int kRuns = kBlockM * kRunsPerRow;
   constexpr int kPasses = (kRuns + kThreads - 1) / kThreads;  // runs per thread per K step
-  using Mma = BlockMma<T>;
+  using Mma = BlockMma<T, UsesTensorCores<T, kPrecision>::value>;
   using TileT = typename Mma::TileT;
   // 32-byte aligned: WMMA loads 16-element rows of them.
   __shared__ __align__(32) TileT x_tile[kBlockK][kBlockM];  // transposed: x_tile[kk][mm]
@@ -306,10 +344,10 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(const GemmParams p) {
           if (x_scale != nullptr)
             v = to_acc(from_acc<T>(v * scale_at<kBanked>(x_scale, p.stride_sx, x_ids[i], k)));
         }
-        x_tile[kk][mm] = from_acc<TileT>(v);
+        x_tile[kk][mm] = Mma::to_tile(v);
       }
     }
-    fill_projection_tile<T>(t_tile, p, k0, n0);
+    fill_projection_tile<T, Mma>(t_tile, p, k0, n0);
     __syncthreads();
     mma.step(x_tile, t_tile, ty, tx);
     __syncthreads();
@@ -381,19 +419,19 @@ __global__ void generate_kernel(T* out, int64_t rows, int64_t cols, uint32_t key
   }
 }
 
-template <typename T, bool kBanked>
+template <typename T, Precision kPrecision, bool kBanked>
 cudaError_t launch_gemm_banked(const GemmParams& p, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>((p.N + kBlockN - 1) / kBlockN),
                   static_cast<unsigned>((p.M + kBlockM - 1) / kBlockM));
   switch (p.dropout) {
     case Dropout::kNone:
-      VERA_LAUNCH(grid, kThreads, 0, stream, gemm_kernel<T, kBanked, Dropout::kNone>)(p);
+      VERA_LAUNCH(grid, kThreads, 0, stream, gemm_kernel<T, kBanked, Dropout::kNone, kPrecision>)(p);
       break;
     case Dropout::kX:
-      VERA_LAUNCH(grid, kThreads, 0, stream, gemm_kernel<T, kBanked, Dropout::kX>)(p);
+      VERA_LAUNCH(grid, kThreads, 0, stream, gemm_kernel<T, kBanked, Dropout::kX, kPrecision>)(p);
       break;
     case Dropout::kOut:
-      VERA_LAUNCH(grid, kThreads, 0, stream, gemm_kernel<T, kBanked, Dropout::kOut>)(p);
+      VERA_LAUNCH(grid, kThreads, 0, stream, gemm_kernel<T, kBanked, Dropout::kOut, kPrecision>)(p);
       break;
     default:
       return cudaErrorInvalidValue;
@@ -401,10 +439,19 @@ cudaError_t launch_gemm_banked(const GemmParams& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
+template <typename T, Precision kPrecision>
+cudaError_t launch_gemm_precision(const GemmParams& p, cudaStream_t stream) {
+  return p.row_ids != nullptr ? launch_gemm_banked<T, kPrecision, true>(p, stream)
+                              : launch_gemm_banked<T, kPrecision, false>(p, stream);
+}
+
+// Only fp32 has a TF32 instantiation: the precision means nothing to the others.
 template <typename T>
 cudaError_t launch_gemm(const GemmParams& p, cudaStream_t stream) {
-  return p.row_ids != nullptr ? launch_gemm_banked<T, true>(p, stream)
-                              : launch_gemm_banked<T, false>(p, stream);
+  if constexpr (std::is_same_v<T, float>) {
+    if (p.precision == Precision::kTf32) return launch_gemm_precision<T, Precision::kTf32>(p, stream);
+  }
+  return launch_gemm_precision<T, Precision::kIeee>(p, stream);
 }
 
 template <typename T>

@@ -37,6 +37,12 @@ enum class Epilogue : int {
   kReduceAux,       // partial[m_tile, n] = Σ_rows acc * aux[m, n]; nothing stored
 };
 
+// How fp32 products run (GemmParams::precision), torch's float32 matmul
+// precision: kIeee ("highest") with SIMT FMAs, kTf32 (below it) on tensor
+// cores, operands rounded to TF32 (10-bit mantissa), fp32 accumulators; TF32
+// needs sm_80, so kTf32 runs the SIMT path on sm_75. Other dtypes ignore it.
+enum class Precision : int { kIeee, kTf32 };
+
 // Adapter dropout (GemmParams::dropout), on the features of either operand;
 // rows are token rows in both cases. Each mode is its own kernel
 // instantiation, so kNone is exactly the kernel without dropout.
@@ -81,6 +87,7 @@ struct GemmParams {
   void* partial;  // (ceil(M / kBlockM), N), float (double for kDouble)
   int64_t M, N, K;
   Epilogue epilogue;
+  Precision precision;  // fp32 only
   Dropout dropout;   // applied before x_scale (kX) or before out_scale and base (kOut);
   DropoutArgs drop;  // reductions use the undropped acc, as the Triton kernel does
 };

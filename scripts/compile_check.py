@@ -87,7 +87,7 @@ What is read from each compiled kernel
 CUDA C++ kernels: ``nvcc -Xptxas -v -arch=sm_XX -O3 -cubin csrc/vera_kernels.cu``;
 registers, spill stores, stack frame and shared memory per entry function from
 the ptxas log, tensor cores from the SASS (HMMA / HGMMA / DMMA); records
-named ``cuda:<kernel>``.
+named ``cuda:<kernel>``, dtype ``tf32`` for fp32's TF32 instantiations.
 
 ``--against-driver`` (on a GPU) launches the same forward / backward for real
 through the autotuner, then loads each config's compiled kernel and compares
@@ -892,6 +892,8 @@ def compile_cuda(arch: int) -> list:
         kernel = match.group(1)
         targs = [a.strip() for a in match.group(2).split(",")] if match.lastindex == 2 else []
         dtype = _CUDA_DTYPES.get(targs[0]) if targs else None
+        if dtype == "fp32" and "(vera::Precision)1" in targs:  # Precision::kTf32
+            dtype = "tf32"  # as the Triton launches of fp32 under "high" are named
         shown = [re.sub(r"\((?:\w+::)*(\w+)\)(-?\d+)", r"\1=\2", _CUDA_DTYPES.get(a, a))
                  for a in targs]
         records.append({

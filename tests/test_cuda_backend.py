@@ -119,11 +119,12 @@ def test_prebuilt_extension_loads_and_registers_ops():
     cuda_backend.load()
     schemas = {name: str(getattr(torch.ops.vera_kernels_cuda, name).default._schema)
                for name in ("forward", "backward", "projection")}
-    dropout_args = "int dropout_threshold=0, float dropout_scale=1., Tensor? dropout_seed=None)"
+    dropout_args = "int dropout_threshold=0, float dropout_scale=1., Tensor? dropout_seed=None"
     assert ("Tensor? proj_b=None, bool into_base=False, Tensor? adapter_ids=None, "
-            f"{dropout_args} -> (Tensor, Tensor)") in schemas["forward"]
-    assert (f"Tensor? proj_b=None, Tensor? adapter_ids=None, {dropout_args[:-1]}, "
-            "Tensor? dx_into=None) -> (Tensor, Tensor, Tensor)") in schemas["backward"]
+            f"{dropout_args}, bool tf32=False) -> (Tensor, Tensor)") in schemas["forward"]
+    assert (f"Tensor? proj_b=None, Tensor? adapter_ids=None, {dropout_args}, "
+            "Tensor? dx_into=None, bool tf32=False) -> (Tensor, Tensor, Tensor)"
+            ) in schemas["backward"]
     # The reuse factor the benchmark reports is the header's kBlockM.
     header = (ROOT / "csrc" / "vera_kernels.h").read_text()
     assert f"kBlockM = {cuda_backend.BACKEND.reuse_factor};" in header
@@ -136,7 +137,7 @@ def test_prebuilt_extension_loads_and_registers_ops():
 
 @needs_toolkit
 @pytest.mark.parametrize("op", ["forward", "backward"])
-def test_ops_take_adapter_ids_then_dropout_last(op):
+def test_ops_take_adapter_ids_then_dropout_then_tf32_last(op):
     # CudaBackend passes these positionally, last; an old prebuilt _C.so lacks them.
     cuda_backend.load()
     arguments = getattr(torch.ops.vera_kernels_cuda, op).default._schema.arguments
@@ -146,10 +147,12 @@ def test_ops_take_adapter_ids_then_dropout_last(op):
         ("adapter_ids", "Optional[Tensor]", True, None),
         ("dropout_threshold", "int", True, 0), ("dropout_scale", "float", True, 1.0),
         ("dropout_seed", "Optional[Tensor]", True, None)]
-    # backward ends with dx_into: the base layer's dx, which the adapter's is added into.
+    # backward then takes dx_into: the base layer's dx, which the adapter's is added into;
+    # both end with tf32 (fp32 at TF32 precision on tensor cores), off by default.
     assert tail[start + 4:] == ([] if op == "forward"
-                                else [("dx_into", "Optional[Tensor]", True, None)])
-    assert len(arguments) == {"forward": 14, "backward": 18}[op]
+                                else [("dx_into", "Optional[Tensor]", True, None)]) + [
+        ("tf32", "bool", True, False)]
+    assert len(arguments) == {"forward": 15, "backward": 19}[op]
 
 
 class _RecordingOps:
@@ -198,6 +201,34 @@ def test_backend_passes_the_dropout_mask_as_the_schemas_name_it(monkeypatch):
                                   NeededGrads(True, False, False), dx_into=dx_into)
     named = dict(zip([a.name for a in schemas["backward"].arguments], recorder.calls["backward"]))
     assert named["dx_into"] is dx_into
+
+
+@needs_toolkit
+@pytest.mark.parametrize("precision,dtype,tf32", [
+    ("highest", torch.float32, False), ("high", torch.float32, True),
+    ("medium", torch.float32, True), ("high", torch.float16, False),
+    ("high", torch.float64, False)])
+def test_backend_asks_for_tf32_as_torch_matmul_precision_allows(precision, dtype, tf32,
+                                                                monkeypatch):
+    # fp32 only, below "highest" (as torch.mm and the Triton backend); the setting restored.
+    cuda_backend.load()
+    schemas = {op: getattr(torch.ops.vera_kernels_cuda, op).default._schema
+               for op in ("forward", "backward")}
+    recorder = _RecordingOps()
+    monkeypatch.setattr(torch.ops, "vera_kernels_cuda", recorder)
+    x, d, b = torch.ones(3, 4, dtype=dtype), torch.ones(2), torch.ones(5)
+    source = ProjectionSource.from_seed(7)
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        cuda_backend.BACKEND.forward(x, d, b, source, None)
+        cuda_backend.BACKEND.backward(torch.ones(3, 5, dtype=dtype), torch.ones(3, 2, dtype=dtype),
+                                      d, b, source, 4, NeededGrads(True, True, True))
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    for op, schema in schemas.items():
+        named = dict(zip([a.name for a in schema.arguments], recorder.calls[op]))
+        assert named["tf32"] is tf32
 
 
 def _default_arch_list() -> str:
@@ -269,20 +300,23 @@ def test_prebuilt_extension_holds_the_build_architectures():
 
 @needs_toolkit
 @pytest.mark.parametrize("arch", [75, 80, 90])
-def test_gemm_kernels_run_the_half_types_on_tensor_cores(arch):
-    # From the SASS (scripts/compile_check.py): fp16 on HMMA from sm_75, bf16 from sm_80
-    # (sm_75 has no bf16 MMA: SIMT there), fp32 and fp64 on FMAs; no spills either way.
+def test_gemm_kernels_run_the_tensor_core_types_on_tensor_cores(arch):
+    # From the SASS (scripts/compile_check.py): fp16 on HMMA from sm_75, bf16 and fp32 at
+    # TF32 precision from sm_80 (sm_75 has neither MMA: SIMT there), fp32 at IEEE precision
+    # and fp64 on FMAs; no spills, static shared memory within a block's 48 KiB.
     check = load_compile_check()
     if check._tool("cuobjdump") is None:
         pytest.skip("no cuobjdump to read the SASS with")
     gemms = [r for r in check.compile_cuda(arch) if r["launch"].startswith("cuda:gemm_kernel")]
-    assert len(gemms) == 4 * 2 * 3, "dtypes x (one adapter, banks) x dropout modes"
+    assert len(gemms) == 5 * 2 * 3, "dtypes (fp32 twice) x (one adapter, banks) x dropout modes"
     tensor_cores = {r["dtype"]: set() for r in gemms}
     for r in gemms:
         tensor_cores[r["dtype"]].add(r["tensor_cores"])
-    expected = {"fp16": {True}, "bf16": {arch >= 80}, "fp32": {False}, "fp64": {False}}
+    expected = {"fp16": {True}, "bf16": {arch >= 80}, "tf32": {arch >= 80}, "fp32": {False},
+                "fp64": {False}}
     assert tensor_cores == expected
     assert not [r["launch"] for r in gemms if r["spill_bytes"] or r["local_bytes"]]
+    assert not [r["launch"] for r in gemms if r["shared_bytes"] > 48 * 1024]
 
 
 class _ImageQuery:
@@ -354,7 +388,7 @@ def test_jit_build_without_prebuilt_extension(tmp_path):
                           timeout=900, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "vera_kernels_cuda::forward(" in proc.stdout
-    assert "Tensor? dropout_seed=None) -> (Tensor, Tensor)" in proc.stdout
+    assert "Tensor? dropout_seed=None, bool tf32=False) -> (Tensor, Tensor)" in proc.stdout
     assert list(tmp_path.rglob("vera_kernels_cuda*.so")), "no JIT-built library in the cache"
 
 

@@ -3,8 +3,9 @@ compiled by the host C++ compiler against csrc/cuda_emulation.h, checked against
 reference within the README's budgets, on shapes on and around every tile edge (kBlockM = 64
 token rows, kBlockN = 64 outputs, kBlockK = 16), with strided and expanded inputs, adapter
 banks with -1 rows, dropout masks bit for bit the torch backend's, both projection
-strategies, into_base / dx_into, and gradcheck; and the emulation's model itself on small
-kernels (csrc/cuda_emulation_check.cpp). Needs the CUDA toolkit's headers, no GPU.
+strategies, into_base / dx_into, gradcheck, and fp32 at TF32 precision (on emulated tensor
+cores) below torch's "highest" float32 matmul precision; and the emulation's model itself on
+small kernels (csrc/cuda_emulation_check.cpp). Needs the CUDA toolkit's headers, no GPU.
 """
 
 import shutil
@@ -22,7 +23,7 @@ from vera_kernels.backends import strategy as projection_strategy
 from vera_kernels.backends.contract import NeededGrads, ProjectionSource
 from vera_kernels.dropout import DropoutMask, keep_mask, seed_words
 from helpers import assert_close_scaled
-from test_properties import Case, check_vera_linear
+from test_properties import TOL, Case, check_vera_linear
 
 SEED = 2**40 + 77
 # Tokens, in, out, r: one past a multiple of every tile edge. 65 tokens are two
@@ -71,6 +72,53 @@ def test_within_the_budgets(shape, dtype, layouts, strategy):
                 ("x", "lambda_d", "lambda_b", "base_output"), (1.0, 1.0), 3)
     one_case = given(st.just(case))(check_vera_linear)
     settings(max_examples=1, database=None, deadline=None)(one_case)()
+
+
+@pytest.fixture
+def matmul_precision():
+    """Sets torch's float32 matmul precision for one test; restores it after."""
+    previous = torch.get_float32_matmul_precision()
+    yield torch.set_float32_matmul_precision
+    torch.set_float32_matmul_precision(previous)
+
+
+# The README's fp32 budgets: TF32 on tensor cores below "highest", IEEE (SIMT) at it.
+@pytest.mark.parametrize("precision,tol", [("high", 8 * 2**-10),
+                                           ("highest", 32 * torch.finfo(torch.float32).eps)])
+@pytest.mark.parametrize("shape", SHAPES, ids=["past", "on", "short"])
+def test_fp32_within_the_budget_of_its_matmul_precision(shape, precision, tol, strategy,
+                                                        matmul_precision, monkeypatch):
+    matmul_precision(precision)
+    monkeypatch.setitem(TOL, torch.float32, tol)
+    case = Case("cuda", torch.float32, *shape, SEED, STRIDED,
+                ("x", "lambda_d", "lambda_b", "base_output"), (1.0, 1.0), 3)
+    one_case = given(st.just(case))(check_vera_linear)
+    settings(max_examples=1, database=None, deadline=None)(one_case)()
+
+
+def _tf32(t):
+    """cvt.rna.tf32.f32 of finite float32 values: 10 mantissa bits, ties away from zero."""
+    return ((t.view(torch.int32) + 0x1000) & ~0x1FFF).view(torch.float32)
+
+
+@pytest.mark.parametrize("precision", ["high", "medium", "highest"])
+def test_fp32_operands_rounded_to_tf32_below_highest(precision, matmul_precision):
+    # Identity projections and unit vectors: y = x and dx = grad, each one term, so the
+    # operands' rounding shows bit for bit (TF32: both GEMMs round, the second exactly).
+    matmul_precision(precision)
+    tokens, features = 70, 67
+    eye, ones = torch.eye(features), torch.ones(features)
+    x = _rand(tokens, features, seed=1, dtype=torch.float32)
+    x[0, :3] = torch.tensor([1 + 2**-11, -(1 + 2**-11), 1 + 2**-11 - 2**-23])  # ties, and not
+    grad = _rand(tokens, features, seed=2, dtype=torch.float32)
+    leaf = x.clone().requires_grad_(True)
+    y = vk.vera_linear(leaf, ones, ones, None, projections=(eye, eye), backend="cuda")
+    y.backward(grad)
+    rounded = precision != "highest"
+    assert torch.equal(y.detach(), _tf32(x) if rounded else x)
+    assert torch.equal(leaf.grad, _tf32(grad) if rounded else grad)
+    if rounded:
+        assert y[0, :3].tolist() == [1 + 2**-10, -(1 + 2**-10), 1.0]
 
 
 def _rand(*shape, seed=0, dtype=torch.float64):
@@ -186,7 +234,8 @@ def test_chosen_only_by_name_for_cpu_tensors():
 
 def test_the_model_on_small_kernels(tmp_path):
     # csrc/cuda_emulation_check.cpp: a barrier exchange in 2-D blocks of a 2-D grid,
-    # barriers after half a block has returned, one warp's WMMA product, bad launches.
+    # barriers after half a block has returned, one warp's WMMA product (fp16, and tf32
+    # with __float_to_tf32's rounding), bad launches.
     from torch.utils.cpp_extension import CUDA_HOME
 
     compiler = shutil.which("c++") or shutil.which("g++")
@@ -199,5 +248,6 @@ def test_the_model_on_small_kernels(tmp_path):
                    check=True, timeout=120)
     run = subprocess.run([str(binary)], capture_output=True, text=True, timeout=60)
     assert run.stdout.split("\n")[:-1] == [
-        "rotate ok", "rounds_after_exits ok", "wmma ok", "invalid_launches ok"], run.stdout
+        "rotate ok", "rounds_after_exits ok", "wmma ok", "tf32 ok",
+        "invalid_launches ok"], run.stdout
     assert run.returncode == 0

@@ -91,6 +91,12 @@ class Grads(NamedTuple):
     lambda_b: Optional[Tensor]
 
 
+def tf32_allowed(dtype: torch.dtype) -> bool:
+    """Whether float32 products may run at TF32 precision: torch's float32 matmul precision
+    is below "highest", the setting torch.mm follows too."""
+    return dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest"
+
+
 class Backend(abc.ABC):
     """One implementation of VeRA's forward and backward.
 

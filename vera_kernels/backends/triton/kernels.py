@@ -82,6 +82,7 @@ import triton
 import triton.language as tl
 
 from ...dropout import DropoutMask
+from ..contract import tf32_allowed
 from .philox import dropout_scale_tile, load_seed, projection_tile
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
@@ -477,10 +478,7 @@ class GemmResult(NamedTuple):
 
 
 def _input_precision(dtype: torch.dtype) -> str:
-    # fp32 follows torch's matmul precision setting, like torch.mm does.
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
-        return "tf32"
-    return "ieee"
+    return "tf32" if tf32_allowed(dtype) else "ieee"
 
 
 def _strides(t: Optional[torch.Tensor], dummy: torch.Tensor) -> tuple:
