@@ -93,3 +93,14 @@ def budget(default_examples: int, **kwargs):
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
         **kwargs,
     )
+
+
+def randomize_adapter(model, adapter: str, seed: int = 1) -> None:
+    """Standard normal values (from ``seed``) in adapter ``adapter``'s vectors of every layer."""
+    from vera_kernels.model import vera_layers
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in vera_layers(model):
+            for vector in layer.adapter_vectors(adapter):
+                vector.copy_(torch.randn(vector.shape, generator=gen, dtype=vector.dtype))

@@ -13,6 +13,7 @@ from torch import nn
 
 import vera_kernels as vk
 from vera_kernels.model import vera_layers
+from helpers import randomize_adapter
 
 SEED = 2**36 + 21
 
@@ -23,19 +24,11 @@ def _mlp(seed=SEED):
     return vk.apply_vera(model, ["0", "2"], r=4, seed=seed)
 
 
-def _randomize(model, adapter, seed=1):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, layer in vera_layers(model):
-            for vector in layer.adapter_vectors(adapter):
-                vector.copy_(torch.randn(vector.shape, generator=gen, dtype=vector.dtype))
-
-
 def _two_adapters():
     model = _mlp()
-    _randomize(model, "default", 1)
+    randomize_adapter(model, "default", 1)
     vk.add_adapter(model, "fr")
-    _randomize(model, "fr", 2)
+    randomize_adapter(model, "fr", 2)
     return model
 
 
@@ -126,7 +119,7 @@ def test_a_layer_merged_with_another_adapter_than_the_active_one_keeps_it():
 
 def test_a_seed_loaded_into_a_merged_layer_moves_the_delta_with_it():
     model = _mlp()
-    _randomize(model, "default")
+    randomize_adapter(model, "default")
     layer = model[0]
     original = layer.base_layer.weight.detach().clone()
     layer.merge()
@@ -159,7 +152,7 @@ def test_a_failed_layer_load_changes_nothing_whichever_adapter_is_bad():
 
 def _saved_adapter(tmp_path, **change):
     model = _mlp()
-    _randomize(model, "default")
+    randomize_adapter(model, "default")
     directory = tmp_path / "adapter"
     vk.save_adapter(model, directory)
     config_path = directory / "vera_adapter_config.json"
@@ -292,7 +285,7 @@ def test_save_adapter_through_a_peft_wrapper_names_layers_of_the_model(tmp_path)
     peft = pytest.importorskip("peft")
     model = nn.Sequential(nn.Linear(9, 8), nn.Tanh(), nn.Linear(8, 8), nn.Linear(8, 6)).double()
     vk.apply_vera(model, ["0", "3"], r=4, seed=SEED)
-    _randomize(model, "default")
+    randomize_adapter(model, "default")
     wrapped = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["2"]))
     vk.save_adapter(wrapped, tmp_path / "a")
     config = json.loads((tmp_path / "a" / "vera_adapter_config.json").read_text())
@@ -348,7 +341,7 @@ def test_merging_a_tied_weight_is_refused():
     tied = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8)).double()
     tied[1].weight = tied[0].weight
     vk.apply_vera(tied, ["0"], r=4, seed=SEED)
-    _randomize(tied, "default")
+    randomize_adapter(tied, "default")
     before = tied[1].weight.detach().clone()
     with pytest.raises(ValueError, match="tied to .*1.weight.*merging would change them too"):
         vk.merge_vera(tied)

@@ -14,20 +14,12 @@ import torch
 
 import vera_kernels as vk
 from vera_kernels.model import vera_layers
-from helpers import tiny_llama
+from helpers import randomize_adapter, tiny_llama
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
 SEED = 2**41 + 7
-
-
-def _randomize(model, adapter, seed):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, layer in vera_layers(model):
-            for vector in layer.adapter_vectors(adapter):
-                vector.copy_(torch.randn(vector.shape, generator=gen, dtype=vector.dtype))
 
 
 def _llama():
@@ -54,9 +46,9 @@ CASES = {
 def test_peft_loads_the_export_to_our_logits(case, tmp_path):
     build, targets, options, adapters = CASES[case]
     model = vk.apply_vera(build(), targets, r=6, seed=SEED, **options)
-    _randomize(model, "default", 1)
+    randomize_adapter(model, "default", 1)
     vk.add_adapter(model, "fr")
-    _randomize(model, "fr", 2)
+    randomize_adapter(model, "fr", 2)
     with torch.no_grad():  # the extras trained too: they must travel with the export
         for name, param in model.named_parameters():
             if param.requires_grad and "vera_" not in name:
@@ -90,7 +82,7 @@ def test_factors_are_the_adapter_and_large_ranks_are_warned(tmp_path):
     from safetensors.torch import load_file
 
     model = vk.apply_vera(_llama(), ["q_proj"], r=4, seed=SEED)
-    _randomize(model, "default", 5)
+    randomize_adapter(model, "default", 5)
     layer = next(layer for _, layer in vera_layers(model))
     vk.save_lora_adapter(model, tmp_path / "a", dtype=torch.float64)
     tensors = load_file(tmp_path / "a" / "adapter_model.safetensors")
