@@ -150,14 +150,15 @@ def test_a_failed_layer_load_changes_nothing_whichever_adapter_is_bad():
     assert all(torch.equal(after[k], before[k]) for k in before if k != "_extra_state")
 
 
-def _saved_adapter(tmp_path, **change):
+def _saved_adapter(tmp_path, edit=lambda config: None):
+    """An adapter directory whose config ``edit`` changed in place."""
     model = _mlp()
     randomize_adapter(model, "default")
     directory = tmp_path / "adapter"
     vk.save_adapter(model, directory)
     config_path = directory / "vera_adapter_config.json"
     config = json.loads(config_path.read_text())
-    config.update(change)
+    edit(config)
     config_path.write_text(json.dumps(config))
     return directory
 
@@ -180,7 +181,7 @@ def test_load_adapter_onto_a_plain_model_is_atomic(tmp_path):
     from safetensors.torch import load_file, save_file
 
     # An r that does not fit the vectors: found only once the layers exist.
-    directory = _saved_adapter(tmp_path, r=5)
+    directory = _saved_adapter(tmp_path, lambda config: config.update(r=5))
     model = _plain()
     with pytest.raises(ValueError, match="state dict has .*'r': 4.*model has .*'r': 5"):
         vk.load_adapter(model, directory)
@@ -204,11 +205,7 @@ def test_load_adapter_names_the_file_or_entry_at_fault(tmp_path):
     with pytest.raises(ValueError, match="adapter_model.safetensors: cannot read"):
         vk.load_adapter(model, directory)
     _assert_plain_and_unchanged(model, _plain())
-    directory = _saved_adapter(tmp_path)
-    config_path = directory / "vera_adapter_config.json"
-    config = json.loads(config_path.read_text())
-    del config["seed"]
-    config_path.write_text(json.dumps(config))
+    directory = _saved_adapter(tmp_path, lambda config: config.pop("seed"))
     with pytest.raises(ValueError, match="vera_adapter_config.json: no 'seed' entry"):
         vk.load_adapter(model, directory)
     _assert_plain_and_unchanged(model, _plain())

@@ -13,7 +13,7 @@ them on every layer and never set a field themselves. What they guarantee:
 * the merged adapter cannot be deleted, and its vectors, the seed or r are
   never replaced without first taking its delta out with the old ones
   (``VeRALinear._load_from_state_dict``);
-* a disable / re-enable pair (``adapters_disabled``) restores exactly the
+* a disable / re-enable pair (``suspend`` / ``resume``) restores exactly the
   state before it, the merged adapter included;
 * row mappings nest: leaving an inner ``adapter_batch`` restores the outer one;
 * an adapter a pending transition needs (the merged one, one to merge back
@@ -25,7 +25,6 @@ them on every layer and never set a field themselves. What they guarantee:
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 from typing import Iterable, Optional
 
@@ -70,7 +69,7 @@ class AdapterLifecycle:
         self._active: Optional[str] = DEFAULT_ADAPTER
         self._merged: Optional[str] = None  # whose delta the base weight holds
         self._disabled = False
-        self._suspended: list = []  # (merged, disabled) saved by each open adapters_disabled
+        self._suspended: list = []  # (merged, disabled) saved by each open suspend
         self._rows: list = []  # stack of (adapter names, (batch,) int32 row ids)
 
     # Reading ------------------------------------------------------------------
@@ -250,16 +249,6 @@ class AdapterLifecycle:
         self._disabled = saved[1]
         if saved[0] is not None:
             self.merge(saved[0])
-
-    @contextlib.contextmanager
-    def adapters_disabled(self):
-        """Within the block the layer computes its base layer alone (a merged adapter is taken
-        out for the block); afterwards the state is exactly what it was."""
-        saved = self.suspend()
-        try:
-            yield self
-        finally:
-            self.resume(saved)
 
     def push_rows(self, names: tuple, row_ids: Tensor) -> int:
         """Batch row i uses adapter ``names[row_ids[i]]`` (-1: none) until ``pop_rows``; nests.

@@ -27,6 +27,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
+from .adapters import active_adapter
 from .base_layers import is_conv1d
 from .model import CONFIG_KEY, shared_value, trained_extras, unwrap, vera_layers, vera_state_dict
 from .peft_interop import PEFT_PREFIX, name_or_path
@@ -60,8 +61,6 @@ def save_lora_adapter(model: nn.Module, directory: Union[str, os.PathLike],
     """
     from peft import LoraConfig
     from safetensors.torch import save_file
-
-    from .adapters import active_adapter
 
     root = unwrap(model)
     layers = list(vera_layers(root))

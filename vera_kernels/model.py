@@ -116,11 +116,11 @@ def gathered(model: nn.Module, modify: bool = False):
                     stack.enter_context(fsdp1.summon_full_params(m, writeback=modify))
                     entered = True
         # ZeRO-3 gathers what it is given: the adapted layers and the trained extras,
-        # not the whole model.
-        partitioned = [p for p in _adapter_params(model) if hasattr(p, "ds_id")]
+        # not the whole model. Without deepspeed imported no parameter is partitioned:
+        # nothing to look for (disable_vera enters this twice a block).
+        deepspeed = sys.modules.get("deepspeed")
+        partitioned = [p for p in _adapter_params(model) if hasattr(p, "ds_id")] if deepspeed else []
         if partitioned:
-            import deepspeed
-
             stack.enter_context(deepspeed.zero.GatheredParameters(
                 partitioned, modifier_rank=0 if modify else None))
             entered = True
@@ -373,7 +373,7 @@ def disable_vera(model: nn.Module):
     """Within the block, every VeRA layer computes its base layer alone (e.g. a DPO reference).
 
     Merged layers are unmerged for the duration and afterwards hold again the adapter they
-    held (``VeRALinear.adapters_disabled``): the state after the block is the state before.
+    held (``VeRALinear.suspend`` / ``resume``): the state after the block is the state before.
     Modules to save and trained biases (``trained_extras``) keep their trained values: a
     warning says so.
     """
