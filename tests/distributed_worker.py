@@ -121,5 +121,8 @@ def run(rank: int, mode: str, out_dir: str) -> None:
             with torch.no_grad():
                 out = wrapped(x_eval)
         torch.save({"state": state, "out": out}, os.path.join(out_dir, f"rank{rank}.pt"))
+        # Both ranks done before either tears gloo down: a rank destroying the group while
+        # its peer still has traffic in flight aborted the peer now and then.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
