@@ -174,15 +174,32 @@ float bound_for(int64_t fan) {
   return static_cast<float>(std::sqrt(6.0 / static_cast<double>(fan)));
 }
 
-// The spec matrix `matrix` (rows x cols) in like's dtype, on like's device.
+// Where a call's block of a spec matrix lies in the full one (a tensor-parallel
+// shard's; ProjectionShard.block on the Python side).
+struct Block {
+  int64_t row0 = 0, col0 = 0, fan = 0;  // fan 0: the block's own columns
+};
+
+// The block of a shard (the ops' shard_* arguments) for matrix A (r x in) or B (out x r).
+Block shard_block(int64_t matrix, int64_t in_offset, int64_t out_offset, int64_t in_features) {
+  TORCH_CHECK(in_offset >= 0 && out_offset >= 0 && in_features >= 0,
+              "vera_kernels cuda backend: shard offsets must be non-negative");
+  return matrix == kMatrixA ? Block{0, in_offset, in_features} : Block{out_offset, 0, 0};
+}
+
+// The block `where` (rows x cols) of spec matrix `matrix` in like's dtype, on like's
+// device. The generator starts on a multiple of 4 columns: a block that does not is
+// cut from a slightly wider one (a strided view).
 Tensor materialize(int64_t matrix, int64_t rows, int64_t cols, uint32_t key0, uint32_t key1,
-                   const Tensor& like) {
-  Tensor out = at::empty({rows, cols}, like.options());
-  check(vera::generate_projection(dtype_of(like), out.data_ptr(), rows, cols, key0, key1,
-                                  bound_for(cols), static_cast<int>(matrix),
-                                  current_stream()),
+                   const Tensor& like, const Block& where) {
+  const int64_t lead = where.col0 % 4;
+  Tensor out = at::empty({rows, cols + lead}, like.options());
+  check(vera::generate_projection(dtype_of(like), out.data_ptr(), rows, cols + lead, where.row0,
+                                  where.col0 - lead, key0, key1,
+                                  bound_for(where.fan > 0 ? where.fan : cols),
+                                  static_cast<int>(matrix), current_stream()),
         "projection generation");
-  return out;
+  return lead ? out.narrow(1, lead, cols) : out;
 }
 
 // A projection as a kernel source. The workspace (kept alive here) is the
@@ -194,17 +211,20 @@ struct Projection {
 };
 
 Projection projection(int matrix, int64_t rows, int64_t cols, uint32_t key0, uint32_t key1,
-                      bool generate, const Tensor& like, const std::optional<Tensor>& given) {
+                      bool generate, const Tensor& like, const std::optional<Tensor>& given,
+                      const Block& where) {
   Projection p;
-  p.source = {nullptr, 0, 0, key0, key1, bound_for(cols), matrix};
+  p.source = {nullptr, 0, 0, key0, key1, bound_for(where.fan > 0 ? where.fan : cols), matrix,
+              where.row0, where.col0};
   if (given.has_value()) {
     check_input(*given, matrix == kMatrixA ? "proj_a" : "proj_b", like, 2);
     TORCH_CHECK(given->size(0) == rows && given->size(1) == cols, "vera_kernels cuda backend: ",
                 matrix == kMatrixA ? "proj_a" : "proj_b", " must have shape (", rows, ", ", cols,
                 "), got ", given->sizes());
     p.workspace = *given;
-  } else if (!generate) {
-    p.workspace = materialize(matrix, rows, cols, key0, key1, like);
+  } else if (!generate || where.col0 % 4 != 0) {
+    // The in-kernel generator fills four columns per Philox call from a multiple of 4.
+    p.workspace = materialize(matrix, rows, cols, key0, key1, like, where);
   }
   if (p.workspace.defined()) {
     p.source.workspace = p.workspace.data_ptr();
@@ -268,7 +288,9 @@ std::tuple<Tensor, Tensor> vera_forward(const Tensor& x_in, const Tensor& lambda
                                         const std::optional<Tensor>& proj_b, bool into_base,
                                         const std::optional<Tensor>& adapter_ids,
                                         int64_t dropout_threshold, double dropout_scale,
-                                        const std::optional<Tensor>& dropout_seed, bool tf32) {
+                                        const std::optional<Tensor>& dropout_seed, bool tf32,
+                                        int64_t shard_in_offset, int64_t shard_out_offset,
+                                        int64_t shard_in_features) {
   TORCH_CHECK(on_kernel_device(x_in) && x_in.dim() == 2,
               "vera_kernels cuda backend: x must be a 2-D ", kDeviceKind, " tensor");
   const bool banked = adapter_ids.has_value();
@@ -282,8 +304,12 @@ std::tuple<Tensor, Tensor> vera_forward(const Tensor& x_in, const Tensor& lambda
   const auto drop = dropout_args(dropout_threshold, dropout_scale, dropout_seed, x_in);
   const int64_t m = x_in.size(0), in = x_in.size(1), r = lambda_d.size(-1), out = lambda_b.size(-1);
 
-  const Projection a = projection(kMatrixA, r, in, k0, k1, generate, x_in, proj_a);
-  const Projection b = projection(kMatrixB, out, r, k0, k1, generate, x_in, proj_b);
+  const Projection a = projection(kMatrixA, r, in, k0, k1, generate, x_in, proj_a,
+                                  shard_block(kMatrixA, shard_in_offset, shard_out_offset,
+                                              shard_in_features));
+  const Projection b = projection(kMatrixB, out, r, k0, k1, generate, x_in, proj_b,
+                                  shard_block(kMatrixB, shard_in_offset, shard_out_offset,
+                                              shard_in_features));
 
   Tensor h = at::empty({m, r}, x_in.options());  // shared by every adapter of a bank
   vera::GemmParams p = gemm_params(x_in, nullptr, a, /*transposed=*/true, r, tf32);
@@ -317,7 +343,9 @@ std::tuple<Tensor, Tensor, Tensor> vera_backward(const Tensor& grad, const Tenso
                                                  const std::optional<Tensor>& adapter_ids,
                                                  int64_t dropout_threshold, double dropout_scale,
                                                  const std::optional<Tensor>& dropout_seed,
-                                                 const std::optional<Tensor>& dx_into, bool tf32) {
+                                                 const std::optional<Tensor>& dx_into, bool tf32,
+                                                 int64_t shard_in_offset, int64_t shard_out_offset,
+                                                 int64_t shard_in_features) {
   TORCH_CHECK(on_kernel_device(h) && h.dim() == 2, "vera_kernels cuda backend: h must be a 2-D ",
               kDeviceKind, " tensor");
   check_input(grad, "grad", h, 2);
@@ -332,7 +360,9 @@ std::tuple<Tensor, Tensor, Tensor> vera_backward(const Tensor& grad, const Tenso
   const uint32_t k0 = key_word(key0, "key0"), k1 = key_word(key1, "key1");
   const auto drop = dropout_args(dropout_threshold, dropout_scale, dropout_seed, h);
   const int64_t m = h.size(0), r = lambda_d.size(-1), out = lambda_b.size(-1);
-  const Projection b = projection(kMatrixB, out, r, k0, k1, generate, h, proj_b);
+  const Projection b = projection(kMatrixB, out, r, k0, k1, generate, h, proj_b,
+                                  shard_block(kMatrixB, shard_in_offset, shard_out_offset,
+                                              shard_in_features));
 
   Tensor dx = h.new_empty({0}), dd = h.new_empty({0}), db = h.new_empty({0});
   if (need_dx || need_dd) {
@@ -354,7 +384,9 @@ std::tuple<Tensor, Tensor, Tensor> vera_backward(const Tensor& grad, const Tenso
       dd = partial.sum(0).to(lambda_d.scalar_type());
     }
     if (need_dx) {
-      const Projection a = projection(kMatrixA, r, in_features, k0, k1, generate, h, proj_a);
+      const Projection a = projection(kMatrixA, r, in_features, k0, k1, generate, h, proj_a,
+                                      shard_block(kMatrixA, shard_in_offset, shard_out_offset,
+                                                  shard_in_features));
       if (dx_into.has_value()) {  // add into the caller's dx (the base layer's): no new tensor
         check_input(*dx_into, "dx_into", h, 2);
         TORCH_CHECK(dx_into->size(0) == m && dx_into->size(1) == in_features,
@@ -393,12 +425,15 @@ std::tuple<Tensor, Tensor, Tensor> vera_backward(const Tensor& grad, const Tenso
 }
 
 Tensor vera_projection(int64_t matrix, int64_t rows, int64_t cols, int64_t key0, int64_t key1,
-                       const Tensor& like) {
+                       const Tensor& like, int64_t row_offset, int64_t col_offset, int64_t fan) {
   TORCH_CHECK(matrix == kMatrixA || matrix == kMatrixB,
               "vera_kernels cuda backend: matrix must be 0 (A) or 1 (B)");
   TORCH_CHECK(rows > 0 && cols > 0, "vera_kernels cuda backend: rows and cols must be positive");
+  TORCH_CHECK(row_offset >= 0 && col_offset >= 0 && fan >= 0,
+              "vera_kernels cuda backend: offsets and fan must be non-negative");
   const DeviceGuard guard(like.device());
-  return materialize(matrix, rows, cols, key_word(key0, "key0"), key_word(key1, "key1"), like);
+  return materialize(matrix, rows, cols, key_word(key0, "key0"), key_word(key1, "key1"), like,
+                     Block{row_offset, col_offset, fan});
 }
 
 // The reuse factor of a generated tile, for what the Python side reports.
@@ -429,14 +464,18 @@ VERA_TORCH_LIBRARY(VERA_OPS, m) {
       "forward(Tensor x, Tensor lambda_d, Tensor lambda_b, int key0, int key1, Tensor? base, "
       "bool generate, Tensor? proj_a=None, Tensor? proj_b=None, bool into_base=False, "
       "Tensor? adapter_ids=None, int dropout_threshold=0, float dropout_scale=1.0, "
-      "Tensor? dropout_seed=None, bool tf32=False) -> (Tensor, Tensor)");
+      "Tensor? dropout_seed=None, bool tf32=False, int shard_in_offset=0, "
+      "int shard_out_offset=0, int shard_in_features=0) -> (Tensor, Tensor)");
   m.def(
       "backward(Tensor grad, Tensor h, Tensor lambda_d, Tensor lambda_b, int key0, int key1, "
       "int in_features, bool generate, bool need_dx, bool need_dd, bool need_db, "
       "Tensor? proj_a=None, Tensor? proj_b=None, Tensor? adapter_ids=None, "
       "int dropout_threshold=0, float dropout_scale=1.0, Tensor? dropout_seed=None, "
-      "Tensor? dx_into=None, bool tf32=False) -> (Tensor, Tensor, Tensor)");
-  m.def("projection(int matrix, int rows, int cols, int key0, int key1, Tensor like) -> Tensor");
+      "Tensor? dx_into=None, bool tf32=False, int shard_in_offset=0, int shard_out_offset=0, "
+      "int shard_in_features=0) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "projection(int matrix, int rows, int cols, int key0, int key1, Tensor like, "
+      "int row_offset=0, int col_offset=0, int fan=0) -> Tensor");
 }
 
 VERA_TORCH_LIBRARY_IMPL(VERA_OPS, VERA_DISPATCH_KEY, m) {

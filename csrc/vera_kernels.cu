@@ -98,16 +98,18 @@ __device__ void fill_projection_tile(typename Mma::TileT (*tile)[kBlockN], const
     if (p.transposed) {
       // P row = n, P columns = k .. k+3: one Philox call fills four kk.
       const int nn = t % kBlockN, q = t / kBlockN;  // 64 x 4 groups
-      const PhiloxWords w = projection_words(src.stream, static_cast<uint32_t>(n0 + nn),
-                                             static_cast<uint32_t>(k0 / 4 + q), src.key0, src.key1);
+      const PhiloxWords w = projection_words(src.stream, static_cast<uint32_t>(src.row0 + n0 + nn),
+                                             static_cast<uint32_t>((src.col0 + k0) / 4 + q),
+                                             src.key0, src.key1);
 #pragma unroll
       for (int i = 0; i < 4; ++i)
         tile[4 * q + i][nn] = Mma::to_tile(rounded<T>(projection_value(w.w[i], src.bound)));
     } else {
       // P row = k, P columns = n .. n+3: one Philox call fills four nn.
       const int kk = t / (kBlockN / 4), q = t % (kBlockN / 4);  // 16 x 16 groups
-      const PhiloxWords w = projection_words(src.stream, static_cast<uint32_t>(k0 + kk),
-                                             static_cast<uint32_t>(n0 / 4 + q), src.key0, src.key1);
+      const PhiloxWords w = projection_words(src.stream, static_cast<uint32_t>(src.row0 + k0 + kk),
+                                             static_cast<uint32_t>((src.col0 + n0) / 4 + q),
+                                             src.key0, src.key1);
 #pragma unroll
       for (int i = 0; i < 4; ++i)
         tile[kk][4 * q + i] = Mma::to_tile(rounded<T>(projection_value(w.w[i], src.bound)));
@@ -404,14 +406,14 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(const GemmParams p) {
 }
 
 template <typename T>
-__global__ void generate_kernel(T* out, int64_t rows, int64_t cols, uint32_t key0, uint32_t key1,
-                                float bound, int matrix) {
+__global__ void generate_kernel(T* out, int64_t rows, int64_t cols, int64_t row0, int64_t col0,
+                                uint32_t key0, uint32_t key1, float bound, int matrix) {
   const int64_t groups = (cols + 3) / 4;
   const int64_t g = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (g >= rows * groups) return;
   const int64_t row = g / groups, group = g % groups;
-  const PhiloxWords w = projection_words(matrix, static_cast<uint32_t>(row),
-                                         static_cast<uint32_t>(group), key0, key1);
+  const PhiloxWords w = projection_words(matrix, static_cast<uint32_t>(row0 + row),
+                                         static_cast<uint32_t>(col0 / 4 + group), key0, key1);
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     const int64_t col = group * 4 + i;
@@ -455,13 +457,15 @@ cudaError_t launch_gemm(const GemmParams& p, cudaStream_t stream) {
 }
 
 template <typename T>
-cudaError_t launch_generate(void* out, int64_t rows, int64_t cols, uint32_t key0, uint32_t key1,
-                            float bound, int matrix, cudaStream_t stream) {
+cudaError_t launch_generate(void* out, int64_t rows, int64_t cols, int64_t row0, int64_t col0,
+                            uint32_t key0, uint32_t key1, float bound, int matrix,
+                            cudaStream_t stream) {
   const int64_t groups = rows * ((cols + 3) / 4);
   const int threads = 256;
   const unsigned blocks = static_cast<unsigned>((groups + threads - 1) / threads);
   VERA_LAUNCH(blocks, threads, 0, stream, generate_kernel<T>)(static_cast<T*>(out), rows, cols,
-                                                              key0, key1, bound, matrix);
+                                                              row0, col0, key0, key1, bound,
+                                                              matrix);
   return cudaGetLastError();
 }
 
@@ -489,16 +493,21 @@ cudaError_t kernel_image_status() {
 
 std::vector<int64_t> compiled_archs() { return {__CUDA_ARCH_LIST__}; }
 
-cudaError_t generate_projection(DType dtype, void* out, int64_t rows, int64_t cols,
-                                uint32_t key0, uint32_t key1, float bound, int matrix,
-                                cudaStream_t stream) {
+cudaError_t generate_projection(DType dtype, void* out, int64_t rows, int64_t cols, int64_t row0,
+                                int64_t col0, uint32_t key0, uint32_t key1, float bound,
+                                int matrix, cudaStream_t stream) {
   if (rows == 0 || cols == 0) return cudaSuccess;
+  if (col0 % 4 != 0) return cudaErrorInvalidValue;
   switch (dtype) {
-    case DType::kHalf: return launch_generate<__half>(out, rows, cols, key0, key1, bound, matrix, stream);
+    case DType::kHalf:
+      return launch_generate<__half>(out, rows, cols, row0, col0, key0, key1, bound, matrix, stream);
     case DType::kBFloat16:
-      return launch_generate<__nv_bfloat16>(out, rows, cols, key0, key1, bound, matrix, stream);
-    case DType::kFloat: return launch_generate<float>(out, rows, cols, key0, key1, bound, matrix, stream);
-    case DType::kDouble: return launch_generate<double>(out, rows, cols, key0, key1, bound, matrix, stream);
+      return launch_generate<__nv_bfloat16>(out, rows, cols, row0, col0, key0, key1, bound, matrix,
+                                            stream);
+    case DType::kFloat:
+      return launch_generate<float>(out, rows, cols, row0, col0, key0, key1, bound, matrix, stream);
+    case DType::kDouble:
+      return launch_generate<double>(out, rows, cols, row0, col0, key0, key1, bound, matrix, stream);
   }
   return cudaErrorInvalidValue;
 }

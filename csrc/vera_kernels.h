@@ -29,6 +29,9 @@ struct ProjectionSource {
   uint32_t key0, key1;
   float bound;
   int stream;  // 0: A, 1: B
+  // Generated: the block's origin in the full spec matrix (a tensor-parallel
+  // shard's); col0 is a multiple of 4, so each Philox call still fills four columns.
+  int64_t row0, col0;
 };
 
 enum class Epilogue : int {
@@ -94,10 +97,11 @@ struct GemmParams {
 
 cudaError_t gemm(DType dtype, const GemmParams& params, cudaStream_t stream);
 
-// Writes projection `matrix` (rows x cols, contiguous) in `dtype`.
-cudaError_t generate_projection(DType dtype, void* out, int64_t rows, int64_t cols,
-                                uint32_t key0, uint32_t key1, float bound, int matrix,
-                                cudaStream_t stream);
+// Writes the block [row0 : +rows, col0 : +cols] of projection `matrix`
+// (contiguous) in `dtype`; col0 is a multiple of 4.
+cudaError_t generate_projection(DType dtype, void* out, int64_t rows, int64_t cols, int64_t row0,
+                                int64_t col0, uint32_t key0, uint32_t key1, float bound,
+                                int matrix, cudaStream_t stream);
 
 // Whether the current device can run these kernels: cudaSuccess when the
 // library holds a cubin for its architecture or PTX the driver compiles for

@@ -120,11 +120,15 @@ def test_prebuilt_extension_loads_and_registers_ops():
     schemas = {name: str(getattr(torch.ops.vera_kernels_cuda, name).default._schema)
                for name in ("forward", "backward", "projection")}
     dropout_args = "int dropout_threshold=0, float dropout_scale=1., Tensor? dropout_seed=None"
+    shard_args = "int shard_in_offset=0, int shard_out_offset=0, int shard_in_features=0"
     assert ("Tensor? proj_b=None, bool into_base=False, Tensor? adapter_ids=None, "
-            f"{dropout_args}, bool tf32=False) -> (Tensor, Tensor)") in schemas["forward"]
+            f"{dropout_args}, bool tf32=False, {shard_args}) -> (Tensor, Tensor)"
+            ) in schemas["forward"]
     assert (f"Tensor? proj_b=None, Tensor? adapter_ids=None, {dropout_args}, "
-            "Tensor? dx_into=None, bool tf32=False) -> (Tensor, Tensor, Tensor)"
+            f"Tensor? dx_into=None, bool tf32=False, {shard_args}) -> (Tensor, Tensor, Tensor)"
             ) in schemas["backward"]
+    assert schemas["projection"].endswith(
+        "Tensor like, int row_offset=0, int col_offset=0, int fan=0) -> Tensor")
     # The reuse factor the benchmark reports is the header's kBlockM.
     header = (ROOT / "csrc" / "vera_kernels.h").read_text()
     assert f"kBlockM = {cuda_backend.BACKEND.reuse_factor};" in header
@@ -137,7 +141,7 @@ def test_prebuilt_extension_loads_and_registers_ops():
 
 @needs_toolkit
 @pytest.mark.parametrize("op", ["forward", "backward"])
-def test_ops_take_adapter_ids_then_dropout_then_tf32_last(op):
+def test_ops_take_adapter_ids_then_dropout_then_tf32_then_the_shard(op):
     # CudaBackend passes these positionally, last; an old prebuilt _C.so lacks them.
     cuda_backend.load()
     arguments = getattr(torch.ops.vera_kernels_cuda, op).default._schema.arguments
@@ -148,11 +152,13 @@ def test_ops_take_adapter_ids_then_dropout_then_tf32_last(op):
         ("dropout_threshold", "int", True, 0), ("dropout_scale", "float", True, 1.0),
         ("dropout_seed", "Optional[Tensor]", True, None)]
     # backward then takes dx_into: the base layer's dx, which the adapter's is added into;
-    # both end with tf32 (fp32 at TF32 precision on tensor cores), off by default.
+    # both take tf32 (fp32 at TF32 precision on tensor cores), off by default, and end
+    # with a tensor-parallel shard's place in the full layer (zeros: the whole layer).
     assert tail[start + 4:] == ([] if op == "forward"
                                 else [("dx_into", "Optional[Tensor]", True, None)]) + [
-        ("tf32", "bool", True, False)]
-    assert len(arguments) == {"forward": 15, "backward": 19}[op]
+        ("tf32", "bool", True, False), ("shard_in_offset", "int", True, 0),
+        ("shard_out_offset", "int", True, 0), ("shard_in_features", "int", True, 0)]
+    assert len(arguments) == {"forward": 18, "backward": 22}[op]
 
 
 class _RecordingOps:
@@ -388,7 +394,8 @@ def test_jit_build_without_prebuilt_extension(tmp_path):
                           timeout=900, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "vera_kernels_cuda::forward(" in proc.stdout
-    assert "Tensor? dropout_seed=None, bool tf32=False) -> (Tensor, Tensor)" in proc.stdout
+    assert ("Tensor? dropout_seed=None, bool tf32=False, int shard_in_offset=0, "
+            "int shard_out_offset=0, int shard_in_features=0) -> (Tensor, Tensor)") in proc.stdout
     assert list(tmp_path.rglob("vera_kernels_cuda*.so")), "no JIT-built library in the cache"
 
 

@@ -23,12 +23,13 @@ from .model import (
 from .module import VeRALinear
 from .peft_compat import get_nb_trainable_parameters, print_trainable_parameters
 from .peft_interop import from_peft, save_peft_adapter
-from .projection import projection
+from .projection import ProjectionShard, projection
 
 __version__ = "0.1.0"
 
 __all__ = [
     "projection",
+    "ProjectionShard",
     "vera_linear",
     "vera_linear_multi",
     "VeRALinear",

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from .backends import ProjectionSource, resolve_backend
 from .dropout import DropoutMask, check_probability, draw_call_seed, seed_words
-from .projection import SUPPORTED_DTYPES
+from .projection import SUPPORTED_DTYPES, WHOLE, ProjectionShard
 
 __all__ = ["VeRACall", "check_call"]
 
@@ -149,9 +149,28 @@ def _check_dropout(p, seed, device: torch.device) -> Optional[DropoutMask]:
     return DropoutMask(p, seed.contiguous())  # the kernels read words 0 and 1 from memory
 
 
+def _check_shard(shard, in_features: int, explicit: bool, dropout: float) -> ProjectionShard:
+    if shard is None:
+        return WHOLE
+    if not isinstance(shard, ProjectionShard):
+        raise TypeError(f"shard must be a vera_kernels.ProjectionShard or None, got "
+                        f"{type(shard).__name__}")
+    if shard.is_whole:
+        return shard
+    if explicit:
+        raise ValueError("shard selects a block of the seed's projections; with explicit "
+                         "projections pass the shard's own A and B instead")
+    if dropout:
+        # The mask is drawn over the call's own features: a row-parallel shard's would not
+        # be its slice of the full layer's mask.
+        raise ValueError("shard does not support adapter dropout")
+    shard.check(in_features)
+    return shard
+
+
 def check_call(x, lambda_d, lambda_b, seed, base_output=None, *, backend=None, projections=None,
                into_base=False, adapter_ids=_MISSING, check_ids=True, dropout=0.0,
-               dropout_seed=None) -> VeRACall:
+               dropout_seed=None, shard=None) -> VeRACall:
     """Validate ``vera_linear``'s arguments (see its docstring) and describe the call.
 
     With ``adapter_ids`` (``vera_linear_multi``) the vectors are banks, one
@@ -189,8 +208,9 @@ def check_call(x, lambda_d, lambda_b, seed, base_output=None, *, backend=None, p
             f"base_output must have shape {out_shape} (x's leading dims, len(lambda_b)), "
             f"got {tuple(base_output.shape)}"
         )
+    shard = _check_shard(shard, x.shape[-1], proj_a is not None, dropout)
     if proj_a is None:
-        source = ProjectionSource.from_seed(seed)
+        source = ProjectionSource.from_seed(seed, shard)
     else:
         r_in = (r, x.shape[-1])
         if tuple(proj_a.shape) != r_in or tuple(proj_b.shape) != (out_features, r):

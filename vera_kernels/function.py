@@ -19,6 +19,7 @@ from . import ops
 from .backends import Grads, NeededGrads
 from .call import VeRACall, check_call
 from .dropout import DropoutMask
+from .projection import ProjectionShard
 
 __all__ = ["vera_linear", "vera_linear_multi", "DOUBLE_BACKWARD_ERROR"]
 
@@ -205,6 +206,7 @@ def vera_linear(
     into_base: bool = False,
     dropout: float = 0.0,
     dropout_seed: Union[int, Tensor, None] = None,
+    shard: Optional[ProjectionShard] = None,
 ) -> Tensor:
     """VeRA's adapter path: ``base_output + lambda_b * (B @ (lambda_d * (A @ x)))`` per token.
 
@@ -239,6 +241,11 @@ def vera_linear(
             device, so a compiled graph or a CUDA graph draws a new mask per
             call; ``torch.manual_seed`` reproduces eager calls (Inductor draws
             its own way, as for ``nn.Dropout``).
+        shard: a tensor-parallel shard of a larger layer
+            (:class:`vera_kernels.ProjectionShard`): A and B are this shard's
+            block of the full layer's, so the shards' results combine to the
+            full layer's (concatenated for a column-parallel shard, summed
+            for a row-parallel one). Not with explicit projections or dropout.
 
     Returns:
         ``(..., out)`` tensor in x's dtype, differentiable in x, lambda_d,
@@ -252,7 +259,7 @@ def vera_linear(
     """
     return _run(check_call(x, lambda_d, lambda_b, seed, base_output, backend=backend,
                            projections=projections, into_base=into_base, dropout=dropout,
-                           dropout_seed=dropout_seed))
+                           dropout_seed=dropout_seed, shard=shard))
 
 
 def _run(call: VeRACall) -> Tensor:
@@ -276,6 +283,7 @@ def vera_linear_multi(
     check_ids: bool = True,
     dropout: float = 0.0,
     dropout_seed: Union[int, Tensor, None] = None,
+    shard: Optional[ProjectionShard] = None,
 ) -> Tensor:
     """``vera_linear`` for a batch that mixes several adapters sharing A and B (one seed).
 
@@ -291,7 +299,7 @@ def vera_linear_multi(
         adapter_ids: an integer tensor of shape ``x.shape[:-1]`` with values in
             [-1, n_adapters); a per-sequence id broadcast over the sequence
             works (``ids[:, None].expand(batch, seq)``).
-        seed, base_output, backend, projections, into_base, dropout, dropout_seed:
+        seed, base_output, backend, projections, into_base, dropout, dropout_seed, shard:
             as for ``vera_linear``.
         check_ids: check the ids' range (one host sync); pass False only for
             ids already checked.
@@ -306,4 +314,5 @@ def vera_linear_multi(
     """
     return _run(check_call(x, lambda_d_bank, lambda_b_bank, seed, base_output, backend=backend,
                            projections=projections, into_base=into_base, adapter_ids=adapter_ids,
-                           check_ids=check_ids, dropout=dropout, dropout_seed=dropout_seed))
+                           check_ids=check_ids, dropout=dropout, dropout_seed=dropout_seed,
+                           shard=shard))

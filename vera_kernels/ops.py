@@ -1,16 +1,19 @@
 """The torch.library boundary: the custom ops torch.compile traces, and the dispatch to a backend.
 
     vera_kernels::vera_forward(x, lambda_d, lambda_b, key0, key1, base, backend, proj_a, proj_b,
-                               adapter_ids, dropout_p, dropout_seed) -> (y, h)
+                               adapter_ids, dropout_p, dropout_seed,
+                               shard_in_offset, shard_out_offset, shard_in_features) -> (y, h)
         y = base + b ⊙ ((d ⊙ (x Aᵀ)) Bᵀ), h = x Aᵀ
     vera_kernels::vera_forward_into_base(same inputs) -> ()      base += the adapter, in place
     vera_kernels::vera_backward(grad, h, lambda_d, lambda_b, key0, key1, in_features, backend,
                                 need_dx, need_dd, need_db, proj_a, proj_b, adapter_ids,
-                                dropout_p, dropout_seed) -> (dx, dd, db)
+                                dropout_p, dropout_seed, shard_*) -> (dx, dd, db)
 
 With ``adapter_ids`` (tokens,) the vectors are banks, one row per adapter
 (``backends/banks.py``); with ``dropout_p`` > 0, h = dropout(x) Aᵀ with the
-mask of the call's dropout seed (``dropout.py``), regenerated for dx.
+mask of the call's dropout seed (``dropout.py``), regenerated for dx. The
+``shard_*`` integers are a tensor-parallel shard's place in the full layer
+(``ProjectionShard.op_args``; zeros: the whole layer).
 
 This is the one place where the call is spelled out positionally. A
 torch.library int is int64, too small for a 64-bit seed, so a seed travels
@@ -87,9 +90,11 @@ def run_backward(grad: Tensor, h: Tensor, lambda_d: Tensor, lambda_b: Tensor,
 def op_forward_inputs(inputs: tuple) -> tuple:
     """``(x, lambda_d, lambda_b, source, base, backend, adapter_ids, dropout)`` from the forward
     op's inputs."""
-    x, lambda_d, lambda_b, key0, key1, base, backend, proj_a, proj_b, adapter_ids, *drop = inputs
-    return (x, lambda_d, lambda_b, ProjectionSource.from_key_words(key0, key1, proj_a, proj_b),
-            base, backend, adapter_ids, DropoutMask.from_op_args(*drop))
+    (x, lambda_d, lambda_b, key0, key1, base, backend, proj_a, proj_b, adapter_ids, drop_p,
+     drop_seed, *shard) = inputs
+    return (x, lambda_d, lambda_b,
+            ProjectionSource.from_key_words(key0, key1, proj_a, proj_b, shard),
+            base, backend, adapter_ids, DropoutMask.from_op_args(drop_p, drop_seed))
 
 
 def op_needed_grads(needs_input_grad: tuple) -> tuple[NeededGrads, bool]:
@@ -101,7 +106,7 @@ def op_needed_grads(needs_input_grad: tuple) -> tuple[NeededGrads, bool]:
 def op_input_grads(grads: Grads, dbase: Optional[Tensor]) -> tuple:
     """The forward op's input gradients, in its argument order."""
     return (grads.x, grads.lambda_d, grads.lambda_b, None, None, dbase, None, None, None, None,
-            None, None)
+            None, None, None, None, None)
 
 
 def _dropout_args(dropout: Optional[DropoutMask]) -> tuple:
@@ -113,7 +118,7 @@ def forward_op(x, lambda_d, lambda_b, source: ProjectionSource, base, backend: s
     """``(y, h)`` through the traced custom op."""
     return torch.ops.vera_kernels.vera_forward(x, lambda_d, lambda_b, *source.key_words(),
                                                base, backend, source.a, source.b, adapter_ids,
-                                               *_dropout_args(dropout))
+                                               *_dropout_args(dropout), *source.shard.op_args())
 
 
 def forward_into_base_op(x, lambda_d, lambda_b, source: ProjectionSource, base, backend: str,
@@ -121,7 +126,7 @@ def forward_into_base_op(x, lambda_d, lambda_b, source: ProjectionSource, base, 
     """``base += adapter`` through the traced (mutating) custom op."""
     torch.ops.vera_kernels.vera_forward_into_base(
         x, lambda_d, lambda_b, *source.key_words(), base, backend, source.a, source.b, adapter_ids,
-        *_dropout_args(dropout))
+        *_dropout_args(dropout), *source.shard.op_args())
 
 
 def backward_op(grad, h, lambda_d, lambda_b, source: ProjectionSource, in_features: int,
@@ -130,7 +135,7 @@ def backward_op(grad, h, lambda_d, lambda_b, source: ProjectionSource, in_featur
     grads = torch.ops.vera_kernels.vera_backward(
         grad, h, lambda_d, lambda_b, *source.key_words(), in_features, backend,
         needed.x, needed.lambda_d, needed.lambda_b, source.a, source.b, adapter_ids,
-        *_dropout_args(dropout))
+        *_dropout_args(dropout), *source.shard.op_args())
     return Grads(*(g if need else None
                    for g, need in zip(grads, (needed.x, needed.lambda_d, needed.lambda_b))))
 
@@ -153,17 +158,22 @@ def vera_forward(
     adapter_ids: Optional[Tensor] = None,
     dropout_p: float = 0.0,
     dropout_seed: Optional[Tensor] = None,
+    shard_in_offset: int = 0,
+    shard_out_offset: int = 0,
+    shard_in_features: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """(y, h) for 2-D ``x``; see the module docstring."""
     return run_forward(x, lambda_d, lambda_b,
-                       ProjectionSource.from_key_words(key0, key1, proj_a, proj_b), base, backend,
+                       ProjectionSource.from_key_words(key0, key1, proj_a, proj_b, (
+                           shard_in_offset, shard_out_offset, shard_in_features)), base, backend,
                        adapter_ids=adapter_ids,
                        dropout=DropoutMask.from_op_args(dropout_p, dropout_seed))
 
 
 @vera_forward.register_fake
 def _(x, lambda_d, lambda_b, key0, key1, base, backend, proj_a=None, proj_b=None,
-      adapter_ids=None, dropout_p=0.0, dropout_seed=None):
+      adapter_ids=None, dropout_p=0.0, dropout_seed=None, shard_in_offset=0, shard_out_offset=0,
+      shard_in_features=0):
     tokens = x.shape[0]
     return x.new_empty(tokens, lambda_b.shape[-1]), x.new_empty(tokens, lambda_d.shape[-1])
 
@@ -182,9 +192,14 @@ def vera_forward_into_base(
     adapter_ids: Optional[Tensor] = None,
     dropout_p: float = 0.0,
     dropout_seed: Optional[Tensor] = None,
+    shard_in_offset: int = 0,
+    shard_out_offset: int = 0,
+    shard_in_features: int = 0,
 ) -> None:
     """``base += b * ((d * (x @ A.T)) @ B.T)`` in place: the forward without autograd."""
-    run_forward(x, lambda_d, lambda_b, ProjectionSource.from_key_words(key0, key1, proj_a, proj_b),
+    run_forward(x, lambda_d, lambda_b,
+                ProjectionSource.from_key_words(key0, key1, proj_a, proj_b, (
+                    shard_in_offset, shard_out_offset, shard_in_features)),
                 base, backend, into_base=True, adapter_ids=adapter_ids,
                 dropout=DropoutMask.from_op_args(dropout_p, dropout_seed))
 
@@ -207,10 +222,14 @@ def vera_backward(
     adapter_ids: Optional[Tensor] = None,
     dropout_p: float = 0.0,
     dropout_seed: Optional[Tensor] = None,
+    shard_in_offset: int = 0,
+    shard_out_offset: int = 0,
+    shard_in_features: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dx, dd, db); a gradient that was not asked for comes back as an empty tensor."""
     grads = run_backward(grad, h, lambda_d, lambda_b,
-                         ProjectionSource.from_key_words(key0, key1, proj_a, proj_b),
+                         ProjectionSource.from_key_words(key0, key1, proj_a, proj_b, (
+                             shard_in_offset, shard_out_offset, shard_in_features)),
                          in_features, backend, NeededGrads(need_dx, need_dd, need_db), adapter_ids,
                          DropoutMask.from_op_args(dropout_p, dropout_seed))
     return tuple(g if g is not None else h.new_empty(0) for g in grads)
@@ -218,7 +237,8 @@ def vera_backward(
 
 @vera_backward.register_fake
 def _(grad, h, lambda_d, lambda_b, key0, key1, in_features, backend, need_dx, need_dd, need_db,
-      proj_a=None, proj_b=None, adapter_ids=None, dropout_p=0.0, dropout_seed=None):
+      proj_a=None, proj_b=None, adapter_ids=None, dropout_p=0.0, dropout_seed=None,
+      shard_in_offset=0, shard_out_offset=0, shard_in_features=0):
     tokens = h.shape[0]
     return (
         h.new_empty(tokens, in_features) if need_dx else h.new_empty(0),

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from ..dropout import DropoutMask
-from ..projection import check_seed, join_key, split_seed
+from ..projection import WHOLE, ProjectionShard, check_seed, join_key, split_seed
 
 __all__ = ["ProjectionSource", "NeededGrads", "Grads", "Backend"]
 
@@ -35,28 +35,32 @@ __all__ = ["ProjectionSource", "NeededGrads", "Grads", "Backend"]
 class ProjectionSource:
     """Where A (r x in) and B (out x r) come from.
 
-    Either the spec matrices of ``seed`` (regenerated, never stored), or
-    explicit matrices ``a`` and ``b`` in the compute dtype (e.g. PEFT's
-    stored projections), frozen, any strides.
+    Either the spec matrices of ``seed`` (regenerated, never stored), their
+    block for a tensor-parallel ``shard``, or explicit matrices ``a`` and ``b``
+    in the compute dtype (e.g. PEFT's stored projections), frozen, any strides.
     """
 
     seed: Optional[int] = None
     a: Optional[Tensor] = None
     b: Optional[Tensor] = None
+    shard: ProjectionShard = WHOLE
 
     @classmethod
-    def from_seed(cls, seed) -> "ProjectionSource":
-        return cls(seed=check_seed(seed))
+    def from_seed(cls, seed, shard: ProjectionShard = WHOLE) -> "ProjectionSource":
+        return cls(seed=check_seed(seed), shard=shard)
 
     @classmethod
     def explicit(cls, a: Tensor, b: Tensor) -> "ProjectionSource":
         return cls(a=a.detach(), b=b.detach())
 
     @classmethod
-    def from_key_words(cls, key0: int, key1: int, a: Optional[Tensor],
-                       b: Optional[Tensor]) -> "ProjectionSource":
-        """The inverse of :meth:`key_words` (with the explicit pair, if any)."""
-        return cls.explicit(a, b) if a is not None else cls(seed=join_key((key0, key1)))
+    def from_key_words(cls, key0: int, key1: int, a: Optional[Tensor], b: Optional[Tensor],
+                       shard: tuple = (0, 0, 0)) -> "ProjectionSource":
+        """The inverse of :meth:`key_words` (with the explicit pair, if any, and the shard's
+        :meth:`ProjectionShard.op_args`)."""
+        if a is not None:
+            return cls.explicit(a, b)
+        return cls(seed=join_key((key0, key1)), shard=ProjectionShard.from_op_args(*shard))
 
     @property
     def is_explicit(self) -> bool:

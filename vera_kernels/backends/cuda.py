@@ -210,7 +210,7 @@ class CudaBackend(RegeneratingBackend):
         return _ops(x.device).forward(
             x, lambda_d, lambda_b, *source.key_words(), base, self.generates(x.shape[0]),
             source.a, source.b, into_base, adapter_ids, *_dropout_args(dropout),
-            tf32_allowed(x.dtype),
+            tf32_allowed(x.dtype), *source.shard.op_args(),
         )
 
     def backward(self, grad, h, lambda_d, lambda_b, source, in_features, needed, adapter_ids=None,
@@ -221,7 +221,7 @@ class CudaBackend(RegeneratingBackend):
             grad, h, lambda_d, lambda_b, *source.key_words(), in_features,
             self.generates(h.shape[0]), needed.x, needed.lambda_d, needed.lambda_b,
             source.a, source.b, adapter_ids, *_dropout_args(dropout), dx_into,
-            tf32_allowed(h.dtype),
+            tf32_allowed(h.dtype), *source.shard.op_args(),
         )
         if adapter_ids is not None:
             # Banked, the op returns dd and db per token row (u ⊙ h, g ⊙ z): summed

@@ -38,8 +38,10 @@ def _projections(source: ProjectionSource, in_features: int, out_features: int, 
                  like: Tensor) -> tuple[Tensor, Tensor]:
     if source.is_explicit:
         return source.a, source.b
-    proj_a = cached_projection("A", r, in_features, source.seed, like.dtype, like.device)
-    proj_b = cached_projection("B", out_features, r, source.seed, like.dtype, like.device)
+    proj_a = cached_projection("A", r, in_features, source.seed, like.dtype, like.device,
+                               source.shard)
+    proj_b = cached_projection("B", out_features, r, source.seed, like.dtype, like.device,
+                               source.shard)
     return proj_a, proj_b
 
 

@@ -17,16 +17,20 @@ from .philox import generate_projection
 
 
 def _projection(matrix: str, rows: int, cols: int, source, like, generate: bool):
-    """The kernels' view of spec matrix ``matrix``: generated, or loaded from a workspace."""
+    """The kernels' view of spec matrix ``matrix`` (the source's shard of it): generated, or
+    loaded from a workspace."""
     if source.is_explicit:
         workspace = source.a if matrix == "A" else source.b
         return kernels.Projection(MATRICES[matrix], rows, cols, 0, 1.0, workspace)
+    row_offset, col_offset, fan = source.shard.block(matrix, rows, cols)
     workspace = None
-    if not generate:
+    # The tile generator fills four columns per Philox call from a multiple of 4.
+    if not generate or col_offset % 4:
         workspace = generate_projection(matrix, rows, cols, source.seed, dtype=like.dtype,
-                                        device=like.device)
-    return kernels.Projection(MATRICES[matrix], rows, cols, source.seed, projection_bound(cols),
-                              workspace)
+                                        device=like.device, row_offset=row_offset,
+                                        col_offset=col_offset, fan=fan)
+    return kernels.Projection(MATRICES[matrix], rows, cols, source.seed, projection_bound(fan),
+                              workspace, row_offset, col_offset)
 
 
 def forward(backend, x, lambda_d, lambda_b, source, base, into_base, adapter_ids=None,

@@ -104,6 +104,8 @@ def _fetch_tile(
     n_cols,
     seed,
     bound,
+    row0,
+    col0,
     row_start,
     col_start,
     STREAM: tl.constexpr,
@@ -112,9 +114,11 @@ def _fetch_tile(
     GENERATE: tl.constexpr,
     DTYPE: tl.constexpr,
 ):
-    """Block of projection STREAM in DTYPE: generated from the seed, or loaded from proj_ptr."""
+    """Block of projection STREAM in DTYPE: generated from the seed (the full matrix's
+    block at (row0, col0) + (row_start, col_start): a shard's), or loaded from proj_ptr."""
     if GENERATE:
-        tile = projection_tile(seed, bound, row_start, col_start, STREAM, BLOCK_ROWS, BLOCK_COLS)
+        tile = projection_tile(seed, bound, row0 + row_start, col0 + col_start, STREAM,
+                               BLOCK_ROWS, BLOCK_COLS)
         tile = tile.to(DTYPE)
     else:
         rows = row_start + tl.arange(0, BLOCK_ROWS)
@@ -138,7 +142,7 @@ DROP_X: tl.constexpr = tl.constexpr(1)
 DROP_OUT: tl.constexpr = tl.constexpr(2)
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit(do_not_specialize=["seed", "proj_row0", "proj_col0"])
 def _vera_gemm_kernel(
     # acc = (x ⊙ x_scale) @ T, T (K x N): T(k, n) = P(n, k) if TRANSPOSED else P(k, n)
     x_ptr, stride_xm, stride_xk,
@@ -153,7 +157,9 @@ def _vera_gemm_kernel(
     aux_ptr, stride_am, stride_an, partial_ptr,  # reducing epilogues
     M, N, K,
     M_BUCKET,  # next power of two of M: the autotuning key, unused otherwise
-    seed, bound,
+    # generated projection: the seed, its bound, and the block's origin in the full
+    # matrix (a tensor-parallel shard's; proj_col0 a multiple of 4)
+    seed, bound, proj_row0, proj_col0,
     # the dropout stream, when DROPOUT: its seed's two int64 key words in memory
     drop_seed_ptr, drop_threshold, drop_scale,
     STREAM: tl.constexpr,
@@ -206,11 +212,12 @@ def _vera_gemm_kernel(
             x = (x.to(ACC_DTYPE) * scale.to(ACC_DTYPE)).to(DTYPE)
         if TRANSPOSED:
             t = tl.trans(_fetch_tile(proj_ptr, stride_pr, stride_pc, N, K, seed, bound,
-                                     pid_n * BLOCK_N, k_start, STREAM, BLOCK_N, BLOCK_K,
-                                     GENERATE, DTYPE))
+                                     proj_row0, proj_col0, pid_n * BLOCK_N, k_start, STREAM,
+                                     BLOCK_N, BLOCK_K, GENERATE, DTYPE))
         else:
-            t = _fetch_tile(proj_ptr, stride_pr, stride_pc, K, N, seed, bound, k_start,
-                            pid_n * BLOCK_N, STREAM, BLOCK_K, BLOCK_N, GENERATE, DTYPE)
+            t = _fetch_tile(proj_ptr, stride_pr, stride_pc, K, N, seed, bound, proj_row0,
+                            proj_col0, k_start, pid_n * BLOCK_N, STREAM, BLOCK_K, BLOCK_N,
+                            GENERATE, DTYPE)
         if SCALE_X and not ROW_IDS:
             # (x ⊙ s) T = x (diag(s) T): the scale goes on the generated tile,
             # which passes through registers anyway, so x streams to the
@@ -460,6 +467,8 @@ class Projection:
         seed, bound: what the tile generator needs.
         workspace: the matrix materialized in the compute dtype, to load tiles
             from; ``None`` generates them in registers.
+        row_offset, col_offset: where the generated block starts in the full
+            spec matrix (a tensor-parallel shard's); ``col_offset`` a multiple of 4.
     """
 
     stream: int
@@ -468,6 +477,8 @@ class Projection:
     seed: int
     bound: float
     workspace: Optional[torch.Tensor] = None
+    row_offset: int = 0
+    col_offset: int = 0
 
 
 class GemmResult(NamedTuple):
@@ -567,7 +578,8 @@ def gemm(
         row_ids if row_ids is not None else x,
         *_strides(base, x),
         *_strides(reduce_with, x), partial if partial is not None else x,
-        m, n, k, triton.next_power_of_2(m), proj.seed, proj.bound,
+        m, n, k, triton.next_power_of_2(m), proj.seed, proj.bound, proj.row_offset,
+        proj.col_offset,
         *((dropout.seed, dropout.threshold, dropout.scale) if dropout is not None else (x, 0, 1.0)),
     )
     meta = dict(

@@ -5,6 +5,8 @@ in registers; ``generate_projection`` writes a whole matrix with it (the
 per-launch workspace, and the bit-exactness tests).
 """
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -88,7 +90,7 @@ def dropout_scale_tile(seed, threshold, scale, row_start, col_start, BLOCK_ROWS:
     return tl.where(draws >= threshold, scale, 0.0)
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit(do_not_specialize=["seed", "row0", "col0"])
 def _generate_kernel(
     out_ptr,
     stride_row,
@@ -97,14 +99,18 @@ def _generate_kernel(
     n_cols,
     seed,
     bound,
+    row0,
+    col0,
     STREAM: tl.constexpr,
     BLOCK_ROWS: tl.constexpr,
     BLOCK_COLS: tl.constexpr,
 ):
-    """Write spec matrix STREAM (n_rows x n_cols) into ``out_ptr``, rounded to its dtype."""
+    """Write the block at (row0, col0) (col0 a multiple of 4) of spec matrix STREAM
+    (n_rows x n_cols) into ``out_ptr``, rounded to its dtype."""
     row_start = tl.program_id(0) * BLOCK_ROWS
     col_start = tl.program_id(1) * BLOCK_COLS
-    tile = projection_tile(seed, bound, row_start, col_start, STREAM, BLOCK_ROWS, BLOCK_COLS)
+    tile = projection_tile(seed, bound, row0 + row_start, col0 + col_start, STREAM, BLOCK_ROWS,
+                           BLOCK_COLS)
     rows = row_start + tl.arange(0, BLOCK_ROWS)
     cols = col_start + tl.arange(0, BLOCK_COLS)
     mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
@@ -114,14 +120,20 @@ def _generate_kernel(
 
 
 def generate_projection(
-    matrix: str, rows: int, cols: int, seed: int, *, dtype: torch.dtype, device
+    matrix: str, rows: int, cols: int, seed: int, *, dtype: torch.dtype, device,
+    row_offset: int = 0, col_offset: int = 0, fan: Optional[int] = None,
 ) -> torch.Tensor:
-    """``vk.projection`` computed by the Triton tile generator (bit-identical by the spec)."""
-    out = torch.empty(rows, cols, dtype=dtype, device=device)
+    """``vk.projection`` (with its block arguments) computed by the Triton tile generator
+    (bit-identical by the spec)."""
+    # The generator starts on a multiple of 4 columns: a block that does not is
+    # cut from a slightly wider one (a strided view).
+    lead = col_offset % 4
+    out = torch.empty(rows, cols + lead, dtype=dtype, device=device)
     block_rows, block_cols = 32, 64
-    grid = (triton.cdiv(rows, block_rows), triton.cdiv(cols, block_cols))
+    grid = (triton.cdiv(rows, block_rows), triton.cdiv(cols + lead, block_cols))
     _generate_kernel[grid](
-        out, out.stride(0), out.stride(1), rows, cols, seed, projection_bound(cols),
+        out, out.stride(0), out.stride(1), rows, cols + lead, seed,
+        projection_bound(fan or cols), row_offset, col_offset - lead,
         STREAM=MATRICES[matrix], BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols,
     )
-    return out
+    return out[:, lead:] if lead else out
