@@ -111,9 +111,10 @@ def _base_model():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    # head_dim 32: vLLM's CPU attention needs at least that.
+    # head_dim 32: vLLM's CPU attention needs at least that. One k / v head: under tensor
+    # parallelism 2 each shard holds a replica of it (the shards' b slices overlap).
     config = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
+                         num_attention_heads=4, num_key_value_heads=1, vocab_size=256,
                          max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
                          pad_token_id=0, tie_word_embeddings=False)
     model = LlamaForCausalLM(config).float().eval()
@@ -228,8 +229,15 @@ def slot_bytes(worker) -> dict:
 def run_engine(spec: dict) -> dict:
     """Serve ``spec["rows"]`` (prompt, adapter) with the engine ``spec`` describes; the tokens,
     and tokens/s over ``spec["repeat"]`` timed runs after a warm-up."""
-    parallel = spec.get("multiprocess") or spec.get("tensor_parallel", 1) > 1
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if parallel else "0"
+    tensor_parallel = spec.get("tensor_parallel", 1)
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = \
+        "1" if spec.get("multiprocess") or tensor_parallel > 1 else "0"
+    if tensor_parallel > 1:
+        # vLLM's CPU workers bind their threads per NUMA node unless told which cores to
+        # use; one core each (of as many as there are) on a one-node machine.
+        cores = os.cpu_count() or 1
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND",
+                              "|".join(str(rank % cores) for rank in range(tensor_parallel)))
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # slot_bytes runs in the worker
     if spec["route"] == "vera":
@@ -240,9 +248,12 @@ def run_engine(spec: dict) -> dict:
     work = Path(spec["work"])
     options = dict(dtype="float32", skip_tokenizer_init=True, max_model_len=128, seed=0,
                    max_num_seqs=BENCH_ROWS, max_num_batched_tokens=4096,
-                   tensor_parallel_size=spec.get("tensor_parallel", 1))
+                   tensor_parallel_size=tensor_parallel)
     if spec["route"] != "base":
-        options.update(enable_lora=True, max_loras=spec["max_loras"], max_lora_rank=R)
+        # A VeRA engine's r is its own (VERA_KERNELS_VLLM_R): max_lora_rank, here below it,
+        # sizes only the LoRA stacks of the layers that stay LoRA (embeddings, lm_head).
+        rank = R if spec["route"] == "lora" else 8
+        options.update(enable_lora=True, max_loras=spec["max_loras"], max_lora_rank=rank)
     llm = LLM(str(work / "model"), **options)
     kind = "vera" if spec["route"] == "vera" else "lora"
     requests = [None if adapter is None
