@@ -200,5 +200,7 @@ def test_bad_shards_are_refused():
                        projections=(torch.zeros(R, IN), torch.zeros(OUT, R)))
     with pytest.raises(ValueError, match="dropout"):
         vk.vera_linear(x, d, b, SEED, shard=sharded, dropout=0.1)
+    with pytest.raises(ValueError, match="counter range"):
+        vk.vera_linear(x, d, b, SEED, shard=vk.ProjectionShard(out_offset=2**32 - OUT + 1))
     # The whole layer is no shard: accepted with everything.
     vk.vera_linear(x, d, b, SEED, shard=WHOLE, dropout=0.1)

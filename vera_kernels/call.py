@@ -149,7 +149,8 @@ def _check_dropout(p, seed, device: torch.device) -> Optional[DropoutMask]:
     return DropoutMask(p, seed.contiguous())  # the kernels read words 0 and 1 from memory
 
 
-def _check_shard(shard, in_features: int, explicit: bool, dropout: float) -> ProjectionShard:
+def _check_shard(shard, in_features: int, out_features: int, explicit: bool,
+                 dropout: float) -> ProjectionShard:
     if shard is None:
         return WHOLE
     if not isinstance(shard, ProjectionShard):
@@ -165,6 +166,10 @@ def _check_shard(shard, in_features: int, explicit: bool, dropout: float) -> Pro
         # be its slice of the full layer's mask.
         raise ValueError("shard does not support adapter dropout")
     shard.check(in_features)
+    # The spec's counters are 32-bit: B's rows and A's column groups in the full layer.
+    if shard.out_offset + out_features > 1 << 32 or shard.in_offset + in_features > 1 << 34:
+        raise ValueError("shard: the full layer's rows or column groups would pass 2**32, the "
+                         "projection spec's counter range")
     return shard
 
 
@@ -208,7 +213,7 @@ def check_call(x, lambda_d, lambda_b, seed, base_output=None, *, backend=None, p
             f"base_output must have shape {out_shape} (x's leading dims, len(lambda_b)), "
             f"got {tuple(base_output.shape)}"
         )
-    shard = _check_shard(shard, x.shape[-1], proj_a is not None, dropout)
+    shard = _check_shard(shard, x.shape[-1], lambda_b.shape[-1], proj_a is not None, dropout)
     if proj_a is None:
         source = ProjectionSource.from_seed(seed, shard)
     else:

@@ -146,9 +146,12 @@ def _segments(layer) -> list[Segment]:
     """How a vLLM linear LoRA wrapper's (sharded) output maps onto its adapters' layers."""
     from vllm.lora.layers import (MergedColumnParallelLinearWithLoRA,
                                   MergedQKVParallelLinearWithLoRA, QKVParallelLinearWithLoRA,
-                                  RowParallelLinearWithLoRA)
+                                  ReplicatedLinearWithLoRA, RowParallelLinearWithLoRA)
 
     rank, size = layer.tp_rank, layer.tp_size
+    if isinstance(layer, ReplicatedLinearWithLoRA):
+        # Whole on every rank, though its tp_rank / tp_size are the world's.
+        return [Segment(0, layer.output_size, 0, 0, layer.output_size)]
     if isinstance(layer, MergedColumnParallelLinearWithLoRA):
         # One adapter layer per slice (q/k/v or gate/up); slice i holds its shard output_ids[i].
         if isinstance(layer, MergedQKVParallelLinearWithLoRA):
@@ -182,7 +185,7 @@ def _segments(layer) -> list[Segment]:
         half = layer.output_size // 2
         return [Segment(0, half, 0, rank * half, 2 * half * size),
                 Segment(half, half, 0, half * size + rank * half, 2 * half * size)]
-    # Column-parallel (a shard of the output) or replicated (tp_rank 0, tp_size 1).
+    # Column-parallel: a shard of the output.
     return [Segment(0, layer.output_size, 0, rank * layer.output_size,
                     layer.output_size * size)]
 
@@ -262,17 +265,24 @@ class VeRALayer:
         flat_x = x.reshape(-1, x.shape[-1])
         flat_out = output.view(-1, output.shape[-1])
         ids = wrapper._token_lora_indices[:flat_x.shape[0]]
+        # Some layers (MoE routers) return float32 from half inputs: the adapter is then
+        # computed in x's dtype and added with a cast.
+        in_place = len(self.vera_segments) == 1 and flat_out.is_contiguous() \
+            and flat_out.dtype == flat_x.dtype
         for segment, b_bank in zip(self.vera_segments, self.vera_b):
             shard = ProjectionShard(self.vera_shard_in.in_offset, segment.offset,
                                     self.vera_shard_in.in_features)
-            d_bank = self.vera_d[segment.part]
-            if len(self.vera_segments) == 1 and flat_out.is_contiguous():
-                vera_linear_multi(flat_x, d_bank, b_bank, ids, self.vera_seed, flat_out,
-                                  into_base=True, check_ids=False, shard=shard)
+            d_bank = self.vera_d[segment.part].to(flat_x.dtype)
+            b_bank = b_bank.to(flat_x.dtype)
+            if in_place:
+                y = vera_linear_multi(flat_x, d_bank, b_bank, ids, self.vera_seed, flat_out,
+                                      into_base=True, check_ids=False, shard=shard)
+                if y is not flat_out:  # into_base declined (a graph needs base): copy back
+                    flat_out.copy_(y)
                 break
             columns = flat_out[:, segment.start:segment.start + segment.width]
             columns.add_(vera_linear_multi(flat_x, d_bank, b_bank, ids, self.vera_seed,
-                                           check_ids=False, shard=shard))
+                                           check_ids=False, shard=shard).to(columns.dtype))
         return output
 
 
@@ -321,11 +331,15 @@ def load_vera_adapter(worker_manager, lora_request, path: str):
     mapper = getattr(manager.model, "hf_to_vllm_mapper", None)
     mapper = mapper.get_rename_mapper() if mapper is not None else None
     dtype = worker_manager.lora_config.lora_dtype
-    packed = {part: name for name, parts in manager.packed_modules.items() for part in parts}
+    packed = {part: (name, index) for name, parts in manager.packed_modules.items()
+              for index, part in enumerate(parts)}
     loras = {}
     for name in config["target_modules"]:
         vllm_name = mapper._map_name(name) if mapper is not None else name
-        module = manager.modules.get(packed.get(vllm_name, vllm_name))
+        module_name, part = packed.get(vllm_name, (vllm_name, 0))
+        module = manager.modules.get(module_name)
+        if module is None and _on_another_stage(manager.model, module_name):
+            continue  # pipeline parallelism: another stage's worker serves this layer
         if not isinstance(module, VeRALayer):
             kind = type(module).__name__ if module is not None else "no module"
             raise ValueError(f"{path}: adapter layer {name!r} maps to {kind} in this vLLM model, "
@@ -336,9 +350,28 @@ def load_vera_adapter(worker_manager, lora_request, path: str):
             raise ValueError(f"{path}: adapter layer {name!r} has in_features="
                              f"{config['layers'][name]['in_features']}, the model's {full_in}")
         d, b = tensors[f"{name}.vera_lambda_d"], tensors[f"{name}.vera_lambda_b"]
+        if tuple(d.shape) != (r,) or tuple(b.shape) != (_part_width(module, part),):
+            raise ValueError(f"{path}: adapter layer {name!r} has vectors of shapes "
+                             f"{tuple(d.shape)} and {tuple(b.shape)}; this model's layer needs "
+                             f"({r},) and ({_part_width(module, part)},)")
         loras[vllm_name] = LoRALayerWeights(vllm_name, rank=r, lora_alpha=r, lora_a=d.to(dtype),
                                             lora_b=b.to(dtype), scaling=1.0)
     return LoRAModel(lora_request.lora_int_id, r, loras)
+
+
+def _on_another_stage(model, name: str) -> bool:
+    """Whether ``name`` lies in a layer that pipeline parallelism left to another stage."""
+    from vllm.model_executor.models.utils import PPMissingLayer
+
+    parts = name.split(".")
+    for end in range(1, len(parts) + 1):
+        try:
+            module = model.get_submodule(".".join(parts[:end]))
+        except AttributeError:
+            return False
+        if isinstance(module, PPMissingLayer):
+            return True
+    return False
 
 
 def dummy_vera_adapter(manager, lora_id: int):
@@ -391,6 +424,7 @@ def register() -> None:
     original_dummy = LoRAModelManager.create_dummy_lora
 
     def create_dummy_lora(self, lora_id, rank, embedding_modules=None):
+        _refuse_fully_sharded(self.lora_config)
         if not any(isinstance(module, VeRALayer) for module in self.modules.values()):
             return original_dummy(self, lora_id, rank, embedding_modules)
         return dummy_vera_adapter(self, lora_id)
