@@ -349,6 +349,18 @@ def _vllm_version() -> str:
     return installed_vllm_version()
 
 
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "unknown"
+
+
 def print_report(report: dict) -> None:
     print(f"\nvLLM {report['vllm']} (CPU build), torch {report['torch']}, float32, tiny Llama "
           f"(hidden 128, 2 layers), r = {R}, {BENCH_ROWS} sequences x {BENCH_TOKENS} tokens")
@@ -365,7 +377,8 @@ def inner(args) -> int:
         make_fixtures(work, MANY, max(BENCH_ADAPTERS))
         report = check(python, work, args.tokens_per_second_only)
     report["date"] = time.strftime("%Y-%m-%d")
-    report["command"] = "python3 scripts/vllm_check.py"
+    report["command"] = "python3 scripts/vllm_check.py " + " ".join(sys.argv[2:])
+    report["device"] = f"CPU: {_cpu_name()}, {os.cpu_count()} cores"
     print_report(report)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
