@@ -27,21 +27,27 @@ IN_SPLITS = [16, 13]  # on / off a multiple of 4
 OUT_SPLITS = [20, 7]
 
 
-def _backends():
-    params = [pytest.param(name, id=name) for name in ops.available_backends("cpu")]
-    params.append(pytest.param("cuda", id="cuda-emulated"))
+def _targets():
+    params = [pytest.param((name, "cpu"), id=name) for name in ops.available_backends("cpu")]
+    params.append(pytest.param(("cuda", "cpu"), id="cuda-emulated"))
+    params += [pytest.param((name, "cuda"), id=f"{name}-cuda", marks=pytest.mark.gpu)
+               for name in ops.registered_backends()]
     return params
 
 
-@pytest.fixture(params=_backends())
-def backend(request, monkeypatch):
-    if request.param == "cuda":
+@pytest.fixture(params=_targets())
+def target(request, monkeypatch):
+    """(backend, device): every backend that runs here, the cuda one emulated on the CPU."""
+    backend, device = request.param
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    if backend == "cuda" and device == "cpu":
         monkeypatch.setenv(cuda_backend.EMULATE_ENV_VAR, "1")
         reason = cuda_backend.BACKEND.unavailable_on(torch.device("cpu"))
         if reason is not None:
             pytest.skip(reason)
         cuda_backend.load_emulation()
-    return request.param
+    return backend, device
 
 
 @pytest.fixture(params=projection_strategy.CHOICES[1:])
@@ -55,31 +61,32 @@ def _dtype(backend: str) -> torch.dtype:
     return torch.float64 if backend == "torch" else torch.float32
 
 
-def _leaves(dtype, seed=0):
-    x, d, b, base = vera_inputs((TOKENS,), IN, OUT, R, dtype=dtype, device="cpu", seed=seed)
+def _leaves(dtype, device, seed=0):
+    x, d, b, base = vera_inputs((TOKENS,), IN, OUT, R, dtype=dtype, device=device, seed=seed)
     return [t.requires_grad_() for t in (x, d, b)] + [base]
 
 
 def _full_layer(x, d, b, base, grad):
     """y and (dx, dd, db) of the unsharded layer in float64 on the torch backend."""
-    leaves = [t.detach().double().requires_grad_() for t in (x, d, b)]
-    y = vk.vera_linear(*leaves, SEED, base.double(), backend="torch")
-    y.backward(grad.double())
+    leaves = [t.detach().cpu().double().requires_grad_() for t in (x, d, b)]
+    y = vk.vera_linear(*leaves, SEED, base.cpu().double(), backend="torch")
+    y.backward(grad.cpu().double())
     return y.detach(), [t.grad for t in leaves]
 
 
 def _check(y, grads, want_y, want_grads, dtype):
     tol = 64 * EPS[dtype]
-    assert_close_scaled(y, want_y, tol, "y")
+    assert_close_scaled(y.cpu(), want_y, tol, "y")
     for name, got, want in zip(("dx", "dd", "db"), grads, want_grads):
-        assert_close_scaled(got, want, tol, name)
+        assert_close_scaled(got.cpu(), want, tol, name)
 
 
 @pytest.mark.parametrize("split", OUT_SPLITS)
-def test_column_parallel_shards_combine(backend, strategy, split):
+def test_column_parallel_shards_combine(target, strategy, split):
+    backend, device = target
     dtype = _dtype(backend)
-    x, d, b, base = _leaves(dtype)
-    grad = torch.randn(TOKENS, OUT, dtype=torch.float64).to(dtype)
+    x, d, b, base = _leaves(dtype, device)
+    grad = torch.randn(TOKENS, OUT, dtype=torch.float64).to(dtype).to(device)
     outputs = []
     for lo, hi in ((0, split), (split, OUT)):
         b_shard = b.detach()[lo:hi].clone().requires_grad_()
@@ -94,25 +101,27 @@ def test_column_parallel_shards_combine(backend, strategy, split):
 
 
 @pytest.mark.parametrize("split", IN_SPLITS)
-def test_row_parallel_shards_combine(backend, strategy, split):
+def test_row_parallel_shards_combine(target, strategy, split):
+    backend, device = target
     dtype = _dtype(backend)
-    x, d, b, base = _leaves(dtype)
-    grad = torch.randn(TOKENS, OUT, dtype=torch.float64).to(dtype)
-    y = base.double()  # a row-parallel layer adds its bias (here: base) once, after the sum
+    x, d, b, base = _leaves(dtype, device)
+    grad = torch.randn(TOKENS, OUT, dtype=torch.float64).to(dtype).to(device)
+    y = base.cpu().double()  # a row-parallel layer adds its bias (here: base) once, after the sum
     dx = []
     for lo, hi in ((0, split), (split, IN)):
         x_shard = x.detach()[:, lo:hi].clone().requires_grad_()
         y_shard = vk.vera_linear(x_shard, d, b, SEED, backend=backend,
                                  shard=vk.ProjectionShard(in_offset=lo, in_features=IN))
         y_shard.backward(grad)
-        y = y + y_shard.detach().double()
+        y = y + y_shard.detach().cpu().double()
         dx.append(x_shard.grad)
     want_y, want_grads = _full_layer(x, d, b, base, grad)
     _check(y, (torch.cat(dx, dim=1), d.grad, b.grad), want_y, want_grads, dtype)
 
 
-def test_banks_of_adapters_shard_too(backend, strategy):
+def test_banks_of_adapters_shard_too(target, strategy):
     # The serving case: a column-parallel shard of a bank, rows of several adapters and none.
+    backend, device = target
     dtype = _dtype(backend)
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(TOKENS, IN, generator=gen, dtype=torch.float64).to(dtype)
@@ -122,11 +131,12 @@ def test_banks_of_adapters_shard_too(backend, strategy):
     want = vk.vera_linear_multi(x.double(), d_bank.double(), b_bank.double(), ids, SEED,
                                 backend="torch")
     split = OUT_SPLITS[1]
+    on = [t.to(device) for t in (x, d_bank, b_bank, ids)]
     got = torch.cat([
-        vk.vera_linear_multi(x, d_bank, b_bank[:, lo:hi], ids, SEED, backend=backend,
+        vk.vera_linear_multi(on[0], on[1], on[2][:, lo:hi], on[3], SEED, backend=backend,
                              shard=vk.ProjectionShard(out_offset=lo))
         for lo, hi in ((0, split), (split, OUT))], dim=1)
-    assert_close_scaled(got, want, 64 * EPS[dtype], "y")
+    assert_close_scaled(got.cpu(), want, 64 * EPS[dtype], "y")
 
 
 # ---------------------------------------------------------------------------
@@ -151,19 +161,21 @@ def test_projection_block_is_the_full_matrix_slice(matrix, rows, cols, row0, col
 
 
 @pytest.mark.parametrize("matrix,rows,cols,row0,col0,fan", BLOCKS)
-def test_kernel_generators_match_the_block(backend, matrix, rows, cols, row0, col0, fan):
+def test_kernel_generators_match_the_block(target, matrix, rows, cols, row0, col0, fan):
+    backend, device = target
     want = projection(matrix, rows, cols, SEED, row_offset=row0, col_offset=col0, fan=fan)
     if backend == "torch":
         pytest.skip("the torch backend generates with vk.projection itself")
     if backend == "triton":
         from vera_kernels.backends.triton.philox import generate_projection
-        got = generate_projection(matrix, rows, cols, SEED, dtype=torch.float32, device="cpu",
+        got = generate_projection(matrix, rows, cols, SEED, dtype=torch.float32, device=device,
                                   row_offset=row0, col_offset=col0, fan=fan)
     else:
         key = ProjectionSource.from_seed(SEED).key_words()
-        got = cuda_backend._ops(torch.device("cpu")).projection(
-            {"A": 0, "B": 1}[matrix], rows, cols, *key, torch.empty(0), row0, col0, fan or 0)
-    assert torch.equal(got, want)
+        got = cuda_backend._ops(torch.device(device)).projection(
+            {"A": 0, "B": 1}[matrix], rows, cols, *key, torch.empty(0, device=device), row0, col0,
+            fan or 0)
+    assert torch.equal(got.cpu(), want)
 
 
 def test_the_ops_carry_the_shard():
