@@ -92,6 +92,9 @@ def main() -> None:
             diff = (plain(probe) - model.cpu()(probe)).abs().max().item()
         where = f"saved {args.out}" if args.out else "saved in memory"
         print(f"{where}; reloaded in one process, max output difference {diff:.2e}")
+    # Every rank done before any tears gloo down: a rank destroying the group while its
+    # peer still has traffic in flight can abort the peer.
+    dist.barrier()
     dist.destroy_process_group()
 
 
