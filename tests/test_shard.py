@@ -216,3 +216,22 @@ def test_bad_shards_are_refused():
         vk.vera_linear(x, d, b, SEED, shard=vk.ProjectionShard(out_offset=2**32 - OUT + 1))
     # The whole layer is no shard: accepted with everything.
     vk.vera_linear(x, d, b, SEED, shard=WHOLE, dropout=0.1)
+
+
+def test_compiled_calls_keep_the_shard():
+    # torch.compile traces the custom ops, whose shard travels as three ints.
+    x, d, b, _ = vera_inputs((6,), IN, OUT, R, dtype=torch.float64, device="cpu")
+    leaves = [t.requires_grad_() for t in (x, d, b)]
+    shard = vk.ProjectionShard(in_offset=13, out_offset=7, in_features=50)
+
+    def call(x, d, b):
+        return vk.vera_linear(x, d, b, SEED, shard=shard, backend="torch")
+
+    compiled = torch.compile(call, fullgraph=True)(*leaves)
+    compiled.sum().backward()
+    eager_leaves = [t.detach().requires_grad_() for t in leaves]
+    eager = call(*eager_leaves)
+    eager.sum().backward()
+    assert torch.equal(compiled, eager)
+    for got, want in zip(leaves, eager_leaves):
+        torch.testing.assert_close(got.grad, want.grad, rtol=0, atol=1e-12)
