@@ -278,11 +278,13 @@ def run_engine(spec: dict) -> dict:
 
 
 def engine(python: Path, spec: dict) -> dict:
-    """``run_engine(spec)`` in a fresh process of the venv's python (one engine per process)."""
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump(spec, f)
-    out = Path(f.name).with_suffix(".out.json")
-    proc = subprocess.run([str(python), __file__, "--engine", f.name, str(out)],
+    """``run_engine(spec)`` in a fresh process of the venv's python (one engine per process);
+    the spec and the result pass through files in the run's work folder."""
+    work = Path(spec["work"])
+    index = len(list(work.glob("engine-*.spec.json")))
+    spec_file, out = work / f"engine-{index}.spec.json", work / f"engine-{index}.out.json"
+    spec_file.write_text(json.dumps(spec))
+    proc = subprocess.run([str(python), __file__, "--engine", str(spec_file), str(out)],
                           capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"engine {spec['name']} failed:\n{proc.stderr[-4000:]}")

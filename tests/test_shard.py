@@ -61,9 +61,14 @@ def _dtype(backend: str) -> torch.dtype:
     return torch.float64 if backend == "torch" else torch.float32
 
 
-def _leaves(dtype, device, seed=0):
-    x, d, b, base = vera_inputs((TOKENS,), IN, OUT, R, dtype=dtype, device=device, seed=seed)
-    return [t.requires_grad_() for t in (x, d, b)] + [base]
+def _case(target):
+    """The layer's inputs on the target's device (x, d, b requiring grad), the upstream
+    gradient, and the compute dtype."""
+    backend, device = target
+    dtype = _dtype(backend)
+    x, d, b, base = vera_inputs((TOKENS,), IN, OUT, R, dtype=dtype, device=device)
+    grad = torch.randn(TOKENS, OUT, dtype=torch.float64).to(dtype).to(device)
+    return [t.requires_grad_() for t in (x, d, b)] + [base, grad], dtype
 
 
 def _full_layer(x, d, b, base, grad):
@@ -83,10 +88,8 @@ def _check(y, grads, want_y, want_grads, dtype):
 
 @pytest.mark.parametrize("split", OUT_SPLITS)
 def test_column_parallel_shards_combine(target, strategy, split):
-    backend, device = target
-    dtype = _dtype(backend)
-    x, d, b, base = _leaves(dtype, device)
-    grad = torch.randn(TOKENS, OUT, dtype=torch.float64).to(dtype).to(device)
+    backend = target[0]
+    (x, d, b, base, grad), dtype = _case(target)
     outputs = []
     for lo, hi in ((0, split), (split, OUT)):
         b_shard = b.detach()[lo:hi].clone().requires_grad_()
@@ -102,10 +105,8 @@ def test_column_parallel_shards_combine(target, strategy, split):
 
 @pytest.mark.parametrize("split", IN_SPLITS)
 def test_row_parallel_shards_combine(target, strategy, split):
-    backend, device = target
-    dtype = _dtype(backend)
-    x, d, b, base = _leaves(dtype, device)
-    grad = torch.randn(TOKENS, OUT, dtype=torch.float64).to(dtype).to(device)
+    backend = target[0]
+    (x, d, b, base, grad), dtype = _case(target)
     y = base.cpu().double()  # a row-parallel layer adds its bias (here: base) once, after the sum
     dx = []
     for lo, hi in ((0, split), (split, IN)):

@@ -62,7 +62,7 @@ import torch
 
 from ..adapter_files import CONFIG_NAME, _read_weights, read_adapter_config
 from ..function import vera_linear_multi
-from ..projection import WHOLE, ProjectionShard, check_seed
+from ..projection import ProjectionShard, check_seed
 
 __all__ = ["register", "engine_settings", "check_vllm_version", "TESTED_VLLM", "ENV_R",
            "ENV_SEED"]
@@ -190,14 +190,15 @@ def _segments(layer) -> list[Segment]:
                     layer.output_size * size)]
 
 
-def _shard_in(layer) -> ProjectionShard:
-    """The input side of a shard: a row-parallel shard holds a slice of the input features."""
+def _shards(layer, segments: list[Segment]) -> list[ProjectionShard]:
+    """Each segment's block of its adapter layer's A and B: B's rows from the segment's
+    offset; a row-parallel shard also holds a slice of the input features (A's columns)."""
     from vllm.lora.layers import RowParallelLinearWithLoRA
 
+    in_offset, in_features = 0, None
     if isinstance(layer, RowParallelLinearWithLoRA) and layer.tp_size > 1:
-        return ProjectionShard(in_offset=layer.tp_rank * layer.input_size,
-                               in_features=layer.base_layer.input_size)
-    return WHOLE
+        in_offset, in_features = layer.tp_rank * layer.input_size, layer.base_layer.input_size
+    return [ProjectionShard(in_offset, segment.offset, in_features) for segment in segments]
 
 
 class VeRALayer:
@@ -213,7 +214,7 @@ class VeRALayer:
         if self.n_slices == 1:
             self.output_slices = (self.output_size,)
         self.vera_segments = _segments(self)
-        self.vera_shard_in = _shard_in(self)
+        self.vera_shards = _shards(self, self.vera_segments)  # built once, not per forward
         dtype = lora_config.lora_dtype if isinstance(lora_config.lora_dtype, torch.dtype) \
             else self.base_layer.weight.dtype
         parts = max(segment.part for segment in self.vera_segments) + 1
@@ -269,9 +270,7 @@ class VeRALayer:
         # computed in x's dtype and added with a cast.
         in_place = len(self.vera_segments) == 1 and flat_out.is_contiguous() \
             and flat_out.dtype == flat_x.dtype
-        for segment, b_bank in zip(self.vera_segments, self.vera_b):
-            shard = ProjectionShard(self.vera_shard_in.in_offset, segment.offset,
-                                    self.vera_shard_in.in_features)
+        for segment, shard, b_bank in zip(self.vera_segments, self.vera_shards, self.vera_b):
             d_bank = self.vera_d[segment.part].to(flat_x.dtype)
             b_bank = b_bank.to(flat_x.dtype)
             if in_place:
