@@ -1,8 +1,10 @@
 // torch bindings of the CUDA kernels: the `vera_kernels_cuda` op library.
 //
 //   forward(x, lambda_d, lambda_b, key0, key1, base?, generate, proj_a?, proj_b?, into_base,
-//           adapter_ids?, dropout_threshold, dropout_scale, dropout_seed?, tf32)
-//           -> (y, h)   (y is base itself when into_base)
+//           adapter_ids?, dropout_threshold, dropout_scale, dropout_seed?, tf32, shard_*,
+//           base_scale?, base_bias?)
+//           -> (y, h)   (y is base itself when into_base; with base_scale s the epilogue
+//                        adds s ⊙ (base - base_bias) + base_bias, DVoRA's)
 //   backward(grad, h, lambda_d, lambda_b, key0, key1, in_features, generate,
 //            need_dx, need_dd, need_db, proj_a?, proj_b?, adapter_ids?,
 //            dropout_threshold, dropout_scale, dropout_seed?, dx_into?, tf32) -> (dx, dd, db)
@@ -290,7 +292,9 @@ std::tuple<Tensor, Tensor> vera_forward(const Tensor& x_in, const Tensor& lambda
                                         int64_t dropout_threshold, double dropout_scale,
                                         const std::optional<Tensor>& dropout_seed, bool tf32,
                                         int64_t shard_in_offset, int64_t shard_out_offset,
-                                        int64_t shard_in_features) {
+                                        int64_t shard_in_features,
+                                        const std::optional<Tensor>& base_scale_in,
+                                        const std::optional<Tensor>& base_bias_in) {
   TORCH_CHECK(on_kernel_device(x_in) && x_in.dim() == 2,
               "vera_kernels cuda backend: x must be a 2-D ", kDeviceKind, " tensor");
   const bool banked = adapter_ids.has_value();
@@ -328,6 +332,26 @@ std::tuple<Tensor, Tensor> vera_forward(const Tensor& x_in, const Tensor& lambda
   if (base.has_value()) {
     check_input(*base, "base", x_in, 2);
     set_base(p, *base);
+  }
+  // DVoRA: the epilogue adds s ⊙ (base - bias) + bias (kept alive until the launch).
+  Tensor base_scale, base_bias;
+  if (base_scale_in.has_value()) {
+    TORCH_CHECK(base.has_value(), "vera_kernels cuda backend: base_scale needs a base");
+    check_input(*base_scale_in, "base_scale", x_in, banked ? 2 : 1);
+    TORCH_CHECK(base_scale_in->sizes() == lambda_b.sizes(),
+                "vera_kernels cuda backend: base_scale must have lambda_b's shape");
+    base_scale = base_scale_in->contiguous();
+    p.base_scale = base_scale.data_ptr();
+    p.stride_bs = row_stride(base_scale);
+    if (base_bias_in.has_value()) {
+      check_input(*base_bias_in, "base_bias", x_in, 1);
+      TORCH_CHECK(base_bias_in->size(0) == out,
+                  "vera_kernels cuda backend: base_bias must have out elements");
+      base_bias = base_bias_in->contiguous();
+      p.base_bias = base_bias.data_ptr();
+    }
+  } else {
+    TORCH_CHECK(!base_bias_in.has_value(), "vera_kernels cuda backend: base_bias needs base_scale");
   }
   run(x_in, p, "forward y = (d h) B^T b + base");
   return {y, h};
@@ -465,7 +489,8 @@ VERA_TORCH_LIBRARY(VERA_OPS, m) {
       "bool generate, Tensor? proj_a=None, Tensor? proj_b=None, bool into_base=False, "
       "Tensor? adapter_ids=None, int dropout_threshold=0, float dropout_scale=1.0, "
       "Tensor? dropout_seed=None, bool tf32=False, int shard_in_offset=0, "
-      "int shard_out_offset=0, int shard_in_features=0) -> (Tensor, Tensor)");
+      "int shard_out_offset=0, int shard_in_features=0, Tensor? base_scale=None, "
+      "Tensor? base_bias=None) -> (Tensor, Tensor)");
   m.def(
       "backward(Tensor grad, Tensor h, Tensor lambda_d, Tensor lambda_b, int key0, int key1, "
       "int in_features, bool generate, bool need_dx, bool need_dd, bool need_db, "

@@ -364,13 +364,16 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(const GemmParams p) {
   T* out = static_cast<T*>(p.out);
   const T* out_scale = static_cast<const T*>(p.out_scale);
   const T* base = static_cast<const T*>(p.base);
+  const T* base_scale = static_cast<const T*>(p.base_scale);
+  const T* base_bias = static_cast<const T*>(p.base_bias);
   const T* aux = static_cast<const T*>(p.aux);
   AccT column[4] = {};
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     const int64_t m = m0 + ty * 4 + i;
     if (m >= p.M) continue;
-    const int32_t id = kBanked && store && out_scale != nullptr ? p.row_ids[m] : 0;
+    const int32_t id =
+        kBanked && store && (out_scale != nullptr || base_scale != nullptr) ? p.row_ids[m] : 0;
     // The thread's 4 columns are half of one dropout call's 8 features (its
     // neighbour tx ^ 1 has the other half): one call per row, run by both.
     PhiloxWords drop_w = {};
@@ -387,7 +390,17 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(const GemmParams p) {
         if constexpr (kDrop == Dropout::kOut)
           v *= static_cast<AccT>(dropout_factor(read_mask(p.drop), drop_w, (tx & 1) * 4 + j));
         if (out_scale != nullptr) v *= scale_at<kBanked>(out_scale, p.stride_so, id, n);
-        if (base != nullptr) v += to_acc(base[m * p.stride_bm + n * p.stride_bn]);
+        if (base != nullptr) {
+          AccT b = to_acc(base[m * p.stride_bm + n * p.stride_bn]);
+          if (base_scale != nullptr) {
+            // A bank row of id -1 (no adapter) keeps its base: s = 1.
+            const AccT s = kBanked && id < 0 ? AccT(1)
+                                             : scale_at<kBanked>(base_scale, p.stride_bs, id, n);
+            const AccT shift = base_bias != nullptr ? to_acc(base_bias[n]) : AccT(0);
+            b = s * (b - shift) + shift;
+          }
+          v += b;
+        }
         out[m * p.stride_om + n * p.stride_on] = from_acc<T>(v);
       }
     }

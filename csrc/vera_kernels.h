@@ -35,7 +35,8 @@ struct ProjectionSource {
 };
 
 enum class Epilogue : int {
-  kStore,           // out = acc * out_scale[n] + base[m, n]   (scale / base optional)
+  kStore,           // out = acc * out_scale[n] + base[m, n]   (scale / base optional;
+                    //   base scaled by base_scale, shifted by base_bias: DVoRA)
   kStoreReduceAux,  // both: store as kStore, and reduce as kReduceAux
   kReduceAux,       // partial[m_tile, n] = Σ_rows acc * aux[m, n]; nothing stored
 };
@@ -85,6 +86,11 @@ struct GemmParams {
   const int32_t* row_ids;  // (M,) bank row of each token row, or nullptr (one adapter)
   const void* base;        // (M, N) or nullptr
   int64_t stride_bm, stride_bn;
+  // DVoRA (only with base): base enters as s ⊙ (base - bias) + bias. s is (N,) or, with
+  // row_ids, a bank (row id -1: s = 1); bias (N,) or nullptr (zero).
+  const void* base_scale;
+  int64_t stride_bs;  // base_scale bank row stride (unused without row_ids)
+  const void* base_bias;
   const void* aux;  // (M, N) for the reducing epilogues
   int64_t stride_am, stride_an;
   void* partial;  // (ceil(M / kBlockM), N), float (double for kDouble)

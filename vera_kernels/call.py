@@ -39,6 +39,9 @@ class VeRACall:
         adapter_ids: ``(tokens,)`` int32 when the vectors are banks, else None.
         dropout: the call's dropout mask on the adapter's input (its seed a tensor on
             x's device), or None.
+        base_scale: ``(out,)`` (banks: ``(n_adapters, out)``) scaling ``base - base_bias``
+            (DVoRA's magnitude over the norm), or None.
+        base_bias: ``(out,)`` the part of base that ``base_scale`` leaves unscaled, or None.
     """
 
     x: Tensor
@@ -52,6 +55,8 @@ class VeRACall:
     into_base: bool
     adapter_ids: Optional[Tensor] = None
     dropout: Optional[DropoutMask] = None
+    base_scale: Optional[Tensor] = None
+    base_bias: Optional[Tensor] = None
 
 
 def _check_tensor(name: str, t, dims: Optional[int] = None) -> None:
@@ -173,9 +178,26 @@ def _check_shard(shard, in_features: int, out_features: int, explicit: bool,
     return shard
 
 
+def _check_base_affine(base_scale, base_bias, base_output, scale_shape: tuple,
+                       out_features: int) -> None:
+    if base_scale is None:
+        if base_bias is not None:
+            raise ValueError("base_bias is the part of base_output that base_scale leaves "
+                             "unscaled: pass it together with base_scale")
+        return
+    if base_output is None:
+        raise ValueError("base_scale scales base_output: pass base_output too")
+    if tuple(base_scale.shape) != scale_shape:
+        raise ValueError(f"base_scale must have shape {scale_shape} (lambda_b's), got "
+                         f"{tuple(base_scale.shape)}")
+    if base_bias is not None and tuple(base_bias.shape) != (out_features,):
+        raise ValueError(f"base_bias must have shape ({out_features},), got "
+                         f"{tuple(base_bias.shape)}")
+
+
 def check_call(x, lambda_d, lambda_b, seed, base_output=None, *, backend=None, projections=None,
                into_base=False, adapter_ids=_MISSING, check_ids=True, dropout=0.0,
-               dropout_seed=None, shard=None) -> VeRACall:
+               dropout_seed=None, shard=None, base_scale=None, base_bias=None) -> VeRACall:
     """Validate ``vera_linear``'s arguments (see its docstring) and describe the call.
 
     With ``adapter_ids`` (``vera_linear_multi``) the vectors are banks, one
@@ -193,9 +215,13 @@ def check_call(x, lambda_d, lambda_b, seed, base_output=None, *, backend=None, p
                          "they must hold the same adapters")
     if base_output is not None:
         _check_tensor("base_output", base_output)
+    if base_scale is not None:
+        _check_tensor("base_scale", base_scale, dims=vector_dims)
+    if base_bias is not None:
+        _check_tensor("base_bias", base_bias, dims=1)
     proj_a, proj_b = _check_projections(projections)
-    x, lambda_d, lambda_b, base_output, proj_a, proj_b = _autocast(
-        [x, lambda_d, lambda_b, base_output, proj_a, proj_b], x.device.type
+    x, lambda_d, lambda_b, base_output, proj_a, proj_b, base_scale, base_bias = _autocast(
+        [x, lambda_d, lambda_b, base_output, proj_a, proj_b, base_scale, base_bias], x.device.type
     )
     if x.dim() == 0 or x.shape[-1] == 0:
         raise ValueError(f"x must have shape (..., in) with in >= 1, got {tuple(x.shape)}")
@@ -204,8 +230,10 @@ def check_call(x, lambda_d, lambda_b, seed, base_output=None, *, backend=None, p
             f"{names[0]} and {names[1]} must be non-empty, got shapes {tuple(lambda_d.shape)} "
             f"and {tuple(lambda_b.shape)}"
         )
+    vectors = (*names, "base_scale", "base_bias")
     _check_alike(x, {names[0]: lambda_d, names[1]: lambda_b, "base_output": base_output,
-                     "projections[0]": proj_a, "projections[1]": proj_b}, vectors=names)
+                     "projections[0]": proj_a, "projections[1]": proj_b,
+                     "base_scale": base_scale, "base_bias": base_bias}, vectors=vectors)
     r, out_features = lambda_d.shape[-1], lambda_b.shape[-1]
     out_shape = (*x.shape[:-1], out_features)
     if base_output is not None and tuple(base_output.shape) != out_shape:
@@ -213,6 +241,7 @@ def check_call(x, lambda_d, lambda_b, seed, base_output=None, *, backend=None, p
             f"base_output must have shape {out_shape} (x's leading dims, len(lambda_b)), "
             f"got {tuple(base_output.shape)}"
         )
+    _check_base_affine(base_scale, base_bias, base_output, tuple(lambda_b.shape), out_features)
     shard = _check_shard(shard, x.shape[-1], lambda_b.shape[-1], proj_a is not None, dropout)
     if proj_a is None:
         source = ProjectionSource.from_seed(seed, shard)
@@ -236,9 +265,11 @@ def check_call(x, lambda_d, lambda_b, seed, base_output=None, *, backend=None, p
         # Not under torch.export: it turns the in-place op into a functional copy
         # (auto_functionalized) that exporters such as torch.onnx cannot translate.
         into_base=bool(into_base) and base_output is not None and base_output.is_contiguous()
-        and not _needs_graph(x, lambda_d, lambda_b, base_output)
+        and not _needs_graph(x, lambda_d, lambda_b, base_output, base_scale, base_bias)
         and not torch.compiler.is_exporting(),
         adapter_ids=_check_adapter_ids(adapter_ids, x, lambda_d.shape[0], check_ids)
         if banked else None,
         dropout=_check_dropout(dropout, dropout_seed, x.device),
+        base_scale=base_scale,
+        base_bias=base_bias,
     )

@@ -2,7 +2,10 @@
 
 Forward saves only ``h`` (tokens x r) and the two vectors; backward hands
 them to the same backend's backward. The gradient of ``base_output`` is the
-upstream gradient itself. Under torch.compile the custom ops of ``ops.py``
+upstream gradient itself. With ``base_scale`` (DVoRA, ``dora.py``) the base
+is scaled in the forward's epilogue; then ``base_output`` is kept (a
+reference to the caller's tensor, never written in place under autograd)
+for the gradient of the scale, ``Σ_tokens g ⊙ (base - base_bias)``. Under torch.compile the custom ops of ``ops.py``
 (with the autograd registered here) are traced; in eager mode an
 ``autograd.Function`` calls the same backend functions directly, which costs
 a fraction of the dispatch overhead.
@@ -17,6 +20,7 @@ from torch import Tensor
 
 from . import ops
 from .backends import Grads, NeededGrads
+from .backends.banks import per_adapter_sum, row_vectors
 from .call import VeRACall, check_call
 from .dropout import DropoutMask
 from .projection import ProjectionShard
@@ -58,13 +62,44 @@ def _guard_double_backward(grads: Grads, *inputs) -> Grads:
     return Grads(*(None if g is None else next(guarded) for g in grads))
 
 
-def _save(ctx, x, lambda_d, lambda_b, source, backend, adapter_ids, dropout, h, *extra) -> None:
+def _save(ctx, x, lambda_d, lambda_b, source, backend, adapter_ids, dropout, h, *extra,
+          affine: tuple = (None, None, None)) -> None:
     # An explicit source holds frozen inputs: keeping it keeps references, no
     # copies. Dropout keeps its seed tensor (two words) only: the mask is regenerated.
+    # ``affine``: (base, base_scale, base_bias), kept when there is a base_scale.
     seed = dropout.seed if dropout is not None else None
-    ctx.save_for_backward(h, lambda_d, lambda_b, adapter_ids, seed, *extra)
+    ctx.affine = affine[1] is not None
+    ctx.save_for_backward(h, lambda_d, lambda_b, adapter_ids, seed,
+                          *(affine if ctx.affine else ()), *extra)
     ctx.source, ctx.backend, ctx.in_features = source, backend, x.shape[1]
     ctx.dropout_p = dropout.p if dropout is not None else 0.0
+
+
+def _affine_grads(ctx, saved: tuple, grad_y: Tensor, needs: tuple) -> tuple:
+    """The gradients of (base, base_scale, base_bias) that ``needs`` asks for.
+
+    With ``y = s ⊙ (base - bias) + bias + adapter``: ``dbase = g ⊙ s``,
+    ``ds = Σ_tokens g ⊙ (base - bias)`` (per adapter for a bank, whose rows with
+    id -1 have s = 1), ``dbias = Σ_tokens g ⊙ (1 - s)``; sums in float32 or wider.
+    """
+    need_base, need_scale, need_bias = needs
+    if not ctx.affine:
+        return grad_y if need_base else None, None, None
+    adapter_ids = saved[3]
+    base, scale, bias = saved[5:8]
+    rows = scale if adapter_ids is None else row_vectors(scale, adapter_ids, fill=1.0)
+    acc = torch.promote_types(torch.promote_types(grad_y.dtype, scale.dtype), torch.float32)
+    g = grad_y.to(acc)
+    dbase = (g * rows.to(acc)).to(grad_y.dtype) if need_base else None
+    dscale = dbias = None
+    if need_scale:
+        centred = base.to(acc) if bias is None else base.to(acc) - bias.to(acc)
+        products = g * centred
+        dscale = (products.sum(0) if adapter_ids is None
+                  else per_adapter_sum(products, adapter_ids, scale.shape[0])).to(scale.dtype)
+    if need_bias:
+        dbias = (g * (1 - rows.to(acc))).sum(0).to(bias.dtype)
+    return dbase, dscale, dbias
 
 
 def _input_grads(ctx, saved: tuple, grad_y: Tensor, needed: NeededGrads, backward: Callable,
@@ -81,15 +116,18 @@ def _input_grads(ctx, saved: tuple, grad_y: Tensor, needed: NeededGrads, backwar
 
 # Autograd of the custom op, for graphs torch.compile traces.
 def _setup_context(ctx, inputs, output):
-    x, lambda_d, lambda_b, source, _, backend, adapter_ids, dropout = ops.op_forward_inputs(inputs)
-    _save(ctx, x, lambda_d, lambda_b, source, backend, adapter_ids, dropout, output[1])
+    (x, lambda_d, lambda_b, source, base, backend, adapter_ids, dropout, base_scale,
+     base_bias) = ops.op_forward_inputs(inputs)
+    _save(ctx, x, lambda_d, lambda_b, source, backend, adapter_ids, dropout, output[1],
+          affine=(base, base_scale, base_bias))
     ctx.mark_non_differentiable(output[1])
 
 
 def _op_backward(ctx, grad_y, _grad_h):
-    needed, need_base = ops.op_needed_grads(ctx.needs_input_grad)
-    grads = _input_grads(ctx, ctx.saved_tensors, grad_y, needed, ops.backward_op)
-    return ops.op_input_grads(grads, grad_y if need_base else None)
+    needed, affine_needs = ops.op_needed_grads(ctx.needs_input_grad)
+    saved = ctx.saved_tensors
+    grads = _input_grads(ctx, saved, grad_y, needed, ops.backward_op)
+    return ops.op_input_grads(grads, _affine_grads(ctx, saved, grad_y, affine_needs))
 
 
 torch.library.register_autograd("vera_kernels::vera_forward", _op_backward,
@@ -100,18 +138,24 @@ class _VeRAFunction(torch.autograd.Function):
     """The eager path: the same backend calls and saved state, without torch.library dispatch."""
 
     @staticmethod
-    def forward(ctx, x, lambda_d, lambda_b, base, source, backend, adapter_ids, dropout):
+    def forward(ctx, x, lambda_d, lambda_b, base, source, backend, adapter_ids, dropout,
+                base_scale, base_bias):
         y, h = ops.run_forward(x, lambda_d, lambda_b, source, base, backend,
-                               adapter_ids=adapter_ids, dropout=dropout)
-        _save(ctx, x, lambda_d, lambda_b, source, backend, adapter_ids, dropout, h)
+                               adapter_ids=adapter_ids, dropout=dropout, base_scale=base_scale,
+                               base_bias=base_bias)
+        _save(ctx, x, lambda_d, lambda_b, source, backend, adapter_ids, dropout, h,
+              affine=(base, base_scale, base_bias))
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
         need_x, need_d, need_b, need_base = ctx.needs_input_grad[:4]
-        grads = _input_grads(ctx, ctx.saved_tensors, grad_y, NeededGrads(need_x, need_d, need_b),
+        saved = ctx.saved_tensors
+        grads = _input_grads(ctx, saved, grad_y, NeededGrads(need_x, need_d, need_b),
                              ops.run_backward)
-        return (*grads, grad_y if need_base else None, None, None, None, None)
+        dbase, dscale, dbias = _affine_grads(ctx, saved, grad_y,
+                                             (need_base, *ctx.needs_input_grad[8:10]))
+        return (*grads, dbase, None, None, None, None, dscale, dbias)
 
 
 class _VeRALayerFunction(torch.autograd.Function):
@@ -176,19 +220,23 @@ def vera_linear_layer(x: Tensor, weight: Tensor, bias: Optional[Tensor], weight_
 def _forward(call: VeRACall) -> Tensor:
     if torch.compiler.is_compiling():
         y, _ = ops.forward_op(call.x, call.lambda_d, call.lambda_b, call.source, call.base,
-                              call.backend, call.adapter_ids, call.dropout)
+                              call.backend, call.adapter_ids, call.dropout, call.base_scale,
+                              call.base_bias)
         return y
     return _VeRAFunction.apply(call.x, call.lambda_d, call.lambda_b, call.base, call.source,
-                               call.backend, call.adapter_ids, call.dropout)
+                               call.backend, call.adapter_ids, call.dropout, call.base_scale,
+                               call.base_bias)
 
 
 def _forward_into_base(call: VeRACall) -> None:
     args = (call.x, call.lambda_d, call.lambda_b, call.source, call.base, call.backend)
     if torch.compiler.is_compiling():
         # a declared mutation: functionalized when traced
-        ops.forward_into_base_op(*args, call.adapter_ids, call.dropout)
+        ops.forward_into_base_op(*args, call.adapter_ids, call.dropout, call.base_scale,
+                                 call.base_bias)
         return
-    ops.run_forward(*args, into_base=True, adapter_ids=call.adapter_ids, dropout=call.dropout)
+    ops.run_forward(*args, into_base=True, adapter_ids=call.adapter_ids, dropout=call.dropout,
+                    base_scale=call.base_scale, base_bias=call.base_bias)
     # A fused kernel's write is invisible to autograd: bump the version so a
     # graph that saved base_output refuses to use it.
     torch.autograd.graph.increment_version(call.base_output)
@@ -207,6 +255,8 @@ def vera_linear(
     dropout: float = 0.0,
     dropout_seed: Union[int, Tensor, None] = None,
     shard: Optional[ProjectionShard] = None,
+    base_scale: Optional[Tensor] = None,
+    base_bias: Optional[Tensor] = None,
 ) -> Tensor:
     """VeRA's adapter path: ``base_output + lambda_b * (B @ (lambda_d * (A @ x)))`` per token.
 
@@ -246,10 +296,18 @@ def vera_linear(
             block of the full layer's, so the shards' results combine to the
             full layer's (concatenated for a column-parallel shard, summed
             for a row-parallel one). Not with explicit projections or dropout.
+        base_scale: ``(out,)``, DVoRA's output scale s (``dora.py``): the result is
+            then ``s ⊙ (base_output - base_bias) + base_bias + adapter``, s applied
+            in the same epilogue that adds the base. ``base_output`` is then kept
+            for backward (``ds = Σ_tokens g ⊙ (base_output - base_bias)``).
+            float32 is accepted under half x, as for the vectors.
+        base_bias: ``(out,)``, the part of base_output that base_scale leaves
+            unscaled (the base layer's bias); only with base_scale.
 
     Returns:
         ``(..., out)`` tensor in x's dtype, differentiable in x, lambda_d,
-        lambda_b and base_output (once: double backward raises). Under
+        lambda_b, base_output, base_scale and base_bias (once: double
+        backward raises). Under
         ``torch.autocast`` everything is computed in the autocast dtype.
 
     Raises:
@@ -259,7 +317,8 @@ def vera_linear(
     """
     return _run(check_call(x, lambda_d, lambda_b, seed, base_output, backend=backend,
                            projections=projections, into_base=into_base, dropout=dropout,
-                           dropout_seed=dropout_seed, shard=shard))
+                           dropout_seed=dropout_seed, shard=shard, base_scale=base_scale,
+                           base_bias=base_bias))
 
 
 def _run(call: VeRACall) -> Tensor:
@@ -284,6 +343,8 @@ def vera_linear_multi(
     dropout: float = 0.0,
     dropout_seed: Union[int, Tensor, None] = None,
     shard: Optional[ProjectionShard] = None,
+    base_scale: Optional[Tensor] = None,
+    base_bias: Optional[Tensor] = None,
 ) -> Tensor:
     """``vera_linear`` for a batch that mixes several adapters sharing A and B (one seed).
 
@@ -299,8 +360,10 @@ def vera_linear_multi(
         adapter_ids: an integer tensor of shape ``x.shape[:-1]`` with values in
             [-1, n_adapters); a per-sequence id broadcast over the sequence
             works (``ids[:, None].expand(batch, seq)``).
-        seed, base_output, backend, projections, into_base, dropout, dropout_seed, shard:
-            as for ``vera_linear``.
+        seed, base_output, backend, projections, into_base, dropout, dropout_seed, shard,
+        base_bias: as for ``vera_linear``.
+        base_scale: ``(n_adapters, out)``, each adapter's DVoRA scale (rows with id -1
+            keep their base output unscaled).
         check_ids: check the ids' range (one host sync); pass False only for
             ids already checked.
 
@@ -315,4 +378,4 @@ def vera_linear_multi(
     return _run(check_call(x, lambda_d_bank, lambda_b_bank, seed, base_output, backend=backend,
                            projections=projections, into_base=into_base, adapter_ids=adapter_ids,
                            check_ids=check_ids, dropout=dropout, dropout_seed=dropout_seed,
-                           shard=shard))
+                           shard=shard, base_scale=base_scale, base_bias=base_bias))

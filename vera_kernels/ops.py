@@ -2,8 +2,10 @@
 
     vera_kernels::vera_forward(x, lambda_d, lambda_b, key0, key1, base, backend, proj_a, proj_b,
                                adapter_ids, dropout_p, dropout_seed,
-                               shard_in_offset, shard_out_offset, shard_in_features) -> (y, h)
+                               shard_in_offset, shard_out_offset, shard_in_features,
+                               base_scale, base_bias) -> (y, h)
         y = base + b ⊙ ((d ⊙ (x Aᵀ)) Bᵀ), h = x Aᵀ
+        (with base_scale s: base becomes s ⊙ (base - base_bias) + base_bias, DVoRA's)
     vera_kernels::vera_forward_into_base(same inputs) -> ()      base += the adapter, in place
     vera_kernels::vera_backward(grad, h, lambda_d, lambda_b, key0, key1, in_features, backend,
                                 need_dx, need_dd, need_db, proj_a, proj_b, adapter_ids,
@@ -58,16 +60,23 @@ def _no_autocast(x: Tensor):
     return torch.autocast(x.device.type, enabled=False)
 
 
+def _contiguous(t: Optional[Tensor]) -> Optional[Tensor]:
+    return t.contiguous() if t is not None else None
+
+
 def run_forward(x: Tensor, lambda_d: Tensor, lambda_b: Tensor, source: ProjectionSource,
                 base: Optional[Tensor], backend: str, *, into_base: bool = False,
-                adapter_ids: Optional[Tensor] = None, dropout: Optional[DropoutMask] = None):
+                adapter_ids: Optional[Tensor] = None, dropout: Optional[DropoutMask] = None,
+                base_scale: Optional[Tensor] = None, base_bias: Optional[Tensor] = None):
     """``(y, h)`` from the named backend for 2-D ``x``; with ``into_base``, y is ``base``."""
     # The backends index the vectors as contiguous arrays (r and out elements: a cheap copy).
     lambda_d, lambda_b = lambda_d.contiguous(), lambda_b.contiguous()
+    affine = {} if base_scale is None else {"base_scale": base_scale.contiguous(),
+                                            "base_bias": _contiguous(base_bias)}
     with _no_autocast(x):
         return _backend_for(x, backend).forward(x, lambda_d, lambda_b, source, base,
                                                 into_base=into_base, adapter_ids=adapter_ids,
-                                                dropout=dropout)
+                                                dropout=dropout, **affine)
 
 
 def run_backward(grad: Tensor, h: Tensor, lambda_d: Tensor, lambda_b: Tensor,
@@ -88,25 +97,29 @@ def run_backward(grad: Tensor, h: Tensor, lambda_d: Tensor, lambda_b: Tensor,
 # ---------------------------------------------------------------------------
 
 def op_forward_inputs(inputs: tuple) -> tuple:
-    """``(x, lambda_d, lambda_b, source, base, backend, adapter_ids, dropout)`` from the forward
-    op's inputs."""
+    """``(x, lambda_d, lambda_b, source, base, backend, adapter_ids, dropout, base_scale,
+    base_bias)`` from the forward op's inputs."""
     (x, lambda_d, lambda_b, key0, key1, base, backend, proj_a, proj_b, adapter_ids, drop_p,
-     drop_seed, *shard) = inputs
+     drop_seed, *shard, base_scale, base_bias) = inputs
     return (x, lambda_d, lambda_b,
             ProjectionSource.from_key_words(key0, key1, proj_a, proj_b, shard),
-            base, backend, adapter_ids, DropoutMask.from_op_args(drop_p, drop_seed))
+            base, backend, adapter_ids, DropoutMask.from_op_args(drop_p, drop_seed), base_scale,
+            base_bias)
 
 
-def op_needed_grads(needs_input_grad: tuple) -> tuple[NeededGrads, bool]:
-    """(gradients for the backend, whether base needs one) from the forward op's needs_input_grad."""
+def op_needed_grads(needs_input_grad: tuple) -> tuple[NeededGrads, tuple]:
+    """(gradients for the backend, whether base, base_scale and base_bias need one) from the
+    forward op's needs_input_grad."""
     need_x, need_d, need_b, _, _, need_base = needs_input_grad[:6]
-    return NeededGrads(need_x, need_d, need_b), need_base
+    return NeededGrads(need_x, need_d, need_b), (need_base, *needs_input_grad[-2:])
 
 
-def op_input_grads(grads: Grads, dbase: Optional[Tensor]) -> tuple:
-    """The forward op's input gradients, in its argument order."""
+def op_input_grads(grads: Grads, affine_grads: tuple) -> tuple:
+    """The forward op's input gradients, in its argument order; ``affine_grads`` are those of
+    base, base_scale and base_bias."""
+    dbase, dscale, dbias = affine_grads
     return (grads.x, grads.lambda_d, grads.lambda_b, None, None, dbase, None, None, None, None,
-            None, None, None, None, None)
+            None, None, None, None, None, dscale, dbias)
 
 
 def _dropout_args(dropout: Optional[DropoutMask]) -> tuple:
@@ -114,19 +127,20 @@ def _dropout_args(dropout: Optional[DropoutMask]) -> tuple:
 
 
 def forward_op(x, lambda_d, lambda_b, source: ProjectionSource, base, backend: str,
-               adapter_ids=None, dropout=None):
+               adapter_ids=None, dropout=None, base_scale=None, base_bias=None):
     """``(y, h)`` through the traced custom op."""
     return torch.ops.vera_kernels.vera_forward(x, lambda_d, lambda_b, *source.key_words(),
                                                base, backend, source.a, source.b, adapter_ids,
-                                               *_dropout_args(dropout), *source.shard.op_args())
+                                               *_dropout_args(dropout), *source.shard.op_args(),
+                                               base_scale, base_bias)
 
 
 def forward_into_base_op(x, lambda_d, lambda_b, source: ProjectionSource, base, backend: str,
-                         adapter_ids=None, dropout=None):
-    """``base += adapter`` through the traced (mutating) custom op."""
+                         adapter_ids=None, dropout=None, base_scale=None, base_bias=None):
+    """``base = adapter + base (its affine map)`` through the traced (mutating) custom op."""
     torch.ops.vera_kernels.vera_forward_into_base(
         x, lambda_d, lambda_b, *source.key_words(), base, backend, source.a, source.b, adapter_ids,
-        *_dropout_args(dropout), *source.shard.op_args())
+        *_dropout_args(dropout), *source.shard.op_args(), base_scale, base_bias)
 
 
 def backward_op(grad, h, lambda_d, lambda_b, source: ProjectionSource, in_features: int,
@@ -161,19 +175,22 @@ def vera_forward(
     shard_in_offset: int = 0,
     shard_out_offset: int = 0,
     shard_in_features: int = 0,
+    base_scale: Optional[Tensor] = None,
+    base_bias: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
     """(y, h) for 2-D ``x``; see the module docstring."""
     return run_forward(x, lambda_d, lambda_b,
                        ProjectionSource.from_key_words(key0, key1, proj_a, proj_b, (
                            shard_in_offset, shard_out_offset, shard_in_features)), base, backend,
                        adapter_ids=adapter_ids,
-                       dropout=DropoutMask.from_op_args(dropout_p, dropout_seed))
+                       dropout=DropoutMask.from_op_args(dropout_p, dropout_seed),
+                       base_scale=base_scale, base_bias=base_bias)
 
 
 @vera_forward.register_fake
 def _(x, lambda_d, lambda_b, key0, key1, base, backend, proj_a=None, proj_b=None,
       adapter_ids=None, dropout_p=0.0, dropout_seed=None, shard_in_offset=0, shard_out_offset=0,
-      shard_in_features=0):
+      shard_in_features=0, base_scale=None, base_bias=None):
     tokens = x.shape[0]
     return x.new_empty(tokens, lambda_b.shape[-1]), x.new_empty(tokens, lambda_d.shape[-1])
 
@@ -195,13 +212,16 @@ def vera_forward_into_base(
     shard_in_offset: int = 0,
     shard_out_offset: int = 0,
     shard_in_features: int = 0,
+    base_scale: Optional[Tensor] = None,
+    base_bias: Optional[Tensor] = None,
 ) -> None:
     """``base += b * ((d * (x @ A.T)) @ B.T)`` in place: the forward without autograd."""
     run_forward(x, lambda_d, lambda_b,
                 ProjectionSource.from_key_words(key0, key1, proj_a, proj_b, (
                     shard_in_offset, shard_out_offset, shard_in_features)),
                 base, backend, into_base=True, adapter_ids=adapter_ids,
-                dropout=DropoutMask.from_op_args(dropout_p, dropout_seed))
+                dropout=DropoutMask.from_op_args(dropout_p, dropout_seed),
+                base_scale=base_scale, base_bias=base_bias)
 
 
 @torch.library.custom_op("vera_kernels::vera_backward", mutates_args=())

@@ -32,7 +32,8 @@ def per_adapter_sum(values: Tensor, adapter_ids: Tensor, n_adapters: int) -> Ten
     return totals[:n_adapters].to(acc)
 
 
-def row_vectors(bank: Tensor, adapter_ids: Tensor) -> Tensor:
-    """``bank[adapter_ids]`` with zero rows for id -1: each token's vector, (tokens, C)."""
+def row_vectors(bank: Tensor, adapter_ids: Tensor, fill: float = 0.0) -> Tensor:
+    """``bank[adapter_ids]`` with rows of ``fill`` for id -1 (0: no adapter output; 1 for a
+    DVoRA base scale): each token's vector, (tokens, C)."""
     rows = bank.index_select(0, adapter_ids.clamp(min=0))
-    return rows.masked_fill_((adapter_ids < 0)[:, None], 0)
+    return rows.masked_fill_((adapter_ids < 0)[:, None], fill)

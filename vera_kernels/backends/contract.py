@@ -4,6 +4,8 @@ A backend computes, for 2-D activations (tokens x in),
 
     forward:  h = x Aᵀ  (tokens x r, saved for backward)
               y = base + b ⊙ ((d ⊙ h) Bᵀ)
+              (with base_scale s, DVoRA's: base is s ⊙ (base - base_bias) + base_bias,
+              in the same pass; its gradients are plain torch in function.py)
     backward: dx = (d ⊙ ((b ⊙ g) B)) A,  dd = Σ_tokens ((b ⊙ g) B) ⊙ h,
               db = Σ_tokens g ⊙ ((d ⊙ h) Bᵀ)
 
@@ -123,10 +125,14 @@ class Backend(abc.ABC):
     def forward(self, x: Tensor, lambda_d: Tensor, lambda_b: Tensor, source: ProjectionSource,
                 base: Optional[Tensor], *, into_base: bool = False,
                 adapter_ids: Optional[Tensor] = None,
-                dropout: Optional[DropoutMask] = None) -> tuple[Tensor, Tensor]:
+                dropout: Optional[DropoutMask] = None, base_scale: Optional[Tensor] = None,
+                base_bias: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
         """``(y, h)``; with ``into_base`` y is ``base`` itself, written in place.
 
         With ``dropout``, h = dropout(x) Aᵀ with the mask of ``vera_kernels/dropout.py``.
+        With ``base_scale`` ((out,), or a bank like lambda_b; base given), the base
+        term is ``base_scale ⊙ (base - base_bias) + base_bias`` (base_bias (out,) or
+        None; a bank row of id -1 scales by 1).
         """
 
     @abc.abstractmethod

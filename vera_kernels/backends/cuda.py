@@ -203,14 +203,17 @@ class CudaBackend(RegeneratingBackend):
         return _ops(device).block_m()  # kBlockM in csrc/vera_kernels.h
 
     def forward(self, x, lambda_d, lambda_b, source, base, *, into_base=False, adapter_ids=None,
-                dropout=None):
+                dropout=None, base_scale=None, base_bias=None):
         # The extension takes the vectors in the compute dtype (float32 ones
         # under half activations are rounded here; Triton scales in float32).
         lambda_d, lambda_b = lambda_d.to(x.dtype), lambda_b.to(x.dtype)
+        if base_scale is not None:
+            base_scale = base_scale.to(x.dtype)
+            base_bias = base_bias.to(x.dtype) if base_bias is not None else None
         return _ops(x.device).forward(
             x, lambda_d, lambda_b, *source.key_words(), base, self.generates(x.shape[0]),
             source.a, source.b, into_base, adapter_ids, *_dropout_args(dropout),
-            tf32_allowed(x.dtype), *source.shard.op_args(),
+            tf32_allowed(x.dtype), *source.shard.op_args(), base_scale, base_bias,
         )
 
     def backward(self, grad, h, lambda_d, lambda_b, source, in_features, needed, adapter_ids=None,

@@ -83,9 +83,12 @@ class TorchBackend(Backend):
         return None
 
     def forward(self, x, lambda_d, lambda_b, source, base, *, into_base=False, adapter_ids=None,
-                dropout=None):
+                dropout=None, base_scale=None, base_bias=None):
         proj_a, proj_b = _projections(source, x.shape[1], lambda_b.shape[-1], lambda_d.shape[-1], x)
         h = _shrink(x, proj_a, dropout)
+        if base_scale is not None:
+            base = _affine_base(base, base_scale, base_bias, adapter_ids, into_base)
+            into_base = True  # base is now the caller's buffer (in place) or this call's own
         if adapter_ids is not None:
             return _forward_rows(h, lambda_d, lambda_b, proj_b, base, into_base, adapter_ids), h
         scales = _fold_scales(x.dtype, lambda_b, lambda_d)
@@ -115,6 +118,18 @@ class TorchBackend(Backend):
         if dx_into is not None and direct is None and grads.x is not None:
             grads = grads._replace(x=dx_into.add_(grads.x))
         return grads
+
+
+def _affine_base(base: Tensor, scale: Tensor, bias: Optional[Tensor], adapter_ids,
+                 in_place: bool) -> Tensor:
+    """DVoRA's base term ``s ⊙ (base - bias) + bias``, computed in float32 or wider and
+    rounded once: into ``base`` (``in_place``) or a new tensor."""
+    acc = torch.promote_types(_accumulate_dtype(base.dtype), scale.dtype)
+    rows = (scale if adapter_ids is None else row_vectors(scale, adapter_ids, fill=1.0)).to(acc)
+    term = base.to(acc) * rows
+    if bias is not None:
+        term += bias.to(acc) * (1 - rows)
+    return base.copy_(term) if in_place else term.to(base.dtype)
 
 
 def _shrink(x: Tensor, proj_a: Tensor, dropout) -> Tensor:

@@ -40,9 +40,9 @@ class TritonBackend(RegeneratingBackend):
         return _impl().kernels.MIN_BLOCK_M  # at least; the autotuner may pick 128
 
     def forward(self, x, lambda_d, lambda_b, source, base, *, into_base=False, adapter_ids=None,
-                dropout=None):
+                dropout=None, base_scale=None, base_bias=None):
         return _impl().forward(self, x, lambda_d, lambda_b, source, base, into_base, adapter_ids,
-                               dropout)
+                               dropout, base_scale, base_bias)
 
     def backward(self, grad, h, lambda_d, lambda_b, source, in_features, needed, adapter_ids=None,
                  dropout=None, dx_into=None):

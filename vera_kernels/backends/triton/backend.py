@@ -1,7 +1,7 @@
 """The ``triton`` backend's forward and backward, composed from launches of the fused kernel.
 
 forward:  h = x Aᵀ                              (saved for backward)
-          y = ((d ⊙ h) Bᵀ) ⊙ b + base
+          y = ((d ⊙ h) Bᵀ) ⊙ b + base    (DVoRA: s ⊙ (base - bias) + bias)
 backward: u = (b ⊙ g) B, dd = Σ_tokens u ⊙ h      (only if dx or dd is needed)
           dx = (d ⊙ u) A
           db = Σ_tokens g ⊙ ((d ⊙ h) Bᵀ)          (z never stored)
@@ -34,7 +34,7 @@ def _projection(matrix: str, rows: int, cols: int, source, like, generate: bool)
 
 
 def forward(backend, x, lambda_d, lambda_b, source, base, into_base, adapter_ids=None,
-            dropout=None):
+            dropout=None, base_scale=None, base_bias=None):
     generate = backend.generates(x.shape[0])
     r, in_features, out_features = lambda_d.shape[-1], x.shape[1], lambda_b.shape[-1]
     proj_a = _projection("A", r, in_features, source, x, generate)
@@ -42,6 +42,7 @@ def forward(backend, x, lambda_d, lambda_b, source, base, into_base, adapter_ids
     # h is shared by every adapter of a bank; dropout masks x's tiles as they load.
     h = kernels.gemm(x, proj_a, transposed=True, dropout=dropout, dropout_on="x").out
     y = kernels.gemm(h, proj_b, transposed=True, x_scale=lambda_d, out_scale=lambda_b, base=base,
+                     base_scale=base_scale, base_bias=base_bias,
                      out=base if into_base else None, row_ids=adapter_ids).out
     return y, h
 

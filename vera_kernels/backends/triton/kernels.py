@@ -6,6 +6,7 @@ its transpose, followed by one of three epilogues:
 
     forward   h  = x Aᵀ                    "shrink" into the rank-r bottleneck
               y  = ((d ⊙ h) Bᵀ) ⊙ b + base  "expand" back out
+                   (DVoRA: base scaled per column, s ⊙ (base - bias) + bias)
     backward  u  = (b ⊙ g) B,  dd = Σ_tokens u ⊙ h    (store + reduce)
               dx = (d ⊙ u) A
               db = Σ_tokens g ⊙ ((d ⊙ h) Bᵀ)          (reduce only)
@@ -154,6 +155,9 @@ def _vera_gemm_kernel(
     out_scale_ptr, stride_so,  # (N,) when SCALE_OUT; with ROW_IDS a bank (n_adapters, N)
     ids_ptr,  # (M,) adapter id of each row when ROW_IDS; -1: no adapter (scales are 0)
     base_ptr, stride_bm, stride_bn,  # (M, N) when HAS_BASE
+    # DVoRA, when SCALE_BASE: base becomes s ⊙ (base - bias) + bias, s (N,) or with
+    # ROW_IDS a bank (rows with id -1: s = 1), bias (N,) when BASE_BIAS
+    base_scale_ptr, stride_bs, base_bias_ptr,
     aux_ptr, stride_am, stride_an, partial_ptr,  # reducing epilogues
     M, N, K,
     M_BUCKET,  # next power of two of M: the autotuning key, unused otherwise
@@ -169,6 +173,8 @@ def _vera_gemm_kernel(
     ROW_IDS: tl.constexpr,
     DROPOUT: tl.constexpr,  # NO_DROPOUT, DROP_X (x's columns are features) or DROP_OUT (out's are)
     HAS_BASE: tl.constexpr,
+    SCALE_BASE: tl.constexpr,
+    BASE_BIAS: tl.constexpr,
     EPILOGUE: tl.constexpr,
     GENERATE: tl.constexpr,
     DTYPE: tl.constexpr,
@@ -253,7 +259,22 @@ def _vera_gemm_kernel(
         if HAS_BASE:
             base = tl.load(base_ptr + rows[:, None] * stride_bm + cols[None, :] * stride_bn,
                            mask=mask, other=0.0)
-            acc = acc + base.to(ACC_DTYPE)
+            base = base.to(ACC_DTYPE)
+            if SCALE_BASE:
+                if ROW_IDS:
+                    s = tl.load(base_scale_ptr + bank_rows[:, None] * stride_bs + cols[None, :],
+                                mask=has_adapter[:, None] & mask_n[None, :], other=1.0)
+                    s = s.to(ACC_DTYPE)
+                else:
+                    s = tl.load(base_scale_ptr + offs_n, mask=mask_n, other=1.0)
+                    s = s.to(ACC_DTYPE)[None, :]
+                if BASE_BIAS:
+                    bias = tl.load(base_bias_ptr + offs_n, mask=mask_n, other=0.0)
+                    bias = bias.to(ACC_DTYPE)[None, :]
+                    base = s * (base - bias) + bias
+                else:
+                    base = s * base
+            acc = acc + base
         tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on,
                  acc.to(DTYPE), mask=mask)
 
@@ -413,7 +434,7 @@ def tuning() -> bool:
 # between timing runs: an out-of-place launch overwrites everything it
 # writes, and in-place launches are tuned out of place (_launch).
 TUNING_KEY = ["M_BUCKET", "N", "K", "TRANSPOSED", "SCALE_X", "SCALE_OUT", "ROW_IDS", "DROPOUT",
-              "HAS_BASE", "EPILOGUE", "GENERATE", "INPUT_PRECISION"]
+              "HAS_BASE", "SCALE_BASE", "BASE_BIAS", "EPILOGUE", "GENERATE", "INPUT_PRECISION"]
 def _time(kernel_call, quantiles):
     # A launch takes well under a millisecond: 25 ms of repetitions time it
     # closely, and a new shape tunes 4x faster than with Triton's 100 ms.
@@ -520,6 +541,8 @@ def gemm(
     x_scale: Optional[torch.Tensor] = None,
     out_scale: Optional[torch.Tensor] = None,
     base: Optional[torch.Tensor] = None,
+    base_scale: Optional[torch.Tensor] = None,
+    base_bias: Optional[torch.Tensor] = None,
     reduce_with: Optional[torch.Tensor] = None,
     store: bool = True,
     out: Optional[torch.Tensor] = None,
@@ -536,6 +559,8 @@ def gemm(
             to T's tiles in the kernel (generated) or to the workspace once
             per launch (loaded). out_scale: (N,) scaling the result's
             columns; base: (M, N) added to it.
+        base_scale, base_bias: (N,) (base_scale with row_ids: a bank, rows with id -1
+            scale by 1): base is added as ``base_scale ⊙ (base - base_bias) + base_bias``.
         row_ids: (M,) int32 adapter ids: the scales are then banks
             (n_adapters, K) / (n_adapters, N) with contiguous rows, and row m
             takes bank row ``row_ids[m]`` (-1: zero scales, the adapter is off).
@@ -577,6 +602,7 @@ def gemm(
         *_bank(out_scale, x),
         row_ids if row_ids is not None else x,
         *_strides(base, x),
+        *_bank(base_scale, x), base_bias if base_bias is not None else x,
         *_strides(reduce_with, x), partial if partial is not None else x,
         m, n, k, triton.next_power_of_2(m), proj.seed, proj.bound, proj.row_offset,
         proj.col_offset,
@@ -586,7 +612,8 @@ def gemm(
         STREAM=proj.stream, TRANSPOSED=transposed, SCALE_X=x_scale is not None,
         SCALE_OUT=out_scale is not None, ROW_IDS=row_ids is not None,
         DROPOUT=(NO_DROPOUT if dropout is None else DROP_X if dropout_on == "x" else DROP_OUT).value,
-        HAS_BASE=base is not None,
+        HAS_BASE=base is not None, SCALE_BASE=base_scale is not None,
+        BASE_BIAS=base_bias is not None,
         EPILOGUE=epilogue.value,
         GENERATE=proj.workspace is None, DTYPE=_TORCH_TO_TL[dtype],
         ACC_DTYPE=tl.float64 if dtype == torch.float64 else tl.float32,
