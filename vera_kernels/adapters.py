@@ -58,7 +58,8 @@ def list_adapters(model: nn.Module) -> list[str]:
 
 def add_adapter(model: nn.Module, name: str,
                 state: Optional[Union[dict, str, os.PathLike]] = None) -> None:
-    """Add adapter ``name`` to every VeRA layer: fresh (d = d_initial, b = 0), or loaded.
+    """Add adapter ``name`` to every VeRA layer: fresh (d = d_initial, b = 0; DVoRA: m = the
+    base rows' norms), or loaded.
 
     ``state`` is a ``vera_state_dict`` (of any adapter of a model with the same
     VeRA layers) or a file ``torch.save`` wrote from one. The layers' seed, r
@@ -76,11 +77,11 @@ def add_adapter(model: nn.Module, name: str,
         if name in layer.adapter_names():
             raise ValueError(f"adapter {name!r} exists already")
     for layer_name, layer in layers.items():
-        d, b = layer.add_adapter_vectors(name)
+        parameters = layer.add_adapter_vectors(name)
         if state is not None:
             with torch.no_grad():
-                _copy_into(d, state[f"{layer_name}.vera_lambda_d"])
-                _copy_into(b, state[f"{layer_name}.vera_lambda_b"])
+                for attr, vector in parameters.items():
+                    _copy_into(vector, state[f"{layer_name}.{attr}"])
 
 
 def _check_unmerged(layers: dict, action: str) -> None:

@@ -30,9 +30,12 @@ from typing import Iterable, Optional
 
 from torch import Tensor, nn
 
-__all__ = ["DEFAULT_ADAPTER", "AdapterLifecycle", "AdapterVectors", "check_adapter_name"]
+__all__ = ["DEFAULT_ADAPTER", "AdapterLifecycle", "AdapterVectors", "check_adapter_name",
+           "VECTOR_NAMES", "MAGNITUDE_NAME"]
 
 DEFAULT_ADAPTER = "default"
+VECTOR_NAMES = ("vera_lambda_d", "vera_lambda_b")
+MAGNITUDE_NAME = "vera_magnitude"  # DVoRA layers' third trainable vector
 # An adapter's vectors live in an nn.ModuleDict under its name, so a name that is
 # one of the dict's own attributes ("training", "forward", "keys", ...) cannot be used.
 _TAKEN = frozenset(dir(nn.ModuleDict()))
@@ -49,20 +52,24 @@ def check_adapter_name(name) -> str:
 
 
 class AdapterVectors(nn.Module):
-    """The two trainable vectors of one more adapter of a VeRALinear."""
+    """The trainable vectors of one more adapter of a VeRALinear: d and b, and a DVoRA
+    layer's magnitude (``vera_magnitude``)."""
 
-    def __init__(self, lambda_d: nn.Parameter, lambda_b: nn.Parameter):
+    def __init__(self, parameters: dict):
         super().__init__()
-        self.vera_lambda_d, self.vera_lambda_b = lambda_d, lambda_b
+        for name, parameter in parameters.items():
+            setattr(self, name, parameter)
 
 
 class AdapterLifecycle:
     """The adapter state of ``VeRALinear`` and its transitions (mixed into it).
 
-    Relies on the layer's ``vera_lambda_d`` / ``vera_lambda_b`` (the
-    ``"default"`` adapter), ``vera_adapters`` (the others), ``_fresh_vectors()``
-    and ``_fold(adapter, sign)`` (adds or subtracts an adapter's delta from
-    the base weight).
+    Relies on the layer's ``vera_lambda_d`` / ``vera_lambda_b`` (and a DVoRA
+    layer's ``vera_magnitude``: the ``"default"`` adapter), ``vera_adapters``
+    (the others), ``use_dora``, ``_fresh_parameters()`` (a new adapter's
+    parameters by name), ``_fold(adapter, sign)`` (adds or subtracts an
+    adapter's delta from the base weight) and ``_merge_problem_of(adapter)``
+    (why the layer's kind cannot merge that adapter, or None).
     """
 
     def _init_lifecycle(self) -> None:
@@ -78,14 +85,29 @@ class AdapterLifecycle:
         """The adapters this layer holds, ``"default"`` first."""
         return [DEFAULT_ADAPTER, *self.vera_adapters.keys()]
 
+    def parameter_names(self) -> tuple[str, ...]:
+        """The names of each adapter's trainable vectors: d and b, and m for DVoRA."""
+        return VECTOR_NAMES + ((MAGNITUDE_NAME,) if self.use_dora else ())
+
+    def adapter_parameters(self, name: str) -> dict[str, nn.Parameter]:
+        """Adapter ``name``'s trainable vectors by ``parameter_names()`` (KeyError naming the
+        adapters if absent)."""
+        if name == DEFAULT_ADAPTER:
+            holder = self
+        elif not isinstance(name, str) or name not in self.vera_adapters:
+            raise KeyError(f"no adapter {name!r}: this layer has {self.adapter_names()}")
+        else:
+            holder = self.vera_adapters[name]
+        return {attr: getattr(holder, attr) for attr in self.parameter_names()}
+
     def adapter_vectors(self, name: str) -> tuple[nn.Parameter, nn.Parameter]:
         """``(lambda_d, lambda_b)`` of adapter ``name`` (KeyError naming the adapters if absent)."""
-        if name == DEFAULT_ADAPTER:
-            return self.vera_lambda_d, self.vera_lambda_b
-        if not isinstance(name, str) or name not in self.vera_adapters:
-            raise KeyError(f"no adapter {name!r}: this layer has {self.adapter_names()}")
-        vectors = self.vera_adapters[name]
-        return vectors.vera_lambda_d, vectors.vera_lambda_b
+        parameters = self.adapter_parameters(name)
+        return parameters["vera_lambda_d"], parameters["vera_lambda_b"]
+
+    def adapter_magnitude(self, name: str) -> Optional[nn.Parameter]:
+        """A DVoRA adapter's magnitude m (out,), or None for a VeRA layer."""
+        return self.adapter_parameters(name).get(MAGNITUDE_NAME)
 
     @property
     def active_adapter(self) -> Optional[str]:
@@ -137,17 +159,17 @@ class AdapterLifecycle:
 
     # Transitions --------------------------------------------------------------
 
-    def add_adapter_vectors(self, name: str) -> tuple[nn.Parameter, nn.Parameter]:
-        """A new adapter ``name`` (d = d_initial, b = 0), frozen until activated or named
-        trainable."""
+    def add_adapter_vectors(self, name: str) -> dict[str, nn.Parameter]:
+        """A new adapter ``name`` (d = d_initial, b = 0, DVoRA: m = the base rows' norms),
+        frozen until activated or named trainable; its parameters by name."""
         check_adapter_name(name)
         if name in self.adapter_names():
             raise ValueError(f"adapter {name!r} exists already")
-        d, b = self._fresh_vectors()
-        d.requires_grad_(False)
-        b.requires_grad_(False)
-        self.vera_adapters[name] = AdapterVectors(d, b)
-        return d, b
+        parameters = self._fresh_parameters()
+        for parameter in parameters.values():
+            parameter.requires_grad_(False)
+        self.vera_adapters[name] = AdapterVectors(parameters)
+        return parameters
 
     def deletion_problem(self, name: str) -> Optional[str]:
         """Why adapter ``name`` cannot be deleted now, or None: ``"default"``, the active one,
@@ -188,7 +210,7 @@ class AdapterLifecycle:
         for name in names:
             self.adapter_vectors(name)
         for name in self.adapter_names():
-            for vector in self.adapter_vectors(name):
+            for vector in self.adapter_parameters(name).values():
                 vector.requires_grad_(name in names)
 
     def merge_problem(self, adapter: Optional[str] = None) -> Optional[str]:
@@ -201,7 +223,7 @@ class AdapterLifecycle:
         if adapter is None:
             return "no active adapter to merge (set_adapter(model, None) is active)"
         self.adapter_vectors(adapter)
-        return None
+        return self._merge_problem_of(adapter)
 
     def merge(self, adapter: Optional[str] = None) -> None:
         """Fold ``adapter`` (default: the active one) into ``base_layer.weight``; forward then

@@ -302,6 +302,7 @@ def apply_vera(
     seed: int = 0,
     d_initial: float = 0.1,
     dropout: float = 0.0,
+    use_dora: bool = False,
     modules_to_save: Optional[Sequence[str]] = None,
     bias: str = "none",
     exclude_modules: Optional[Union[str, Sequence[str]]] = None,
@@ -318,7 +319,8 @@ def apply_vera(
             matched exactly or as a dotted suffix (``"q_proj"`` matches
             ``"layers.0.attn.q_proj"``), or ``"all-linear"``: every linear layer but the
             output head (``model.get_output_embeddings()``).
-        r, seed, d_initial, dropout: as for ``VeRALinear``; every layer shares the seed.
+        r, seed, d_initial, dropout, use_dora: as for ``VeRALinear``; every layer shares
+            the seed (``use_dora=True``: DVoRA, a trainable magnitude per output feature).
         modules_to_save: names (exact or dotted suffix) of modules trained whole beside
             the adapter, e.g. ``["lm_head"]`` or a classifier: they become trainable, are
             never adapted, and every adapter format carries their weights.
@@ -341,14 +343,14 @@ def apply_vera(
     matched = select_targets(root, target_modules, exclude_modules=exclude_modules,
                              layers_to_transform=layers_to_transform,
                              layers_pattern=layers_pattern, skip=extras["modules_to_save"])
-    _check_same_adapter(root, r, check_seed(seed))
+    _check_same_adapter(root, r, check_seed(seed), use_dora)
     _check_saved_modules(root, extras["modules_to_save"])
 
     for name, module in matched:
         if isinstance(module, VeRALinear):
             continue  # already adapted
-        replace_submodule(root, name, VeRALinear.from_linear(module, r, seed=seed, d_initial=d_initial,
-                                                             dropout=dropout))
+        replace_submodule(root, name, VeRALinear.from_linear(
+            module, r, seed=seed, d_initial=d_initial, dropout=dropout, use_dora=use_dora))
     _set_trained(root, extras)
     _mark_trainable(root)
     for module in root.modules():  # layer names are relative to this root from now on
@@ -357,14 +359,16 @@ def apply_vera(
     return model
 
 
-def _check_same_adapter(model: nn.Module, r: int, seed: int) -> None:
-    # One model, one r and one seed: applying VeRA again must not mix them.
+def _check_same_adapter(model: nn.Module, r: int, seed: int, use_dora: bool) -> None:
+    # One model, one r, one seed and one kind (VeRA or DVoRA): applying again must not mix them.
     for name, layer in vera_layers(model):
-        if layer.r != r or (layer.projections is None and layer.seed != seed):
+        if layer.r != r or (layer.projections is None and layer.seed != seed) \
+                or layer.use_dora != use_dora:
             raise ValueError(
-                f"apply_vera(r={r}, seed={seed}): the model already has VeRA layer {name!r} with "
-                f"r={layer.r}, seed={layer.seed}; one model shares one r and seed "
-                "(unload the existing layers first, or apply with the same r and seed)"
+                f"apply_vera(r={r}, seed={seed}, use_dora={use_dora}): the model already has "
+                f"VeRA layer {name!r} with r={layer.r}, seed={layer.seed}, "
+                f"use_dora={layer.use_dora}; one model shares one r, seed and use_dora "
+                "(unload the existing layers first, or apply with the same ones)"
             )
 
 
@@ -513,21 +517,26 @@ def unload(model: nn.Module) -> nn.Module:
 
 
 def _layer_config(layer: VeRALinear) -> dict:
-    return {
+    config = {
         # Explicit projections belong to the model, not to the adapter file.
         "seed": layer.seed if layer.projections is None else None,
         "r": layer.r,
         "in_features": layer.in_features,
         "out_features": layer.out_features,
     }
+    if layer.use_dora:  # absent for VeRA: older state dicts stay valid
+        config["use_dora"] = True
+    return config
 
 
 def vera_state_dict(model: nn.Module, adapter: str = "default") -> dict:
-    """One adapter alone (``"default"``: the one apply_vera made): every layer's two vectors
+    """One adapter alone (``"default"``: the one apply_vera made): every layer's vectors
     plus what rebuilds its projections, and the tensors the model trains beside them.
 
-    Keys are ``"<layer>.vera_lambda_d"`` / ``"<layer>.vera_lambda_b"`` (tensors)
-    and ``"vera_config"``: ``{layer: {"seed", "r", "in_features", "out_features"}}``.
+    Keys are ``"<layer>.vera_lambda_d"`` / ``"<layer>.vera_lambda_b"`` (tensors;
+    DVoRA layers add ``"<layer>.vera_magnitude"``) and ``"vera_config"``:
+    ``{layer: {"seed", "r", "in_features", "out_features"}}`` (DVoRA layers add
+    ``"use_dora": True``).
     A model with modules to save or trained biases (``trained_extras``) adds their
     tensors under the model's own keys (``"lm_head.weight"``,
     ``"<layer>.base_layer.bias"``) and ``vera_config[".trained"]``:
@@ -549,9 +558,8 @@ def vera_state_dict(model: nn.Module, adapter: str = "default") -> dict:
             return whole.clone() if temporary else whole
 
         for name, layer in _vera_layer_list(root):
-            lambda_d, lambda_b = layer.adapter_vectors(adapter)
-            state[f"{name}.vera_lambda_d"] = take(lambda_d)
-            state[f"{name}.vera_lambda_b"] = take(lambda_b)
+            for attr, vector in layer.adapter_parameters(adapter).items():
+                state[f"{name}.{attr}"] = take(vector)
             config[name] = _layer_config(layer)
         extras = trained_extras(root)
         if extras != NO_EXTRAS:
@@ -603,8 +611,8 @@ def _check_vera_state_dict(layers: dict, state_dict, strict: bool,
             raise ValueError(
                 f"VeRA layer {name!r}: state dict has {saved[name]}, model has {_layer_config(layer)}"
             )
-    expected = {f"{n}.{v}": getattr(layer, v) for n, layer in layers.items()
-                for v in ("vera_lambda_d", "vera_lambda_b")}
+    expected = {f"{n}.{attr}": vector for n, layer in layers.items()
+                for attr, vector in layer.adapter_parameters(DEFAULT_ADAPTER).items()}
     expected.update(extras)
     for key, tensor in expected.items():
         if key not in state_dict:
@@ -667,9 +675,8 @@ def load_vera_state_dict(model: nn.Module, state_dict: dict, *, strict: bool = T
                 merged = layer.merged_adapter == adapter  # the weight holds the vectors we replace
                 if merged:
                     layer.unmerge()
-                lambda_d, lambda_b = layer.adapter_vectors(adapter)
-                _copy_into(lambda_d, state_dict[f"{name}.vera_lambda_d"])
-                _copy_into(lambda_b, state_dict[f"{name}.vera_lambda_b"])
+                for attr, vector in layer.adapter_parameters(adapter).items():
+                    _copy_into(vector, state_dict[f"{name}.{attr}"])
                 if merged:
                     layer.merge(adapter)
             for key, tensor in extras.items():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from typing import Optional
 
 import torch
@@ -9,9 +10,12 @@ from torch import Tensor, nn
 
 from .base_layers import base_shape, compute_dtype, dense_weight, is_adaptable, is_conv1d, \
     is_quantized, store_dense_weight
-from .dropout import check_probability
+from .backends.banks import row_vectors
+from .dora import (NormTerms, drop_input, magnitude_scale, norm_terms, row_norms,
+                   weight_row_squares, zero_magnitude_problem)
+from .dropout import DropoutMask, check_probability, draw_call_seed
 from .function import vera_linear, vera_linear_layer, vera_linear_multi
-from .lifecycle import DEFAULT_ADAPTER, AdapterLifecycle
+from .lifecycle import DEFAULT_ADAPTER, MAGNITUDE_NAME, AdapterLifecycle
 from .projection import cached_projection, check_seed
 
 __all__ = ["VeRALinear", "SharedProjections"]
@@ -110,6 +114,10 @@ class VeRALinear(AdapterLifecycle, nn.Module):
         d_initial: initial value of every entry of ``vera_lambda_d``.
         dropout: probability of dropping each of the adapter's inputs in
             training (PEFT's ``vera_dropout``; identity in eval mode).
+        use_dora: DVoRA (``dora.py``): ``y = s ⊙ (W0 x + ΔW x) + bias`` with
+            ``s = vera_magnitude / ‖W0 + ΔW‖`` (row norms, detached) and a
+            trainable ``vera_magnitude`` (out,) initialised to the base weight's
+            row norms, so the layer still starts as its base layer.
 
     Attributes:
         backend: the ``vera_linear`` backend this layer uses; ``None`` (the
@@ -135,6 +143,7 @@ class VeRALinear(AdapterLifecycle, nn.Module):
         bias: bool = True,
         d_initial: float = 0.1,
         dropout: float = 0.0,
+        use_dora: bool = False,
         device=None,
         dtype=None,
     ):
@@ -142,11 +151,11 @@ class VeRALinear(AdapterLifecycle, nn.Module):
         _check_positive("in_features", in_features)
         _check_positive("out_features", out_features)
         base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self._attach(base, r, seed, d_initial, dropout)
+        self._attach(base, r, seed, d_initial, dropout, use_dora)
 
     @classmethod
     def from_linear(cls, linear: nn.Module, r: int, *, seed: int = 0, d_initial: float = 0.1,
-                    dropout: float = 0.0):
+                    dropout: float = 0.0, use_dora: bool = False):
         """Wrap an existing adaptable layer (kept as ``base_layer``, frozen, not copied):
         ``nn.Linear``, transformers' ``Conv1D``, bitsandbytes' 4-/8-bit linears, or a
         linear with a torchao-quantized weight."""
@@ -156,12 +165,14 @@ class VeRALinear(AdapterLifecycle, nn.Module):
             )
         module = cls.__new__(cls)
         nn.Module.__init__(module)
-        module._attach(linear, r, seed, d_initial, dropout)
+        module._attach(linear, r, seed, d_initial, dropout, use_dora)
         return module
 
     def _attach(self, base: nn.Module, r: int, seed: int, d_initial: float,
-                dropout: float) -> None:
+                dropout: float, use_dora: bool) -> None:
         _check_positive("r", r)
+        if not isinstance(use_dora, bool):
+            raise TypeError(f"use_dora must be a bool, got {use_dora!r}")
         seed = check_seed(seed)
         in_features, out_features = base_shape(base)
         base.requires_grad_(False)
@@ -174,23 +185,37 @@ class VeRALinear(AdapterLifecycle, nn.Module):
         self.backend = None
         self.dropout = check_probability(dropout)
         self.projections: Optional[SharedProjections] = None
-        self.vera_lambda_d, self.vera_lambda_b = self._fresh_vectors()
-        self.register_load_state_dict_post_hook(VeRALinear._finish_load)
-        # Adapters beyond "default" (whose vectors are vera_lambda_d / _b):
-        # name -> AdapterVectors. All share this layer's seed and r.
+        self.use_dora = use_dora
+        # DVoRA's caches (not state): the base weight's norm terms, each adapter's norms.
+        self._norm_terms: Optional[tuple] = None
+        self._adapter_norms: dict = {}
         self.vera_adapters = nn.ModuleDict()
         self._init_lifecycle()
+        for name, parameter in self._fresh_parameters().items():
+            setattr(self, name, parameter)
+        if use_dora:
+            # The norms the merged adapter was folded with: unmerging needs them.
+            self.register_buffer("vera_merged_norm", torch.zeros(
+                self.out_features, dtype=self._merge_dtype(), device=base.weight.device))
+        self.register_load_state_dict_post_hook(VeRALinear._finish_load)
+        # Adapters beyond "default" (whose vectors are vera_lambda_d / _b, vera_magnitude):
+        # vera_adapters, name -> AdapterVectors. All share this layer's seed and r.
         self._merge_after_load: Optional[str] = None  # set while a load is under way
         self._replacing_weight = False
 
-    def _fresh_vectors(self) -> tuple[nn.Parameter, nn.Parameter]:
+    def _fresh_parameters(self) -> dict[str, nn.Parameter]:
         # float32 at least (as PEFT keeps adapters): the kernels scale in
         # float32 anyway, so half-precision vectors would only lose bits.
         device = self.base_layer.weight.device
-        dtype = torch.promote_types(compute_dtype(self.base_layer), torch.float32)
+        dtype = self._merge_dtype()
         d = torch.full((self.r,), self.d_initial, device=device, dtype=dtype)
         b = torch.zeros(self.out_features, device=device, dtype=dtype)
-        return nn.Parameter(d), nn.Parameter(b)
+        parameters = {"vera_lambda_d": nn.Parameter(d), "vera_lambda_b": nn.Parameter(b)}
+        if self.use_dora:
+            # ‖W0_i‖ exactly as the norm terms square it: s = m / n is 1 while b = 0.
+            squares = weight_row_squares(self._out_in(self._original_weight()), dtype)
+            parameters[MAGNITUDE_NAME] = nn.Parameter(squares.sqrt())
+        return parameters
 
     @property
     def in_features(self) -> int:
@@ -234,6 +259,8 @@ class VeRALinear(AdapterLifecycle, nn.Module):
         options = dict(backend=self.backend, projections=self._projection_pair(x.dtype),
                        dropout=self.dropout if self.training else 0.0)
         vectors = self._vectors_for(x)  # (lambda_d, lambda_b) or (banks, ids)
+        if self.use_dora:
+            return self._dora_forward(x, vectors, options)
         if self._one_node(x, vectors):
             weight, bias = self.base_layer.weight, self.base_layer.bias
             return vera_linear_layer(x, weight, bias, self.fan_in_fan_out, *vectors[:2], self.seed,
@@ -247,6 +274,71 @@ class VeRALinear(AdapterLifecycle, nn.Module):
         if vectors[2] is not None:
             return vera_linear_multi(x, *vectors, self.seed, base, check_ids=False, **options)
         return vera_linear(x, *vectors[:2], self.seed, base, **options)
+
+    def _dora_forward(self, x: Tensor, vectors: tuple, options: dict) -> Tensor:
+        """DVoRA: ``s ⊙ (base - bias) + bias + adapter with b' = s ⊙ b``, s scaling the base
+        in the op's epilogue. With dropout (training), PEFT's DoRA: ``base + (s - 1) ⊙ W0
+        dropout(x) + s ⊙ ΔW dropout(x)``, one more base GEMM over the dropped input."""
+        lambda_d, lambda_b, ids = vectors
+        names = (self.active_adapter,) if ids is None else self.row_adapters[0]
+        scales = [magnitude_scale(self.adapter_magnitude(name), self._dora_norms(name))
+                  for name in names]
+        scale = _for(scales[0] if ids is None else torch.stack(scales), x)
+        lambda_b = _for(scale * lambda_b, x)
+        base = self.base_layer(x)
+        bias = self.base_layer.bias
+        bias = _for(bias, x) if bias is not None else None
+        affine = {"base_scale": scale, "base_bias": bias}
+        if options["dropout"]:
+            mask = DropoutMask(options["dropout"], draw_call_seed(x.device))
+            dropped = self.base_layer(drop_input(x, mask))
+            if bias is not None:
+                dropped = dropped - bias
+            rows = scale if ids is None else row_vectors(
+                scale, ids.reshape(-1), fill=1.0).reshape(*ids.shape, -1)
+            base = base + ((rows - 1) * dropped).to(base.dtype)
+            options["dropout_seed"], affine = mask.seed, {}
+        options["into_base"] = not self._hooked()
+        if ids is not None:
+            return vera_linear_multi(x, lambda_d, lambda_b, ids, self.seed, base, check_ids=False,
+                                     **options, **affine)
+        return vera_linear(x, lambda_d, lambda_b, self.seed, base, **options, **affine)
+
+    # DVoRA's norms ------------------------------------------------------------
+
+    def _out_in(self, weight: Tensor) -> Tensor:
+        """A weight in the base layer's layout, as (out, in) (a view)."""
+        return weight.T if self.fan_in_fan_out else weight
+
+    def _dora_terms(self) -> NormTerms:
+        """The base weight's norm terms, recomputed when the weight (or the projections)
+        changed since they were taken: a new weight object or a bumped version."""
+        weight = self.base_layer.weight
+        explicit = self.projections.vera_A if self.projections is not None else None
+        key = (weight._version, weight.device, self.seed,
+               None if explicit is None else (id(explicit), explicit._version))
+        cached = self._norm_terms
+        if cached is None or cached[0]() is not weight or cached[1] != key:
+            dtype = self._merge_dtype()
+            terms = norm_terms(self._out_in(dense_weight(self.base_layer)),
+                               self._materialized_projections(dtype)[0], dtype)
+            self._norm_terms = (weakref.ref(weight), key, terms)
+            self._adapter_norms.clear()
+        return self._norm_terms[2]
+
+    def _dora_norms(self, adapter: str) -> Tensor:
+        """``‖W0 + ΔW‖`` (out,) for ``adapter``'s vectors, kept until they or the weight change."""
+        terms = self._dora_terms()
+        lambda_d, lambda_b = self.adapter_vectors(adapter)
+        key = (lambda_d._version, lambda_b._version)
+        cached = self._adapter_norms.get(adapter)
+        if cached is None or cached[0]() is not lambda_d or cached[1]() is not lambda_b \
+                or cached[2] != key:
+            norms = row_norms(terms, self._materialized_projections(terms.weight_sq.dtype)[1],
+                              lambda_d, lambda_b)
+            cached = (weakref.ref(lambda_d), weakref.ref(lambda_b), key, norms)
+            self._adapter_norms[adapter] = cached
+        return cached[3]
 
     def _vectors_for(self, x: Tensor) -> tuple:
         """``(lambda_d, lambda_b, None)``, or ``(d_bank, b_bank, ids)`` under adapter_batch."""
@@ -288,6 +380,16 @@ class VeRALinear(AdapterLifecycle, nn.Module):
         # lose more than the weight's own rounding.
         return torch.promote_types(compute_dtype(self.base_layer), torch.float32)
 
+    def _materialized_projections(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """(A, B) in ``dtype`` on the weight's device: the explicit ones, or the seed's (cached)."""
+        explicit = self._projection_pair(dtype)
+        if explicit is not None:
+            device = self.base_layer.weight.device
+            return explicit[0].to(device), explicit[1].to(device)
+        device = self.base_layer.weight.device
+        return (cached_projection("A", self.r, self.in_features, self.seed, dtype, device),
+                cached_projection("B", self.out_features, self.r, self.seed, dtype, device))
+
     @torch.no_grad()
     def delta_weight(self, adapter: Optional[str] = None) -> Tensor:
         """An adapter (the merged one, else the active one) as a dense matrix
@@ -304,23 +406,56 @@ class VeRALinear(AdapterLifecycle, nn.Module):
         ``(A (r x in), diag(b) B diag(d) (out x r))`` in ``dtype``, whose product is the
         adapter's delta (LoRA's scaling 1). ``vectors``: ``(d, b)`` to use instead of the
         adapter's own (e.g. whole copies of sharded ones)."""
-        explicit = self._projection_pair(dtype)
-        if explicit is not None:
-            proj_a, proj_b = explicit
-        else:
-            device = self.base_layer.weight.device
-            proj_a = cached_projection("A", self.r, self.in_features, self.seed, dtype, device)
-            proj_b = cached_projection("B", self.out_features, self.r, self.seed, dtype, device)
+        proj_a, proj_b = self._materialized_projections(dtype)
         lambda_d, lambda_b = vectors or self.adapter_vectors(adapter or self.merged_adapter
                                                              or self.active_adapter)
         return proj_a, proj_b * lambda_b.to(proj_b.device, dtype)[:, None] \
             * lambda_d.to(proj_b.device, dtype)
 
+    def _scale_rows(self, weight: Tensor, scale: Tensor) -> Tensor:
+        """``diag(scale) W`` for a weight in the base layer's layout."""
+        return weight * (scale[None, :] if self.fan_in_fan_out else scale[:, None])
+
+    def _merged_scale(self) -> Tensor:
+        """DVoRA: the scale ``m / n`` the merged adapter was folded with (n kept at merge)."""
+        magnitude = self.adapter_magnitude(self.merged_adapter).detach()
+        return magnitude_scale(magnitude.to(self._merge_dtype()), self.vera_merged_norm.to(
+            self._merge_dtype()))
+
+    @torch.no_grad()
+    def _original_weight(self) -> Tensor:
+        """The base weight without the merged adapter (dense, in its layout): the weight
+        itself when nothing is merged, else ``W'/s - ΔW`` (DVoRA) or ``W' - ΔW``."""
+        dense = dense_weight(self.base_layer)
+        if not self.merged:
+            return dense
+        dense = dense.to(self._merge_dtype())
+        if self.use_dora:
+            dense = self._scale_rows(dense, 1 / self._merged_scale())
+        return dense - self.delta_weight(self.merged_adapter)
+
     @torch.no_grad()
     def _fold(self, adapter: str, sign: int) -> None:
         # A quantized weight is dequantized, changed and requantized (lossy, warned).
-        dense = dense_weight(self.base_layer).to(self._merge_dtype())
-        store_dense_weight(self.base_layer, dense + sign * self.delta_weight(adapter))
+        if sign < 0:
+            store_dense_weight(self.base_layer, self._original_weight())
+            if self.use_dora:
+                self.vera_merged_norm.zero_()
+            return
+        merged = dense_weight(self.base_layer).to(self._merge_dtype()) + self.delta_weight(adapter)
+        if self.use_dora:
+            # W' = s ⊙ (W0 + ΔW) with n taken here, exactly, and kept for unmerging.
+            norms = self._out_in(merged).norm(dim=1)
+            magnitude = self.adapter_magnitude(adapter).detach().to(merged.dtype)
+            merged = self._scale_rows(merged, magnitude_scale(magnitude, norms))
+            self.vera_merged_norm.copy_(norms)
+        store_dense_weight(self.base_layer, merged)
+
+    def _merge_problem_of(self, adapter: str) -> Optional[str]:
+        if not self.use_dora:
+            return None
+        problem = zero_magnitude_problem(self.adapter_magnitude(adapter).detach())
+        return None if problem is None else f"cannot merge adapter {adapter!r}: {problem}"
 
     def get_extra_state(self) -> Tensor:
         # The seed is part of the module's state: the projections follow from
@@ -352,7 +487,7 @@ class VeRALinear(AdapterLifecycle, nn.Module):
 
     def _vector_keys(self, prefix: str, adapter: str) -> list[str]:
         inner = "" if adapter == DEFAULT_ADAPTER else f"vera_adapters.{adapter}."
-        return [f"{prefix}{inner}{name}" for name in ("vera_lambda_d", "vera_lambda_b")]
+        return [f"{prefix}{inner}{name}" for name in self.parameter_names()]
 
     def _state_dict_problems(self, state_dict, prefix: str) -> list:
         """Why entries of ``state_dict`` under ``prefix`` cannot load into this layer: the
@@ -365,7 +500,7 @@ class VeRALinear(AdapterLifecycle, nn.Module):
                 problems.append(f"{extra_key}: {problem}")
         expected = {key: vector for adapter in self.adapter_names()
                     for key, vector in zip(self._vector_keys(prefix, adapter),
-                                           self.adapter_vectors(adapter))}
+                                           self.adapter_parameters(adapter).values())}
         if not is_quantized(self.base_layer):  # quantized states have layouts of their own
             expected.update({f"{prefix}base_layer.{name}": getattr(self.base_layer, name)
                              for name in ("weight", "bias")
@@ -438,5 +573,5 @@ class VeRALinear(AdapterLifecycle, nn.Module):
         source = "explicit projections" if self.projections is not None else f"seed={self.seed}"
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
-            f"{source}, merged={self.merged}"
+            f"{source}, merged={self.merged}" + (", use_dora=True" if self.use_dora else "")
         )

@@ -1,0 +1,131 @@
+"""DVoRA: DoRA's magnitude / direction split over VeRA, without the out x in matrix.
+
+A DVoRA layer computes ``y = s ⊙ (W0 x + ΔW x) + bias`` with ``s = m / n``,
+``m`` a trainable magnitude per output feature and ``n`` the row norms of
+``W0 + ΔW``, detached (DoRA paper §4.3: no gradient flows through the norm).
+DoRA implementations build ``W0 + ΔW`` on every step to take those norms.
+VeRA's A is fixed, so with ``ΔW_i = b_i Σ_k B_ik d_k A_k``:
+
+    n_i² = ‖W0_i‖² + 2 b_i Σ_k (B_i ⊙ d)_k (W0 Aᵀ)_ik + b_i² (B_i ⊙ d) (A Aᵀ) (B_i ⊙ d)ᵀ
+
+``‖W0‖²`` (out), ``W0 Aᵀ`` (out x r) and ``A Aᵀ`` (r x r) depend on the base
+weight alone: :class:`NormTerms`, computed once per layer (float32, float64
+for a float64 base) and kept until the weight changes (merge, load,
+requantize bump its version), so a step costs O(out · r²) and no out x in
+tensor. Quantized bases take the terms from the dequantized weight (once).
+
+This module holds that math; ``module.py`` applies it (``use_dora=True``)
+and the fused op scales the base in its epilogue (``base_scale``).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+from .dropout import DropoutMask, drop_rows_
+
+__all__ = ["NormTerms", "norm_terms", "weight_row_squares", "row_norms", "magnitude_scale", "drop_input",
+           "zero_magnitude_problem", "ROW_CHUNK"]
+
+ROW_CHUNK = 1024  # weight rows converted to float32 at a time: no out x in float32 copy
+
+
+class NormTerms(NamedTuple):
+    """What the row norms of ``W0 + ΔW`` need from the base weight and A.
+
+    Attributes:
+        weight_sq: ``‖W0_i‖²`` (out,).
+        weight_a: ``W0 Aᵀ`` (out x r): as large as the B VeRA never stores
+            (r · out · 4 bytes per layer).
+        a_gram: ``A Aᵀ`` (r x r).
+    """
+
+    weight_sq: Tensor
+    weight_a: Tensor
+    a_gram: Tensor
+
+
+def _row_chunks(weight: Tensor, dtype: torch.dtype):
+    for start in range(0, weight.shape[0], ROW_CHUNK):
+        yield slice(start, start + ROW_CHUNK), weight[start:start + ROW_CHUNK].to(dtype)
+
+
+@torch.no_grad()
+def weight_row_squares(weight: Tensor, dtype: torch.dtype) -> Tensor:
+    """``‖W0_i‖²`` (out,) of ``weight`` (out x in), in ``dtype``, ``ROW_CHUNK`` rows at a time."""
+    squares = torch.empty(weight.shape[0], dtype=dtype, device=weight.device)
+    for rows, chunk in _row_chunks(weight, dtype):
+        squares[rows] = (chunk * chunk).sum(1)
+    return squares
+
+
+@torch.no_grad()
+def norm_terms(weight: Tensor, proj_a: Tensor, dtype: torch.dtype) -> NormTerms:
+    """:class:`NormTerms` of ``weight`` (out x in, dense) and ``proj_a`` (r x in), in ``dtype``.
+
+    The weight is converted ``ROW_CHUNK`` rows at a time.
+    """
+    proj_a = proj_a.to(weight.device, dtype)
+    weight_a = torch.empty(weight.shape[0], proj_a.shape[0], dtype=dtype, device=weight.device)
+    for rows, chunk in _row_chunks(weight, dtype):
+        torch.mm(chunk, proj_a.T, out=weight_a[rows])
+    return NormTerms(weight_row_squares(weight, dtype), weight_a, proj_a @ proj_a.T)
+
+
+def row_norms(terms: NormTerms, proj_b: Tensor, lambda_d: Tensor, lambda_b: Tensor) -> Tensor:
+    """``‖W0_i + ΔW_i‖`` (out,) for one adapter's vectors, in the terms' dtype (no grad).
+
+    The squared norm is clamped at 0 before the root: where ``ΔW_i ≈ -W0_i``
+    the cross term cancels the others up to rounding.
+    """
+    with torch.no_grad():
+        dtype = terms.weight_sq.dtype
+        b = lambda_b.to(dtype)
+        bd = proj_b.to(dtype) * lambda_d.to(dtype)  # (out, r): B_i ⊙ d
+        cross = (bd * terms.weight_a).sum(1)
+        quad = ((bd @ terms.a_gram) * bd).sum(1)
+        return (terms.weight_sq + 2 * b * cross + b * b * quad).clamp_min(0).sqrt()
+
+
+def magnitude_scale(magnitude: Tensor, norms: Tensor) -> Tensor:
+    """``s = m / n``, differentiable in m; a zero norm counts as 1.
+
+    A row with ``n = 0`` has ``W0_i + ΔW_i = 0``: its output is the bias
+    whatever s is, so any finite s is exact; 1 keeps m's gradient finite.
+    """
+    safe = torch.where(norms > 0, norms, torch.ones_like(norms))
+    return magnitude / safe.to(magnitude.dtype)
+
+
+class _DropInput(torch.autograd.Function):
+    """``dropout(x)`` with the call's regenerated mask (rows: x's flattened tokens); backward
+    applies the same mask to the gradient, so nothing but the seed is kept."""
+
+    @staticmethod
+    def forward(ctx, x, mask):
+        ctx.mask = mask
+        dropped = x.reshape(-1, x.shape[-1]).clone(memory_format=torch.contiguous_format)
+        return drop_rows_(dropped, mask).reshape(x.shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        dropped = grad.reshape(-1, grad.shape[-1]).clone(memory_format=torch.contiguous_format)
+        return drop_rows_(dropped, ctx.mask).reshape(grad.shape), None
+
+
+def drop_input(x: Tensor, mask: DropoutMask) -> Tensor:
+    """``x`` under ``mask``, as the fused op drops its input for that mask (same seed, same
+    rows): the magnitude term's input under PEFT's DoRA dropout."""
+    return _DropInput.apply(x, mask)
+
+
+def zero_magnitude_problem(magnitude: Tensor) -> Optional[str]:
+    """Why a weight merged with ``magnitude`` could not be unmerged (some m = 0), or None."""
+    zeros = (magnitude == 0).nonzero().flatten()
+    if not zeros.numel():
+        return None
+    return (f"its magnitude is 0 in output rows {zeros[:5].tolist()}: the merged weight's rows "
+            "would be 0 and could not be unmerged")
