@@ -1,4 +1,5 @@
-"""Test session setup: the Triton interpreter on GPU-less machines, and the `gpu` mark."""
+"""Test session setup: the Triton interpreter on GPU-less machines, the `gpu` mark, and the
+``target`` fixture (every backend that runs here)."""
 
 import os
 import tempfile
@@ -28,3 +29,30 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def _targets():
+    from vera_kernels import backends as ops
+
+    params = [pytest.param((name, "cpu"), id=name) for name in ops.available_backends("cpu")]
+    params.append(pytest.param(("cuda", "cpu"), id="cuda-emulated"))
+    params += [pytest.param((name, "cuda"), id=f"{name}-cuda", marks=pytest.mark.gpu)
+               for name in ops.registered_backends()]
+    return params
+
+
+@pytest.fixture(params=_targets())
+def target(request, monkeypatch):
+    """(backend, device): every backend that runs here, the cuda one emulated on the CPU."""
+    from vera_kernels.backends import cuda as cuda_backend
+
+    backend, device = request.param
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    if backend == "cuda" and device == "cpu":
+        monkeypatch.setenv(cuda_backend.EMULATE_ENV_VAR, "1")
+        reason = cuda_backend.BACKEND.unavailable_on(torch.device("cpu"))
+        if reason is not None:
+            pytest.skip(reason)
+        cuda_backend.load_emulation()
+    return backend, device

@@ -12,7 +12,9 @@ step, the model must compute what a model freshly built from the shadow
 computes (the float64 reference, within 1e-10 of the output's scale; merges
 round), every row of an ``adapter_batch`` must take its own adapter, and the
 base weights must be the originals (within 1e-12) unmerged, the originals
-plus the merged adapter's delta (within 1e-10) merged.
+plus the merged adapter's delta (within 1e-10) merged. ``DVoRAMachine`` runs the same
+steps on DVoRA layers (``use_dora=True``: three vectors per adapter, the magnitude too;
+the merged weight is ``s ⊙ (W0 + ΔW)``).
 
 Examples: 100 runs of 20 steps by default (~10 s) (``VERA_HYPOTHESIS_EXAMPLES`` sets
 the count); derandomized, so every run checks the same ones.
@@ -40,6 +42,8 @@ def _error(got, want) -> float:
 
 
 class MultiAdapterMachine(RuleBasedStateMachine):
+    USE_DORA = False
+
     def __init__(self):
         super().__init__()
         gen = torch.Generator().manual_seed(0)
@@ -47,7 +51,7 @@ class MultiAdapterMachine(RuleBasedStateMachine):
         with torch.no_grad():
             for p in self.model.parameters():
                 p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64) / p.shape[-1] ** 0.5)
-        vk.apply_vera(self.model, ["0", "1"], r=RANK, seed=SEEDS[0])
+        vk.apply_vera(self.model, ["0", "1"], r=RANK, seed=SEEDS[0], use_dora=self.USE_DORA)
         self.layers = [self.model[0], self.model[1]]
         self.originals = [layer.base_layer.weight.detach().clone() for layer in self.layers]
         self.x = torch.randn(3, SIZES[0], generator=gen, dtype=torch.float64)
@@ -62,7 +66,7 @@ class MultiAdapterMachine(RuleBasedStateMachine):
     # the shadow ------------------------------------------------------------------
 
     def _read(self, name):
-        return [tuple(v.detach().clone() for v in layer.adapter_vectors(name))
+        return [tuple(v.detach().clone() for v in layer.adapter_parameters(name).values())
                 for layer in self.layers]
 
     def _projections(self, i):
@@ -70,17 +74,21 @@ class MultiAdapterMachine(RuleBasedStateMachine):
         return (vk.projection("A", RANK, n_in, self.seed, dtype=torch.float64),
                 vk.projection("B", n_out, RANK, self.seed, dtype=torch.float64))
 
-    def _delta(self, i, name):
-        (proj_a, proj_b), (d, b) = self._projections(i), self.vectors[name][i]
-        return (b[:, None] * proj_b * d) @ proj_a
+    def _weight(self, i, name):
+        """Layer i's weight with adapter ``name`` in it (None: the original): W0 + ΔW, and
+        DVoRA's ``s ⊙ (W0 + ΔW)``."""
+        if name is None:
+            return self.originals[i]
+        (proj_a, proj_b), (d, b, *magnitude) = self._projections(i), self.vectors[name][i]
+        weight = self.originals[i] + (b[:, None] * proj_b * d) @ proj_a
+        if magnitude:
+            weight = weight * (magnitude[0] / weight.norm(dim=1))[:, None]
+        return weight
 
     def reference(self, x, name):
         """What a model freshly built with adapter ``name`` (None: none) computes."""
         for i, layer in enumerate(self.layers):
-            y = x @ self.originals[i].T + layer.base_layer.bias.detach()
-            if name is not None:
-                y = y + x @ self._delta(i, name).T
-            x = y
+            x = x @ self._weight(i, name).T + layer.base_layer.bias.detach()
         return x
 
     # rules -------------------------------------------------------------------------
@@ -99,7 +107,7 @@ class MultiAdapterMachine(RuleBasedStateMachine):
         gen = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             for layer in self.layers:
-                for v in layer.adapter_vectors(name):
+                for v in layer.adapter_parameters(name).values():
                     v.copy_(torch.randn(v.shape, generator=gen, dtype=torch.float64))
         self.vectors[name] = self._read(name)
 
@@ -197,21 +205,28 @@ class MultiAdapterMachine(RuleBasedStateMachine):
             assert (layer.active_adapter, layer.merged_adapter, layer.seed) == (
                 self.active, self.merged, self.seed)
             for name, pairs in self.vectors.items():
-                for got, want in zip(layer.adapter_vectors(name), pairs[i]):
+                for got, want in zip(layer.adapter_parameters(name).values(), pairs[i]):
                     assert torch.equal(got.detach(), want), f"layer {i}: {name}'s vectors"
             weight = layer.base_layer.weight.detach()
             if self.merged is None:
                 assert _error(weight, self.originals[i]) <= 1e-12, f"layer {i}: weight drifted"
             else:
-                want = self.originals[i] + self._delta(i, self.merged)
+                want = self._weight(i, self.merged)
                 assert _error(weight, want) <= 1e-10, f"layer {i}: merged weight"
-            trains = {n for n in self.vectors if any(v.requires_grad for v in layer.adapter_vectors(n))}
+            trains = {n for n in self.vectors
+                      if any(v.requires_grad for v in layer.adapter_parameters(n).values())}
             assert trains == ({self.active} if self.active else set()), f"layer {i}: {trains} train"
         with torch.no_grad():
             shown = self.merged or self.active
             assert _error(self.model(self.x), self.reference(self.x, shown)) <= 1e-10
 
 
+class DVoRAMachine(MultiAdapterMachine):
+    USE_DORA = True
+
+
 MultiAdapterMachine.TestCase.settings = budget(100, stateful_step_count=20)
 TestMultiAdapterLifecycle = MultiAdapterMachine.TestCase
+DVoRAMachine.TestCase.settings = budget(100, stateful_step_count=20)
+TestDVoRALifecycle = DVoRAMachine.TestCase
 

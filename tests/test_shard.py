@@ -13,7 +13,6 @@ import pytest
 import torch
 
 import vera_kernels as vk
-from vera_kernels import backends as ops
 from vera_kernels import ops as vk_ops
 from vera_kernels.backends import cuda as cuda_backend
 from vera_kernels.backends import strategy as projection_strategy
@@ -25,29 +24,6 @@ SEED = 2**33 + 5
 TOKENS, IN, OUT, R = 70, 30, 40, 12
 IN_SPLITS = [16, 13]  # on / off a multiple of 4
 OUT_SPLITS = [20, 7]
-
-
-def _targets():
-    params = [pytest.param((name, "cpu"), id=name) for name in ops.available_backends("cpu")]
-    params.append(pytest.param(("cuda", "cpu"), id="cuda-emulated"))
-    params += [pytest.param((name, "cuda"), id=f"{name}-cuda", marks=pytest.mark.gpu)
-               for name in ops.registered_backends()]
-    return params
-
-
-@pytest.fixture(params=_targets())
-def target(request, monkeypatch):
-    """(backend, device): every backend that runs here, the cuda one emulated on the CPU."""
-    backend, device = request.param
-    if device == "cuda" and not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
-    if backend == "cuda" and device == "cpu":
-        monkeypatch.setenv(cuda_backend.EMULATE_ENV_VAR, "1")
-        reason = cuda_backend.BACKEND.unavailable_on(torch.device("cpu"))
-        if reason is not None:
-            pytest.skip(reason)
-        cuda_backend.load_emulation()
-    return backend, device
 
 
 @pytest.fixture(params=projection_strategy.CHOICES[1:])

@@ -3,8 +3,10 @@
 A directory written by :func:`save_adapter` holds
 
     adapter_model.safetensors   "<layer>.vera_lambda_d" / "<layer>.vera_lambda_b" for every layer
+                                (and "<layer>.vera_magnitude" for DVoRA)
     vera_adapter_config.json    what rebuilds the layers: target module names, r, seed,
-                                d_initial, dropout, each layer's shape, the package version
+                                d_initial, dropout, use_dora, each layer's shape, the
+                                package version
 
 A few hundred kilobytes for a 7B model (the projections are regenerated from
 the seed). :func:`load_adapter` applies the layers the config names to a plain
@@ -79,6 +81,7 @@ def save_adapter(model: nn.Module, directory: PathLike, adapter: Optional[str] =
                                      lambda layer: layer.projections is not None),
         "d_initial": _one(layers, "d_initial", lambda layer: layer.d_initial),
         "dropout": _one(layers, "dropout", lambda layer: layer.dropout),
+        "use_dora": _one(layers, "use_dora", lambda layer: layer.use_dora),
         "layers": state.pop(CONFIG_KEY),
     }
     if torch.distributed.is_available() and torch.distributed.is_initialized() \
@@ -96,7 +99,7 @@ def save_adapter(model: nn.Module, directory: PathLike, adapter: Optional[str] =
 
 
 def _is_vector(key: str) -> bool:
-    return key.endswith((".vera_lambda_d", ".vera_lambda_b"))
+    return key.endswith((".vera_lambda_d", ".vera_lambda_b", ".vera_magnitude"))
 
 
 # What load_adapter reads from a config, and the type each entry must have.
@@ -124,6 +127,8 @@ def read_adapter_config(directory: PathLike) -> dict:
             raise ValueError(f"{path}: no {key!r} entry")
         if not isinstance(config[key], kind) or (kind is int and isinstance(config[key], bool)):
             raise ValueError(f"{path}: entry {key!r} is {config[key]!r}, not a {kind}")
+    if not isinstance(config.get("use_dora", False), bool):  # absent in files before DVoRA
+        raise ValueError(f"{path}: entry 'use_dora' is {config['use_dora']!r}, not a bool")
     return config
 
 
@@ -166,7 +171,7 @@ def _apply_layers(model: nn.Module, config: dict) -> None:
             )
     pattern = "|".join(re.escape(n) for n in names)  # exactly these modules
     apply_vera(model, pattern, r=config["r"], seed=config["seed"], d_initial=config["d_initial"],
-               dropout=config["dropout"])
+               dropout=config["dropout"], use_dora=config.get("use_dora", False))
 
 
 def load_adapter(model: nn.Module, directory: PathLike, adapter_name: Optional[str] = None) -> nn.Module:

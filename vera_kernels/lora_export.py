@@ -6,6 +6,10 @@ A VeRA layer adds ``diag(b) B diag(d) A x``: a LoRA with
     lora_B = diag(b) B diag(d)   (out x r)
     lora_alpha = r               (scaling alpha / r = 1)
 
+and a DVoRA layer is that LoRA with ``use_dora=True`` and its magnitude as
+``lora_magnitude_vector``: PEFT's DoRA takes the same detached row norms of
+``W0 + lora_B lora_A``.
+
 :func:`save_lora_adapter` writes that as a PEFT LoRA adapter directory
 (``adapter_config.json`` + ``adapter_model.safetensors``, PEFT's key names),
 which PEFT, vLLM, SGLang, LoRAX and TGI load. The factors are computed in
@@ -47,7 +51,9 @@ def save_lora_adapter(model: nn.Module, directory: Union[str, os.PathLike],
     ``PeftModel.from_pretrained(base_model, directory)`` (``base_model``: the
     model without VeRA layers) then computes what ``model`` computes with that
     adapter; so do LoRA serving engines. Conv1D layers get ``fan_in_fan_out``;
-    modules to save and trained biases are written as PEFT writes them. Under
+    modules to save and trained biases are written as PEFT writes them. A DVoRA
+    adapter becomes a LoRA with ``use_dora=True``, which PEFT loads (serving
+    engines that take no DoRA adapters, vLLM among them, refuse it). Under
     torch.distributed call it on every rank (sharded vectors are gathered); rank 0 writes.
 
     Args:
@@ -84,6 +90,8 @@ def save_lora_adapter(model: nn.Module, directory: Union[str, os.PathLike],
         base_model_name_or_path=name_or_path(root),
         task_type=task_type,
         inference_mode=True,
+        # DVoRA is DoRA over this LoRA: the same magnitude and detached row norms of W0 + ΔW.
+        use_dora=_one(layers, "use_dora", lambda layer: layer.use_dora),
     )
     # Whole vectors (gathered under FSDP / ZeRO-3: a collective), and the extras under the
     # model's own keys.
@@ -93,10 +101,13 @@ def save_lora_adapter(model: nn.Module, directory: Union[str, os.PathLike],
     for name, layer in layers:
         vectors = state.pop(f"{name}.vera_lambda_d"), state.pop(f"{name}.vera_lambda_b")
         lora_a, lora_b = layer.lora_factors(adapter, torch.float64, vectors)
-        for factor, value in (("lora_A", lora_a), ("lora_B", lora_b)):
+        factors = {"lora_A.weight": lora_a, "lora_B.weight": lora_b}
+        if layer.use_dora:  # PEFT's key for a DoRA magnitude (no ".weight")
+            factors["lora_magnitude_vector"] = state.pop(f"{name}.vera_magnitude")
+        for factor, value in factors.items():
             # A copy each: layers of one shape share their cached A, and a file cannot.
-            tensors[f"{PEFT_PREFIX}{name}.{factor}.weight"] = value.to(dtype or vectors[0].dtype,
-                                                                       copy=True)
+            tensors[f"{PEFT_PREFIX}{name}.{factor}"] = value.to(dtype or vectors[0].dtype,
+                                                                copy=True)
     tensors.update({PEFT_PREFIX + key: value for key, value in state.items()})
     if torch.distributed.is_available() and torch.distributed.is_initialized() \
             and torch.distributed.get_rank() != 0:

@@ -48,3 +48,24 @@ def vera_linear_reference(
         x.shape[-1], lambda_b.shape[0], lambda_d.shape[0], seed, dtype=x.dtype, device=x.device
     )
     return vera_linear_with_projections(x, lambda_d, lambda_b, proj_a, proj_b, base_output)
+
+
+def dvora_linear_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    lambda_d: torch.Tensor,
+    lambda_b: torch.Tensor,
+    magnitude: torch.Tensor,
+    seed: int,
+) -> torch.Tensor:
+    """Unfused DVoRA, as DoRA implementations compute it: ``W0 + ΔW`` (out x in)
+    materialized, ``y = m / ‖W0 + ΔW‖ ⊙ (x (W0 + ΔW)ᵀ) + bias`` with the row norms
+    detached. ``weight`` is (out, in); everything in x's dtype."""
+    proj_a, proj_b = vera_projections(
+        x.shape[-1], weight.shape[0], lambda_d.shape[0], seed, dtype=x.dtype, device=x.device
+    )
+    combined = weight + (lambda_b[:, None] * proj_b * lambda_d) @ proj_a
+    scale = magnitude / combined.norm(dim=1).detach()
+    y = scale * (x @ combined.T)
+    return y if bias is None else y + bias

@@ -321,6 +321,10 @@ def load_vera_adapter(worker_manager, lora_request, path: str):
     if config["explicit_projections"]:
         raise ValueError(f"{path}: an adapter with explicit (PEFT-converted) projections cannot "
                          "be served natively; its A and B are not the engine's seed's")
+    if config.get("use_dora", False):
+        raise ValueError(f"{path}: adapter {lora_request.lora_name!r} is DVoRA (use_dora): native "
+                         "VeRA slots serve no magnitude (nor does vLLM serve DoRA LoRA "
+                         "adapters); merge it (vk.merge_and_unload) to serve it")
     if (config["r"], config["seed"]) != (r, seed):
         raise ValueError(f"{path}: adapter {lora_request.lora_name!r} has r={config['r']}, "
                          f"seed={config['seed']}, but this engine serves r={r}, seed={seed} "
