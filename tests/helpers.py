@@ -96,7 +96,8 @@ def budget(default_examples: int, **kwargs):
 
 
 def randomize_adapter(model, adapter: str, seed: int = 1) -> None:
-    """Standard normal values (from ``seed``) in adapter ``adapter``'s vectors of every layer."""
+    """Standard normal values (from ``seed``) in adapter ``adapter``'s vectors of every layer;
+    a DVoRA magnitude scaled by factors in [0.5, 1.5) instead."""
     from vera_kernels.model import vera_layers
 
     gen = torch.Generator().manual_seed(seed)
@@ -104,3 +105,7 @@ def randomize_adapter(model, adapter: str, seed: int = 1) -> None:
         for _, layer in vera_layers(model):
             for vector in layer.adapter_vectors(adapter):
                 vector.copy_(torch.randn(vector.shape, generator=gen, dtype=vector.dtype))
+            magnitude = layer.adapter_magnitude(adapter)
+            if magnitude is not None:
+                magnitude.mul_(0.5 + torch.rand(magnitude.shape, generator=gen,
+                                                dtype=magnitude.dtype))

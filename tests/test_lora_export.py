@@ -3,7 +3,8 @@
 PEFT's own ``PeftModel.from_pretrained`` loads each export onto the plain base
 model, and its logits must be ours with that adapter: a tiny Llama (linear
 layers of two shapes, a module to save) and a tiny GPT-2 (Conv1D layers, their
-biases trained), two adapters each, in float64 so that only rounding differs.
+biases trained), two adapters each, in float64 so that only rounding differs;
+both again as DVoRA (PEFT's LoRA with ``use_dora``).
 """
 
 import json
@@ -39,6 +40,10 @@ CASES = {
               ("default", "fr")),
     "gpt2": (_gpt2, ["c_attn", "c_fc"], {}, ("default", "fr")),
     "gpt2-biases": (_gpt2, ["c_attn", "c_fc"], {"bias": "vera_only"}, ("default",)),
+    # DVoRA: a LoRA with use_dora and the magnitudes (PEFT's DoRA takes the same norms).
+    "llama-dora": (_llama, ["q_proj", "v_proj", "down_proj"], {"use_dora": True},
+                   ("default", "fr")),
+    "gpt2-dora": (_gpt2, ["c_attn", "c_fc"], {"use_dora": True}, ("default",)),
 }
 
 
@@ -64,6 +69,7 @@ def test_peft_loads_the_export_to_our_logits(case, tmp_path):
     assert config["peft_type"] == "LORA" and config["r"] == config["lora_alpha"] == 6
     assert config["fan_in_fan_out"] == case.startswith("gpt2")
     assert config["bias"] == ("lora_only" if options.get("bias") else "none")
+    assert config["use_dora"] == options.get("use_dora", False)
     # PEFT, from the plain base model, with the extras the export carries.
     loaded = peft.PeftModel.from_pretrained(build(), tmp_path / "default")
     for adapter in adapters[1:]:
