@@ -391,3 +391,17 @@ def test_quantized_base_takes_the_dequantized_weight():
         dense = dense_weight(quantized).float()
         want = dvora_linear_reference(x, dense, quantized.bias, *_leaves(layer), SEED)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_compiled_layer_matches_eager():
+    # The norms run eagerly (their caches key on version counters); the rest is traced.
+    layer = _layer(torch.float32)
+    x = torch.randn(5, IN, requires_grad=True)
+    leaves = [x, *_leaves(layer)]
+    want = layer(x)
+    want_grads = torch.autograd.grad(want.square().sum(), leaves)
+    got = torch.compile(layer)(x)
+    got_grads = torch.autograd.grad(got.square().sum(), leaves)
+    assert_close_scaled(got.detach(), want.detach(), 16 * EPS[torch.float32], "y")
+    for name, g, w in zip(("dx", "dd", "db", "dm"), got_grads, want_grads):
+        assert_close_scaled(g, w, 16 * EPS[torch.float32], name)

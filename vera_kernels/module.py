@@ -326,6 +326,9 @@ class VeRALinear(AdapterLifecycle, nn.Module):
             self._adapter_norms.clear()
         return self._norm_terms[2]
 
+    # The caches key on version counters, which torch.compile cannot guard on: under it
+    # the norms are an eager call (one graph break), the rest of the layer is traced.
+    @torch.compiler.disable
     def _dora_norms(self, adapter: str) -> Tensor:
         """``‖W0 + ΔW‖`` (out,) for ``adapter``'s vectors, kept until they or the weight change."""
         terms = self._dora_terms()
