@@ -19,8 +19,7 @@ from torch import nn
 import vera_kernels as vk
 from vera_kernels import dora
 from vera_kernels.dropout import DropoutMask, keep_mask
-from vera_kernels.reference import dvora_linear_reference, vera_linear_with_projections, \
-    vera_projections
+from vera_kernels.reference import dvora_linear_reference, vera_projections
 from helpers import EPS, assert_close_scaled
 
 SEED = 2**40 + 3
@@ -151,14 +150,9 @@ def test_adapter_dropout_follows_peft_dora(monkeypatch):
     mask = DropoutMask(0.4, call_seed)
     keep = keep_mask(mask, 0, 18, IN, "cpu").reshape(2, 9, IN).double() * mask.scale
     leaves = [t.detach().clone().requires_grad_() for t in [x, *_leaves(layer)]]
-    x_ref, d, b, m = leaves
-    weight, bias = _weight(layer).detach(), layer.base_layer.bias.detach()
-    proj_a, proj_b = vera_projections(IN, OUT, R, SEED, dtype=torch.float64, device="cpu")
-    delta = (b[:, None] * proj_b * d) @ proj_a
-    scale = m / (weight + delta).norm(dim=1).detach()
-    dropped = x_ref * keep
-    want = x_ref @ weight.T + bias + (scale - 1) * (dropped @ weight.T) \
-        + scale * (dropped @ delta.T)
+    want = dvora_linear_reference(leaves[0], _weight(layer).detach(),
+                                  layer.base_layer.bias.detach(), *leaves[1:], SEED,
+                                  dropped_x=leaves[0] * keep)
     want_grads = torch.autograd.grad(want, leaves, grad)
     _check(y, got, want.detach(), want_grads, torch.float64)
 

@@ -50,6 +50,31 @@ def vera_linear_reference(
     return vera_linear_with_projections(x, lambda_d, lambda_b, proj_a, proj_b, base_output)
 
 
+def dvora_linear_with_projections(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    lambda_d: torch.Tensor,
+    lambda_b: torch.Tensor,
+    magnitude: torch.Tensor,
+    proj_a: torch.Tensor,
+    proj_b: torch.Tensor,
+    dropped_x: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Unfused DVoRA as DoRA implementations compute it: ``W0 + ΔW`` (out x in)
+    materialized, ``y = m / ‖W0 + ΔW‖ ⊙ (x (W0 + ΔW)ᵀ) + bias``, the row norms
+    detached. ``weight`` is (out, in). With ``dropped_x`` (the adapter's input under
+    dropout), PEFT's DoRA: ``x W0ᵀ + (s - 1) ⊙ dropped_x W0ᵀ + s ⊙ dropped_x ΔWᵀ + bias``."""
+    delta = (lambda_b[:, None] * proj_b * lambda_d) @ proj_a
+    combined = weight + delta
+    scale = magnitude / combined.norm(dim=1).detach()
+    if dropped_x is None:
+        y = scale * (x @ combined.T)
+    else:
+        y = x @ weight.T + (scale - 1) * (dropped_x @ weight.T) + scale * (dropped_x @ delta.T)
+    return y if bias is None else y + bias
+
+
 def dvora_linear_reference(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -58,14 +83,11 @@ def dvora_linear_reference(
     lambda_b: torch.Tensor,
     magnitude: torch.Tensor,
     seed: int,
+    dropped_x: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Unfused DVoRA, as DoRA implementations compute it: ``W0 + ΔW`` (out x in)
-    materialized, ``y = m / ‖W0 + ΔW‖ ⊙ (x (W0 + ΔW)ᵀ) + bias`` with the row norms
-    detached. ``weight`` is (out, in); everything in x's dtype."""
+    """:func:`dvora_linear_with_projections` with the seed's A and B, in x's dtype."""
     proj_a, proj_b = vera_projections(
         x.shape[-1], weight.shape[0], lambda_d.shape[0], seed, dtype=x.dtype, device=x.device
     )
-    combined = weight + (lambda_b[:, None] * proj_b * lambda_d) @ proj_a
-    scale = magnitude / combined.norm(dim=1).detach()
-    y = scale * (x @ combined.T)
-    return y if bias is None else y + bias
+    return dvora_linear_with_projections(x, weight, bias, lambda_d, lambda_b, magnitude, proj_a,
+                                         proj_b, dropped_x)

@@ -35,6 +35,7 @@ class Case:
     device: torch.device
     seed: int = 0
     dropout: float = 0.0  # adapter dropout of every VeRA implementation (training mode)
+    dora: bool = False  # DVoRA against PEFT's LoRA DoRA and our VeRA (``--dora``)
 
 
 def preset_for(device: torch.device, quick: bool = False) -> str:
@@ -42,11 +43,11 @@ def preset_for(device: torch.device, quick: bool = False) -> str:
 
 
 def grid(preset: str, device: torch.device, *, shapes=None, tokens=None, ranks=None, dtypes=None,
-         seed: int = 0, dropout: float = 0.0) -> list:
+         seed: int = 0, dropout: float = 0.0, dora: bool = False) -> list:
     """The cases of ``preset`` on ``device``, with any of its axes replaced."""
     p_shapes, p_tokens, p_ranks, p_dtypes = PRESETS[preset]
     cases = [
-        Case(n_in, n_out, t, r, DTYPES[dt], device, seed, dropout)
+        Case(n_in, n_out, t, r, DTYPES[dt], device, seed, dropout, dora)
         for dt in dtypes or p_dtypes for (n_in, n_out) in shapes or p_shapes
         for r in ranks or p_ranks for t in tokens or p_tokens
     ]
@@ -59,4 +60,4 @@ def grid(preset: str, device: torch.device, *, shapes=None, tokens=None, ranks=N
 def describe(case: Case) -> str:
     dropout = f" dropout={case.dropout:g}" if case.dropout else ""
     return (f"{case.in_features}x{case.out_features} tokens={case.tokens} r={case.r} "
-            f"{DTYPE_NAMES[case.dtype]}{dropout}")
+            f"{DTYPE_NAMES[case.dtype]}{dropout}{' dora' if case.dora else ''}")

@@ -126,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print every column, also those that mean nothing on a CPU")
     p.add_argument("--dropout", type=_probability, default=0.0,
                    help="adapter dropout of every VeRA implementation (PEFT's vera_dropout)")
+    p.add_argument("--dora", action="store_true",
+                   help="DVoRA: our DVoRA layer against PEFT's LoRA with use_dora at the same "
+                        "rank, DoRA's unfused way over VeRA, and our VeRA layer (vera-<backend>)")
     p.add_argument("--serve", action="store_true",
                    help="serving: a batch mixing N adapters vs one adapter, a call per adapter and "
                         "the base layer (--tokens and --adapters replace the grid)")
@@ -191,7 +194,7 @@ def cases_from(args, device: torch.device) -> list:
     preset = bench_cases.preset_for(device, args.quick)
     return bench_cases.grid(preset, device, shapes=args.shapes, tokens=args.tokens,
                             ranks=args.ranks, dtypes=args.dtypes, seed=args.seed,
-                            dropout=args.dropout)
+                            dropout=args.dropout, dora=args.dora)
 
 
 def main(argv=None) -> int:
@@ -203,7 +206,12 @@ def main(argv=None) -> int:
         names = ["base", "unfused"]
         if not args.no_peft and impl.peft_available():
             names.append("peft")
-        names += [f"ours-{b}" for b in _backends(args.backends, device)]
+        ours = _backends(args.backends, device)
+        names += [f"ours-{b}" for b in ours]
+        if args.dora:
+            if args.serve:
+                raise ValueError("--dora and --serve: serving mixes VeRA adapters only")
+            names += [f"vera-{b}" for b in ours]
         _check_outputs(args)
     except ValueError as error:
         parser.error(str(error))  # exits 2

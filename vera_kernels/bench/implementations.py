@@ -5,6 +5,11 @@
 * ``peft``: PEFT's own VeRA layer (``get_peft_model`` with ``VeraConfig``,
   default configuration), when peft is installed.
 * ``base``: the frozen nn.Linear alone, to express VeRA's overhead.
+
+With ``--dora`` (``case.dora``) the same names are DVoRA's: ``ours-<backend>``
+our DVoRA layer, ``unfused`` DoRA's way over VeRA (W0 + ΔW built every step),
+``peft`` PEFT's LoRA with ``use_dora=True`` at the same rank; ``vera-<backend>``
+is our VeRA layer beside them, the cost the magnitude adds.
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ from torch import nn
 
 from ..backends import get_backend
 from ..module import VeRALinear
-from ..reference import vera_linear_with_projections, vera_projections
+from ..reference import (dvora_linear_with_projections, vera_linear_with_projections,
+                         vera_projections)
 from .cases import Case
 
 PROJECTION_STRATEGY = {"unfused": "stored A, B", "peft": "stored A, B", "base": "-"}
@@ -48,6 +54,21 @@ class UnfusedVeRA(nn.Module):
         )
 
 
+class UnfusedDVoRA(UnfusedVeRA):
+    """DVoRA as DoRA implementations compute it: W0 + ΔW (out x in) built on every step for
+    its row norms; A and B stored; PEFT's dropout semantics."""
+
+    def __init__(self, base: nn.Linear, r: int, seed: int, dropout: float = 0.0):
+        super().__init__(base, r, seed, dropout)
+        self.vera_magnitude = nn.Parameter(base.weight.detach().norm(dim=1))
+
+    def forward(self, x):
+        dropped = None if isinstance(self.vera_dropout, nn.Identity) else self.vera_dropout(x)
+        return dvora_linear_with_projections(
+            x, self.base_layer.weight, self.base_layer.bias, self.vera_lambda_d,
+            self.vera_lambda_b, self.vera_magnitude, self.vera_A, self.vera_B, dropped)
+
+
 def peft_available() -> bool:
     return importlib.util.find_spec("peft") is not None
 
@@ -69,17 +90,20 @@ def _quiet_peft():
 
 def _peft_layer(base: nn.Linear, case: Case) -> nn.Module:
     peft = _quiet_peft()
-    VeraConfig, get_peft_model = peft.VeraConfig, peft.get_peft_model
-    config = VeraConfig(r=case.r, target_modules=["0"], vera_dropout=case.dropout)
-    model = get_peft_model(nn.Sequential(base), config)
+    if case.dora:  # LoRA DoRA at VeRA's rank, scaling 1
+        config = peft.LoraConfig(r=case.r, lora_alpha=case.r, target_modules=["0"],
+                                 lora_dropout=case.dropout, use_dora=True)
+    else:
+        config = peft.VeraConfig(r=case.r, target_modules=["0"], vera_dropout=case.dropout)
+    model = peft.get_peft_model(nn.Sequential(base), config)
     return model.to(case.dtype)
 
 
 def _nonzero_vectors(layer: nn.Module) -> None:
-    # b = 0 at init would let a backend skip work; benchmark a trained state.
+    # b = 0 (LoRA's B = 0) at init would let a backend skip work; benchmark a trained state.
     with torch.no_grad():
         for name, p in layer.named_parameters():
-            if "lambda_b" in name:
+            if "lambda_b" in name or "lora_B" in name:
                 p.fill_(0.01)
 
 
@@ -94,12 +118,14 @@ def make_layer(name: str, case: Case) -> nn.Module:
     if name == "base":
         return base
     if name == "unfused":
-        layer = UnfusedVeRA(base, case.r, case.seed, case.dropout)
+        layer = (UnfusedDVoRA if case.dora else UnfusedVeRA)(base, case.r, case.seed, case.dropout)
     elif name == "peft":
         layer = _peft_layer(base, case)
-    elif name.startswith("ours-"):
-        layer = VeRALinear.from_linear(base, case.r, seed=case.seed, dropout=case.dropout)
-        layer.backend = name.removeprefix("ours-")
+    elif name.startswith(("ours-", "vera-")):
+        dora = case.dora and name.startswith("ours-")
+        layer = VeRALinear.from_linear(base, case.r, seed=case.seed, dropout=case.dropout,
+                                       use_dora=dora)
+        layer.backend = name.split("-", 1)[1]
     else:
         raise ValueError(f"unknown implementation {name!r}")
     _nonzero_vectors(layer)
@@ -107,7 +133,7 @@ def make_layer(name: str, case: Case) -> nn.Module:
 
 
 def _our_backend(name: str):
-    return get_backend(name.removeprefix("ours-")) if name.startswith("ours-") else None
+    return get_backend(name.split("-", 1)[1]) if name.startswith(("ours-", "vera-")) else None
 
 
 def strategy(name: str, case: Case) -> str:

@@ -67,7 +67,7 @@ def _time_modes(work: _Workload, names: list, reps: int) -> dict:
 
 def _time_adapters(work: _Workload, names: list, reps: int) -> dict:
     ours = [n for n in names if n.startswith("ours-")]
-    if not ours:
+    if not ours or work.case.dora:  # the op alone is VeRA's; its roofline is not DVoRA's
         return {}
     with torch.no_grad():
         base_out = work.layers["base"](work.x)
@@ -82,6 +82,7 @@ def _row(name: str, work: _Workload, timings: dict, adapter: dict, bound: dict,
         "in_features": case.in_features, "out_features": case.out_features,
         "tokens": case.tokens, "r": case.r, "dtype": DTYPE_NAMES[case.dtype], "impl": name,
         "dropout": case.dropout,
+        "dora": case.dora,
         "strategy": impl.strategy(name, case),
         "generation_int_ops": impl.generation_int_ops(name, case),
         "saved_bytes": measure.saved_activation_bytes(work.layers[name], work.x_train) - base_saved,
