@@ -274,9 +274,10 @@ def test_dora_rows_compare_dvora_with_peft_lora_dora_and_vera(tmp_path):
     rows = {r["impl"]: r for r in json.loads(path.read_text())["results"]}
     assert {"base", "unfused", "ours-torch", "vera-torch"} <= set(rows)
     assert all(r["dora"] for r in rows.values())
-    # Quick case: 64 tokens, 96 -> 80, r = 8, fp32. DVoRA keeps h and the base output (for
-    # the magnitude's gradient); VeRA h alone; DoRA's unfused way x, h, d ⊙ h and more.
-    assert rows["ours-torch"]["saved_bytes"] == 64 * 8 * 4 + 64 * 80 * 4
+    # Quick case: 64 tokens, 96 -> 80, r = 8, fp32. DVoRA keeps h, the base output (for
+    # the magnitude's gradient) and three vectors of out (s, n, s ⊙ b); VeRA h alone;
+    # DoRA's unfused way x, h, d ⊙ h and more.
+    assert rows["ours-torch"]["saved_bytes"] == 64 * 8 * 4 + 64 * 80 * 4 + 3 * 80 * 4
     assert rows["vera-torch"]["saved_bytes"] == 64 * 8 * 4
     assert rows["unfused"]["saved_bytes"] > rows["ours-torch"]["saved_bytes"]
     if "peft" in rows:
