@@ -32,8 +32,9 @@ launch is named by its role from its arguments: h, y (forward), u+dd, dx, db
 (backward), workspace_A / workspace_B (the workspace generator). The
 vectors are passed as VeRALinear passes them: float32 under bf16 / fp16
 activations (it keeps them at least float32), x's dtype otherwise;
-``--variants same_dtype banked dropout`` adds the launches of vectors in x's
-dtype, of adapter banks and of dropout (suffixed ``[same_dtype]`` etc.).
+``--variants same_dtype banked dropout dora`` adds the launches of vectors in x's
+dtype, of adapter banks, of dropout and of DVoRA's scaled base (suffixed
+``[same_dtype]`` etc.).
 
 Each (launch, config, arch) is then specialized exactly as a launch would be:
 Triton's own binder (``create_function_from_signature`` + ``_pack_args``,
@@ -246,7 +247,7 @@ def torch_dtype(name: str):
             "tf32": torch.float32, "fp64": torch.float64}[name]
 
 
-VARIANTS = ("plain", "same_dtype", "banked", "dropout")
+VARIANTS = ("plain", "same_dtype", "banked", "dropout", "dora")
 N_ADAPTERS = 4  # bank size of the "banked" variant
 
 
@@ -259,7 +260,8 @@ def run_layer(dtype_name, strategy, in_f, out_f, tokens, rank, device="cpu", see
     them at least float32) and in x's dtype otherwise; "same_dtype": the
     vectors in x's dtype (the functional API called with one dtype);
     "banked": adapter banks (vera_linear_multi, serving); "dropout": adapter
-    dropout p = 0.1.
+    dropout p = 0.1; "dora": DVoRA's forward, the base scaled and shifted in the
+    epilogue (base_scale, base_bias).
     """
     import torch
 
@@ -270,7 +272,7 @@ def run_layer(dtype_name, strategy, in_f, out_f, tokens, rank, device="cpu", see
     vector_dtype = torch.float32 if half and variant != "same_dtype" else dtype
     make = (torch.empty if device == "cpu"  # recording: never read, never touched
             else lambda *s, **k: torch.randn(*s, **k) * 0.1)
-    extra = {}
+    extra, affine = {}, {}
     with _setting(dtype_name, strategy):
         x = make(tokens, in_f, dtype=dtype, device=device)
         bank = (N_ADAPTERS,) if variant == "banked" else ()
@@ -283,9 +285,12 @@ def run_layer(dtype_name, strategy, in_f, out_f, tokens, rank, device="cpu", see
         elif variant == "dropout":
             from vera_kernels.dropout import DropoutMask, seed_words
             extra["dropout"] = DropoutMask(0.1, seed_words(seed + 1, device))
+        elif variant == "dora":
+            affine = {"base_scale": make(out_f, dtype=vector_dtype, device=device),
+                      "base_bias": make(out_f, dtype=dtype, device=device)}
         source = ProjectionSource.from_seed(seed)
         _Recorder.phase = "forward"
-        _, h = backend.forward(x, lambda_d, lambda_b, source, base, **extra)
+        _, h = backend.forward(x, lambda_d, lambda_b, source, base, **extra, **affine)
         _Recorder.phase = "backward"
         backend.backward(grad, h, lambda_d, lambda_b, source, in_f,
                          NeededGrads(x=True, lambda_d=True, lambda_b=True), **extra)
@@ -1143,7 +1148,8 @@ def parse_args(argv=None):
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=["plain"],
                         help="launch families to record: plain (VeRALinear: one adapter, "
                              "float32 vectors under bf16/fp16), same_dtype (vectors in x's "
-                             "dtype), banked (adapter banks, serving), dropout (default: plain)")
+                             "dtype), banked (adapter banks, serving), dropout, dora (DVoRA's "
+                             "scaled base) (default: plain)")
     parser.add_argument("--against-driver", metavar="PREDICTED_JSON",
                         help="on a GPU: launch for real and compare the registers / local / shared "
                              "memory the driver reports with this earlier compile_check output "

@@ -34,14 +34,16 @@
 #                  autotuner's configs against the compile check's prediction
 #   bench          Llama-7B projections, 8192 tokens, r 256, bf16: fused vs unfused vs PEFT
 #   serve          1 / 16 / 256 adapters in one batch
+#   dora           vera-bench --dora: DVoRA vs PEFT's LoRA DoRA vs our VeRA, 4096x4096,
+#                  8192 tokens, r 256, bf16
 #   decode_generate, decode_workspace
 #                  each projection strategy forced at decode token counts
 #
 # and two background jobs started after install, at a lower priority: build_cuda
 # (the CUDA extension for this GPU's arch, setup.py build_ext --inplace; if that
 # cannot build, the cuda backend's JIT build, cached where later steps find it) and warm (scripts/compile_check.py for
-# this arch: every kernel variant the later steps launch, plain, adapter banks
-# and dropout, compiled into Triton's cache; its records are the prediction the
+# this arch: every kernel variant the later steps launch, plain, adapter banks,
+# dropout and DVoRA's scaled base, compiled into Triton's cache; its records are the prediction the
 # driver check compares with). pytest_gpu waits for build_cuda, driver_check for
 # warm. pytest is stopped with SIGINT at its cap (30 s to finish), so it still
 # writes its junit file and summary. Exit status: 0 when every step that ran exited 0, else 1.
@@ -55,10 +57,11 @@ install 12
 tile_sweep 65
 pytest_gpu 55
 driver_check 30
-bench 38
+bench 32
 serve 20
+dora 14
 decode_generate 15
-decode_workspace 25"
+decode_workspace 17"
 BUDGET=${GPU_CHECK_BUDGET:-290}
 RESERVE=10
 BUILD_CAP=150 # background jobs: they end before the steps that wait for them
@@ -265,7 +268,7 @@ fi
 if wanted driver_check || wanted bench || wanted serve || wanted decode_generate \
     || wanted decode_workspace; then
     background warm "$WARM_CAP" "$PYTHON" scripts/compile_check.py --arch "$ARCH" \
-        --dtypes bf16 --shapes 4096x4096 --tokens 8192 --variants plain banked dropout \
+        --dtypes bf16 --shapes 4096x4096 --tokens 8192 --variants plain banked dropout dora \
         --launchable-only --no-cuda --jobs "$HALF" --json "$WORK/compile_check.json"
 fi
 
@@ -297,6 +300,8 @@ step bench "$PYTHON" -m vera_kernels.bench --device cuda \
     --json "$WORK/bench.json" --plot "$WORK/bench.png"
 step serve "$PYTHON" -m vera_kernels.bench --serve --device cuda --tokens 4096 \
     --adapters 1,16,256 --json "$WORK/serve.json" --plot "$WORK/serve.png"
+step dora "$PYTHON" -m vera_kernels.bench --dora --device cuda --shapes 4096x4096 --tokens 8192 \
+    --ranks 256 --dtypes bf16 --json "$WORK/dora.json"
 # Where generating A / B in the kernel beats the per-launch workspace is a GPU
 # question: the decode sizes under each strategy, side by side.
 for strategy in generate workspace; do

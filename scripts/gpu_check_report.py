@@ -20,7 +20,7 @@ from pathlib import Path
 BACKENDS = ("triton", "cuda", "torch")
 DTYPES = {"bfloat16": "bf16", "bf16": "bf16", "float16": "fp16", "fp16": "fp16",
           "float32": "fp32", "fp32": "fp32", "tf32": "tf32", "float64": "fp64", "fp64": "fp64"}
-BENCHMARKS = ("bench", "serve", "decode_generate", "decode_workspace")
+BENCHMARKS = ("bench", "serve", "dora", "decode_generate", "decode_workspace")
 
 
 def steps(work: Path) -> list:

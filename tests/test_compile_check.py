@@ -59,10 +59,11 @@ def payloads(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     found = []
     # --quick: sm_90 bf16 / fp32 / fp16 and sm_80 bf16 (+ nvcc on both); then tf32 on sm_90,
-    # and the launches of dropout and adapter banks (x computed in the loop) in sm_90 bf16.
+    # and the launches of dropout and adapter banks (x computed in the loop) and of DVoRA's
+    # scaled base (the epilogue) in sm_90 bf16.
     for name, extra in (("quick", []), ("tf32", ["--arch", "90", "--dtypes", "tf32", "--no-cuda"]),
                         ("variants", ["--arch", "90", "--dtypes", "bf16", "--variants", "dropout",
-                                      "banked", "--no-cuda"])):
+                                      "banked", "dora", "--no-cuda"])):
         path = out / f"{name}.json"
         proc = subprocess.run(
             [sys.executable, str(SCRIPT), "--quick", *extra, "--json", str(path)],

@@ -22,7 +22,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "scripts" / "gpu_check.sh"
-STEPS = ["env", "install", "tile_sweep", "pytest_gpu", "driver_check", "bench", "serve",
+STEPS = ["env", "install", "tile_sweep", "pytest_gpu", "driver_check", "bench", "serve", "dora",
          "decode_generate", "decode_workspace"]
 MAX_FILES, MAX_BYTES = 8, 16 * 2**20  # what a lent machine brings back
 NAME = re.compile(r"^[A-Za-z0-9._-]+$")
@@ -108,7 +108,8 @@ def test_every_step_runs_in_order_and_at_most_eight_files_come_back(tmp_path):
     with tarfile.open(out / "logs.tar.gz") as tar:
         packed = {Path(name).name for name in tar.getnames()}
     assert {f"{name}.log" for name in STEPS} <= packed
-    assert {"pytest_gpu.xml", "tile_sweep.xml", "compile_check.json", "bench.json"} <= packed
+    assert {"pytest_gpu.xml", "tile_sweep.xml", "compile_check.json", "bench.json",
+            "dora.json"} <= packed
     # The report reads the junit files: totals, failures by name, tallies per backend / dtype.
     assert results["pytest_gpu"]["totals"] == {"passed": 1, "failed": 1}
     assert results["pytest_gpu"]["failing"] == [{"test": "t::test_b[cuda-float32]",
@@ -125,7 +126,8 @@ def test_every_step_runs_in_order_and_at_most_eight_files_come_back(tmp_path):
                and "--ignore=tests/test_tile_sweep.py" in c and " -n " in c for c in calls)
     assert any(pytest in c and "tests/test_tile_sweep.py -m gpu" in c for c in calls)
     assert any("setup.py -q build_ext --inplace" in c for c in calls)
-    assert any("compile_check.py --arch 90" in c and "--variants plain banked dropout" in c
+    assert any("--dora --device cuda" in c and "dora.json" in c for c in calls)
+    assert any("compile_check.py --arch 90" in c and "--variants plain banked dropout dora" in c
                and "--launchable-only" in c for c in calls)
     assert any("--against-driver" in c and "--dtypes bf16" in c for c in calls)
     for strategy in ("generate", "workspace"):
