@@ -399,3 +399,10 @@ def test_compiled_layer_matches_eager():
     assert_close_scaled(got.detach(), want.detach(), 16 * EPS[torch.float32], "y")
     for name, g, w in zip(("dx", "dd", "db", "dm"), got_grads, want_grads):
         assert_close_scaled(g, w, 16 * EPS[torch.float32], name)
+
+
+def test_peft_vera_export_refuses_dvora(tmp_path):
+    pytest.importorskip("peft")
+    model = vk.apply_vera(_model(), ["0"], r=R, seed=SEED, use_dora=True)
+    with pytest.raises(ValueError, match="save_lora_adapter"):
+        vk.save_peft_adapter(model, tmp_path)

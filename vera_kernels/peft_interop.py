@@ -232,6 +232,11 @@ def save_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], *,
     layers = list(vera_layers(root))
     if not layers:
         raise ValueError("save_peft_adapter: the model has no VeRA layers")
+    dora = [name for name, layer in layers if layer.use_dora]
+    if dora:
+        raise ValueError(f"save_peft_adapter: layers {dora[:3]} are DVoRA (use_dora), which PEFT's "
+                         "VeRA cannot hold; vk.save_lora_adapter writes them as PEFT LoRA with "
+                         "use_dora")
     r = _one_value(layers, "r", lambda layer: layer.r)
     dropout = _one_value(layers, "dropout probability", lambda layer: layer.dropout)
     proj_a, proj_b, scales = _export_projections(layers, r, exact_training)
