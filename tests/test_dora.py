@@ -19,6 +19,7 @@ from torch import nn
 import vera_kernels as vk
 from vera_kernels import dora
 from vera_kernels.dropout import DropoutMask, keep_mask
+from vera_kernels.projection import _cached_block
 from vera_kernels.reference import dvora_linear_reference, vera_projections
 from helpers import EPS, assert_close_scaled
 
@@ -406,3 +407,17 @@ def test_peft_vera_export_refuses_dvora(tmp_path):
     model = vk.apply_vera(_model(), ["0"], r=R, seed=SEED, use_dora=True)
     with pytest.raises(ValueError, match="save_lora_adapter"):
         vk.save_peft_adapter(model, tmp_path)
+
+
+def test_torch_export_matches_and_leaves_the_caches_clean():
+    # Exported before any eager call: the trace must neither cache traced tensors (the
+    # projections' LRU, the norm terms) nor compute with stale ones.
+    layer = _layer(torch.float32).eval()
+    x = torch.randn(3, IN)
+    want = dvora_linear_reference(x, layer.base_layer.weight, layer.base_layer.bias,
+                                  *_leaves(layer), SEED).detach()
+    _cached_block.cache_clear()
+    program = torch.export.export(layer, (x,))
+    with torch.no_grad():
+        assert_close_scaled(program.module()(x), want, 16 * EPS[torch.float32], "exported")
+        assert_close_scaled(layer(x), want, 16 * EPS[torch.float32], "eager after export")

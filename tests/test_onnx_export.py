@@ -111,6 +111,38 @@ def test_adapter_banks_gather_each_tokens_vectors(tmp_path):
         assert_close_scaled(actual, model(x, ids, base), TOL, "banks")
 
 
+class _ScaledBanks(_Banks):
+    """DVoRA's scaled base (a scale row per adapter, a bias) and a column-parallel shard."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale_bank = nn.Parameter(torch.rand(3, 6) + 0.5)
+        self.bias = nn.Parameter(torch.randn(6))
+
+    def forward(self, x, adapter_ids, base):
+        return vk.vera_linear_multi(x, self.d_bank, self.b_bank, adapter_ids, SEED, base,
+                                    check_ids=False, base_scale=self.scale_bank,
+                                    base_bias=self.bias, shard=vk.ProjectionShard(out_offset=5))
+
+
+def test_dvora_layers_and_shards_export(tmp_path):
+    torch.manual_seed(4)
+    layer = vk.VeRALinear(12, 10, 4, seed=SEED, use_dora=True)
+    with torch.no_grad():
+        layer.vera_lambda_b.normal_()
+        layer.vera_magnitude.mul_(torch.rand(10) + 0.5)
+    x = torch.randn(3, 12)
+    (actual,) = _run(export_onnx(layer.eval(), (x,), verbose=False), tmp_path, x)
+    with torch.no_grad():
+        assert_close_scaled(actual, layer(x), TOL, "DVoRA layer")
+    model = _ScaledBanks().eval()
+    x, base = torch.randn(6, 8), torch.randn(6, 6)
+    ids = torch.tensor([0, 2, -1, 1, 2, -1], dtype=torch.int32)
+    (actual,) = _run(export_onnx(model, (x, ids, base), verbose=False), tmp_path, x, ids, base)
+    with torch.no_grad():
+        assert_close_scaled(actual, model(x, ids, base), TOL, "scaled banks, shard")
+
+
 class _Explicit(nn.Module):
     """Explicit projections (as PEFT stores them) instead of a seed."""
 

@@ -50,16 +50,16 @@ class NormTerms(NamedTuple):
 
 def _row_chunks(weight: Tensor, dtype: torch.dtype):
     for start in range(0, weight.shape[0], ROW_CHUNK):
-        yield slice(start, start + ROW_CHUNK), weight[start:start + ROW_CHUNK].to(dtype)
+        yield weight[start:start + ROW_CHUNK].to(dtype)
 
+
+# Chunks are concatenated, not written into slices with out=: torch.export's
+# functionalization would lose such writes.
 
 @torch.no_grad()
 def weight_row_squares(weight: Tensor, dtype: torch.dtype) -> Tensor:
     """``‖W0_i‖²`` (out,) of ``weight`` (out x in), in ``dtype``, ``ROW_CHUNK`` rows at a time."""
-    squares = torch.empty(weight.shape[0], dtype=dtype, device=weight.device)
-    for rows, chunk in _row_chunks(weight, dtype):
-        squares[rows] = (chunk * chunk).sum(1)
-    return squares
+    return torch.cat([(chunk * chunk).sum(1) for chunk in _row_chunks(weight, dtype)])
 
 
 @torch.no_grad()
@@ -69,9 +69,7 @@ def norm_terms(weight: Tensor, proj_a: Tensor, dtype: torch.dtype) -> NormTerms:
     The weight is converted ``ROW_CHUNK`` rows at a time.
     """
     proj_a = proj_a.to(weight.device, dtype)
-    weight_a = torch.empty(weight.shape[0], proj_a.shape[0], dtype=dtype, device=weight.device)
-    for rows, chunk in _row_chunks(weight, dtype):
-        torch.mm(chunk, proj_a.T, out=weight_a[rows])
+    weight_a = torch.cat([chunk @ proj_a.T for chunk in _row_chunks(weight, dtype)])
     return NormTerms(weight_row_squares(weight, dtype), weight_a, proj_a @ proj_a.T)
 
 

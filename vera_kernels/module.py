@@ -313,6 +313,10 @@ class VeRALinear(AdapterLifecycle, nn.Module):
     def _dora_terms(self) -> NormTerms:
         """The base weight's norm terms, recomputed when the weight (or the projections)
         changed since they were taken: a new weight object or a bumped version."""
+        if torch.compiler.is_compiling():  # torch.export: traced tensors, never cached
+            dtype = self._merge_dtype()
+            return norm_terms(self._out_in(dense_weight(self.base_layer)),
+                              self._materialized_projections(dtype)[0], dtype)
         weight = self.base_layer.weight
         explicit = self.projections.vera_A if self.projections is not None else None
         key = (weight._version, weight.device, self.seed,
@@ -328,17 +332,20 @@ class VeRALinear(AdapterLifecycle, nn.Module):
 
     # The caches key on version counters, which torch.compile cannot guard on: under it
     # the norms are an eager call (one graph break), the rest of the layer is traced.
+    # torch.export traces through (disable does not apply there): nothing is cached then.
     @torch.compiler.disable
     def _dora_norms(self, adapter: str) -> Tensor:
         """``‖W0 + ΔW‖`` (out,) for ``adapter``'s vectors, kept until they or the weight change."""
         terms = self._dora_terms()
         lambda_d, lambda_b = self.adapter_vectors(adapter)
+        proj_b = self._materialized_projections(terms.weight_sq.dtype)[1]
+        if torch.compiler.is_compiling():
+            return row_norms(terms, proj_b, lambda_d, lambda_b)
         key = (lambda_d._version, lambda_b._version)
         cached = self._adapter_norms.get(adapter)
         if cached is None or cached[0]() is not lambda_d or cached[1]() is not lambda_b \
                 or cached[2] != key:
-            norms = row_norms(terms, self._materialized_projections(terms.weight_sq.dtype)[1],
-                              lambda_d, lambda_b)
+            norms = row_norms(terms, proj_b, lambda_d, lambda_b)
             cached = (weakref.ref(lambda_d), weakref.ref(lambda_b), key, norms)
             self._adapter_norms[adapter] = cached
         return cached[3]
@@ -397,7 +404,8 @@ class VeRALinear(AdapterLifecycle, nn.Module):
     def delta_weight(self, adapter: Optional[str] = None) -> Tensor:
         """An adapter (the merged one, else the active one) as a dense matrix
         ``diag(b) B diag(d) A`` (float32, or float64 for a float64 base), laid out like
-        the base weight."""
+        the base weight. For DVoRA this is ΔW alone: merged, the weight becomes
+        ``s ⊙ (W0 + ΔW)``."""
         lora_a, lora_b = self.lora_factors(adapter, self._merge_dtype())
         delta = lora_b @ lora_a  # (out, in)
         return delta.T if self.fan_in_fan_out else delta

@@ -8,6 +8,9 @@ plain ONNX ops (``Gemm``, ``Mul``, ``Add``; ``Gather`` for adapter banks):
 
     h = x Aᵀ,   y = base + b ⊙ ((d ⊙ h) Bᵀ)
 
+(DVoRA layers: ``base`` scaled as ``s ⊙ (base - bias) + bias``; a tensor-parallel
+shard: its block of A and B.)
+
 A seed's A (r x in) and B (out x r) are computed here, at export time, with
 :func:`vera_kernels.projection.projection` in the activations' dtype and stored
 as initializers named after their matrix, shape, seed and dtype: layers of one
@@ -34,7 +37,7 @@ except ImportError as error:  # optional dependencies
         "vera_kernels.onnx_export needs onnx and onnxscript: pip install onnx onnxscript"
     ) from error
 
-from .projection import join_key, projection
+from .projection import ProjectionShard, join_key, projection
 
 __all__ = ["onnx_translation_table", "export_onnx", "DROPOUT_EXPORT_ERROR"]
 
@@ -49,40 +52,64 @@ def _as(value, dtype: ir.DataType):
     return value if value.dtype == dtype else op.Cast(value, to=dtype)
 
 
-def _projection_value(like, matrix: str, rows: int, cols: int, seed: int):
-    """The initializer holding ``projection(matrix, rows, cols, seed)`` in ``like``'s dtype,
-    created on first use in ``like``'s graph and shared by every later layer that asks."""
+def _projection_value(like, matrix: str, rows: int, cols: int, seed: int,
+                      shard: ProjectionShard):
+    """The initializer holding ``projection(matrix, rows, cols, seed)`` (the shard's block)
+    in ``like``'s dtype, created on first use in ``like``'s graph and shared by every later
+    layer that asks."""
     dtype = like.dtype
-    name = f"vera_{matrix}_{rows}x{cols}_seed{seed}_{dtype.name.lower()}"
+    row_offset, col_offset, fan = shard.block(matrix, rows, cols)
+    block = f"_at{row_offset}x{col_offset}_fan{fan}" if not shard.is_whole else ""
+    name = f"vera_{matrix}_{rows}x{cols}{block}_seed{seed}_{dtype.name.lower()}"
     graph = like.graph
     if name not in graph.initializers:
-        tensor = projection(matrix, rows, cols, seed, dtype=to_torch_dtype(dtype))
+        tensor = projection(matrix, rows, cols, seed, dtype=to_torch_dtype(dtype),
+                            row_offset=row_offset, col_offset=col_offset, fan=fan)
         graph.register_initializer(ir.Value(name=name, shape=ir.Shape(tensor.shape),
                                             type=ir.TensorType(dtype),
                                             const_value=ir.tensor(tensor, name=name)))
     return graph.initializers[name]
 
 
-def _row_vectors(bank, adapter_ids):
-    """Each token's row of ``bank`` (tokens x C), zeros where the id is -1 (no adapter)."""
-    # Gather takes -1 as the last row; the Where replaces those rows with zeros.
+def _row_vectors(bank, adapter_ids, fill: float = 0.0):
+    """Each token's row of ``bank`` (tokens x C), ``fill`` where the id is -1 (no adapter)."""
+    # Gather takes -1 as the last row; the Where replaces those rows.
     rows = op.Gather(bank, adapter_ids, axis=0)
     no_adapter = op.Unsqueeze(op.Less(adapter_ids, 0), [1])
-    return op.Where(no_adapter, 0.0, rows)
+    return op.Where(no_adapter, fill, rows)
+
+
+def _scaled_base(base, scale, bias, adapter_ids, dtype):
+    """DVoRA's ``s ⊙ (base - bias) + bias`` in the scale's dtype, rounded once to ``dtype``."""
+    wide = scale.dtype  # read before the gather: its output's dtype is not inferred yet
+    if adapter_ids is not None:
+        scale = _row_vectors(scale, adapter_ids, fill=1.0)
+    term = _as(base, wide)
+    if bias is not None:
+        term = op.Sub(term, _as(bias, wide))
+    term = op.Mul(term, scale)
+    if bias is not None:
+        term = op.Add(term, _as(bias, wide))
+    return _as(term, dtype)
 
 
 def _vera_forward(x, lambda_d, lambda_b, key0: int, key1: int, base, backend: str,
                   proj_a=None, proj_b=None, adapter_ids=None, dropout_p: float = 0.0,
-                  dropout_seed=None):
+                  dropout_seed=None, shard_in_offset: int = 0, shard_out_offset: int = 0,
+                  shard_in_features: int = 0, base_scale=None, base_bias=None):
     """``vera_kernels::vera_forward`` as ONNX: ``(y, h)`` for 2-D ``x`` (see ``ops.py``)."""
     del backend, dropout_seed  # the kernel choice, and the mask seed (None for p = 0)
     if dropout_p:
         raise NotImplementedError(DROPOUT_EXPORT_ERROR)
     if proj_a is None:
         seed = join_key((key0, key1))
+        shard = ProjectionShard.from_op_args(shard_in_offset, shard_out_offset,
+                                             shard_in_features)
         r, in_features, out_features = lambda_d.shape[-1], x.shape[-1], lambda_b.shape[-1]
-        proj_a = _projection_value(x, "A", r, in_features, seed)
-        proj_b = _projection_value(x, "B", out_features, r, seed)
+        proj_a = _projection_value(x, "A", r, in_features, seed, shard)
+        proj_b = _projection_value(x, "B", out_features, r, seed, shard)
+    if base_scale is not None:
+        base = _scaled_base(base, base_scale, base_bias, adapter_ids, x.dtype)
     # The vectors are in x's dtype, or float32 under half activations: d scales h in
     # its own dtype, rounded once to x's (as the torch backend does).
     dtype, vector_dtype = x.dtype, lambda_d.dtype

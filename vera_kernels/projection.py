@@ -250,7 +250,6 @@ def projection(
     return out
 
 
-@functools.lru_cache(maxsize=64)
 def cached_projection(
     matrix: str, rows: int, cols: int, seed: int, dtype: torch.dtype, device: torch.device,
     shard: ProjectionShard = WHOLE,
@@ -258,9 +257,21 @@ def cached_projection(
     """``projection`` memoized per (matrix, shape, seed, dtype, device, shard), LRU-bounded:
     ``shard``'s block (:meth:`ProjectionShard.block`).
 
-    The result is shared: callers must not modify it.
+    The result is shared: callers must not modify it. While torch.export (or
+    Dynamo) traces, it is generated afresh: a traced tensor must not enter the
+    cache that later eager calls read.
     """
+    if torch.compiler.is_compiling():
+        return _block(matrix, rows, cols, seed, dtype, device, shard)
+    return _cached_block(matrix, rows, cols, seed, dtype, device, shard)
+
+
+def _block(matrix: str, rows: int, cols: int, seed: int, dtype: torch.dtype,
+           device: torch.device, shard: ProjectionShard) -> torch.Tensor:
     row_offset, col_offset, fan = shard.block(matrix, rows, cols)
     with torch.no_grad():
         return projection(matrix, rows, cols, seed, dtype=dtype, device=device,
                           row_offset=row_offset, col_offset=col_offset, fan=fan)
+
+
+_cached_block = functools.lru_cache(maxsize=64)(_block)
