@@ -337,7 +337,11 @@ std::tuple<Tensor, Tensor> vera_forward(const Tensor& x_in, const Tensor& lambda
   Tensor base_scale, base_bias;
   if (base_scale_in.has_value()) {
     TORCH_CHECK(base.has_value(), "vera_kernels cuda backend: base_scale needs a base");
-    check_input(*base_scale_in, "base_scale", x_in, banked ? 2 : 1);
+    const auto acc = x_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    TORCH_CHECK(on_kernel_device(*base_scale_in) && base_scale_in->device() == x_in.device(),
+                "vera_kernels cuda backend: base_scale must be on x's device");
+    TORCH_CHECK(base_scale_in->scalar_type() == acc, "vera_kernels cuda backend: base_scale "
+                "must be in the accumulation dtype ", acc, ", got ", base_scale_in->scalar_type());
     TORCH_CHECK(base_scale_in->sizes() == lambda_b.sizes(),
                 "vera_kernels cuda backend: base_scale must have lambda_b's shape");
     base_scale = base_scale_in->contiguous();

@@ -364,7 +364,7 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(const GemmParams p) {
   T* out = static_cast<T*>(p.out);
   const T* out_scale = static_cast<const T*>(p.out_scale);
   const T* base = static_cast<const T*>(p.base);
-  const T* base_scale = static_cast<const T*>(p.base_scale);
+  const AccT* base_scale = static_cast<const AccT*>(p.base_scale);  // float32 / float64
   const T* base_bias = static_cast<const T*>(p.base_bias);
   const T* aux = static_cast<const T*>(p.aux);
   AccT column[4] = {};
@@ -394,8 +394,9 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(const GemmParams p) {
           AccT b = to_acc(base[m * p.stride_bm + n * p.stride_bn]);
           if (base_scale != nullptr) {
             // A bank row of id -1 (no adapter) keeps its base: s = 1.
-            const AccT s = kBanked && id < 0 ? AccT(1)
-                                             : scale_at<kBanked>(base_scale, p.stride_bs, id, n);
+            const AccT s = !kBanked ? base_scale[n]
+                           : id < 0 ? AccT(1)
+                                    : base_scale[static_cast<int64_t>(id) * p.stride_bs + n];
             const AccT shift = base_bias != nullptr ? to_acc(base_bias[n]) : AccT(0);
             b = s * (b - shift) + shift;
           }

@@ -87,7 +87,9 @@ struct GemmParams {
   const void* base;        // (M, N) or nullptr
   int64_t stride_bm, stride_bn;
   // DVoRA (only with base): base enters as s ⊙ (base - bias) + bias. s is (N,) or, with
-  // row_ids, a bank (row id -1: s = 1); bias (N,) or nullptr (zero).
+  // row_ids, a bank (row id -1: s = 1), in the accumulation type (float; double for
+  // kDouble): a scale near 1 rounded to half precision would lose the magnitude's
+  // small changes. bias (N,) in the compute type, or nullptr (zero).
   const void* base_scale;
   int64_t stride_bs;  // base_scale bank row stride (unused without row_ids)
   const void* base_bias;

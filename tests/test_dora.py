@@ -421,3 +421,74 @@ def test_torch_export_matches_and_leaves_the_caches_clean():
     with torch.no_grad():
         assert_close_scaled(program.module()(x), want, 16 * EPS[torch.float32], "exported")
         assert_close_scaled(layer(x), want, 16 * EPS[torch.float32], "eager after export")
+
+
+def test_the_scale_is_not_rounded_to_half_precision(target):
+    # s = 1 + 4e-4 is 1.0 in float16: rounded, every base element would be off by 4e-4
+    # in the same direction; kept in float32 the output errs by its own rounding alone.
+    backend, device = target
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(64, IN, generator=gen).half().to(device)
+    base = (torch.randn(64, OUT, generator=gen) * 8).half().to(device)
+    scale = torch.full((OUT,), 1 + 4e-4, device=device)
+    y = vk.vera_linear(x, torch.ones(R, device=device), torch.zeros(OUT, device=device), SEED,
+                       base, backend=backend, base_scale=scale)
+    want = base.double() * (1 + 4e-4)
+    bias = ((y.double() - want) / want).mean().item()
+    assert abs(bias) < 2e-4, f"mean relative error {bias:.2e}: the scale was rounded"  # -4e-4
+
+
+def test_training_with_a_fused_optimizer_keeps_the_norms_current():
+    # Fused optimizers (the transformers Trainer's default), FSDP2 and ZeRO-3 change the
+    # vectors without bumping their version counters: the norms of a training call are
+    # computed afresh, and an evaluation between steps must not leave stale ones behind.
+    layer = _layer(torch.float32)
+    opt = torch.optim.AdamW([p for p in layer.parameters() if p.requires_grad], lr=1e-2,
+                            fused=True)
+    x, target = torch.randn(32, IN), torch.randn(32, OUT)
+    for step in range(6):
+        if step % 2 == 0:
+            with torch.no_grad():
+                layer(x)
+        (layer(x) - target).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    with torch.no_grad():
+        want = dvora_linear_reference(x, layer.base_layer.weight, layer.base_layer.bias,
+                                      *_leaves(layer), SEED)
+        assert_close_scaled(layer(x), want, 16 * EPS[torch.float32], "after training")
+
+
+def test_pickling_and_empty_batches():
+    import io
+
+    layer = _layer(torch.float32, dropout=0.2).train()
+    layer(torch.randn(4, IN))  # fills the caches (weak references)
+    copy = torch.load(io.BytesIO(_pickled(layer)), weights_only=False)
+    with torch.no_grad():
+        x = torch.randn(3, IN)
+        assert torch.equal(copy.eval()(x), layer.eval()(x))
+    layer.train()
+    model = nn.Sequential(layer)
+    with vk.adapter_batch(model, ["default"]):  # one row of no tokens
+        assert model(torch.randn(1, 0, IN)).shape == (1, 0, OUT)
+
+
+def _pickled(module) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(module, buffer)
+    return buffer.getvalue()
+
+
+def test_a_merged_checkpoint_without_its_norms_is_refused():
+    layer = _layer(torch.float64)
+    layer.merge()
+    state = layer.state_dict()
+    del state["vera_merged_norm"]
+    fresh = vk.VeRALinear(IN, OUT, R, seed=SEED, use_dora=True).double()
+    before = fresh.base_layer.weight.detach().clone()
+    with pytest.raises(RuntimeError, match="vera_merged_norm"):
+        fresh.load_state_dict(state, strict=False)
+    assert not fresh.merged and torch.equal(fresh.base_layer.weight, before)

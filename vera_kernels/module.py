@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from typing import Optional
 
@@ -91,6 +92,19 @@ def tensor_problem(value, expected: Tensor) -> Optional[str]:
     if tuple(value.shape) != tuple(expected.shape):
         return f"expected shape {tuple(expected.shape)}, got {tuple(value.shape)}"
     return None
+
+
+def _tensor_key(t: Tensor) -> tuple:
+    """What says a tensor's values may have changed: its version, storage, dtype and device.
+    ZeRO-3's partitioned parameters are keyed by their id alone (their storage comes and
+    goes with each gather; the base weight is only ever replaced whole)."""
+    if hasattr(t, "ds_id"):
+        return ("zero3", t.ds_id)
+    try:
+        storage = t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # tensor subclasses without one storage
+        storage = None
+    return (t._version, storage, t.dtype, t.device)
 
 
 def _check_positive(name: str, value) -> None:
@@ -213,7 +227,8 @@ class VeRALinear(AdapterLifecycle, nn.Module):
         parameters = {"vera_lambda_d": nn.Parameter(d), "vera_lambda_b": nn.Parameter(b)}
         if self.use_dora:
             # ‖W0_i‖ exactly as the norm terms square it: s = m / n is 1 while b = 0.
-            squares = weight_row_squares(self._out_in(self._original_weight()), dtype)
+            with self._gathered_base():
+                squares = weight_row_squares(self._out_in(self._original_weight()), dtype)
             parameters[MAGNITUDE_NAME] = nn.Parameter(squares.sqrt())
         return parameters
 
@@ -295,7 +310,7 @@ class VeRALinear(AdapterLifecycle, nn.Module):
             if bias is not None:
                 dropped = dropped - bias
             rows = scale if ids is None else row_vectors(
-                scale, ids.reshape(-1), fill=1.0).reshape(*ids.shape, -1)
+                scale, ids.reshape(-1), fill=1.0).reshape(*ids.shape, self.out_features)
             base = base + ((rows - 1) * dropped).to(base.dtype)
             options["dropout_seed"], affine = mask.seed, {}
         options["into_base"] = not self._hooked()
@@ -310,38 +325,57 @@ class VeRALinear(AdapterLifecycle, nn.Module):
         """A weight in the base layer's layout, as (out, in) (a view)."""
         return weight.T if self.fan_in_fan_out else weight
 
+    def _gathered_base(self):
+        """Within the block the base weight holds its whole value: gathered when DeepSpeed
+        ZeRO-3 partitions it (a collective; every rank takes the same path)."""
+        weight = self.base_layer.weight
+        if not hasattr(weight, "ds_id"):
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters([weight])
+
     def _dora_terms(self) -> NormTerms:
         """The base weight's norm terms, recomputed when the weight (or the projections)
-        changed since they were taken: a new weight object or a bumped version."""
-        if torch.compiler.is_compiling():  # torch.export: traced tensors, never cached
-            dtype = self._merge_dtype()
-            return norm_terms(self._out_in(dense_weight(self.base_layer)),
-                              self._materialized_projections(dtype)[0], dtype)
+        changed since they were taken: another weight object, version, storage or dtype."""
+        dtype = self._merge_dtype()
         weight = self.base_layer.weight
         explicit = self.projections.vera_A if self.projections is not None else None
-        key = (weight._version, weight.device, self.seed,
-               None if explicit is None else (id(explicit), explicit._version))
+        key = (_tensor_key(weight), self.seed, dtype,
+               None if explicit is None else (id(explicit), _tensor_key(explicit)))
         cached = self._norm_terms
-        if cached is None or cached[0]() is not weight or cached[1] != key:
-            dtype = self._merge_dtype()
-            terms = norm_terms(self._out_in(dense_weight(self.base_layer)),
-                               self._materialized_projections(dtype)[0], dtype)
+        # torch.export traces through here: its tensors are never cached.
+        if torch.compiler.is_compiling() or cached is None or cached[0]() is not weight \
+                or cached[1] != key:
+            with self._gathered_base():
+                terms = norm_terms(self._out_in(dense_weight(self.base_layer)),
+                                   self._materialized_projections(dtype)[0], dtype)
+            if torch.compiler.is_compiling():
+                return terms
             self._norm_terms = (weakref.ref(weight), key, terms)
             self._adapter_norms.clear()
         return self._norm_terms[2]
 
-    # The caches key on version counters, which torch.compile cannot guard on: under it
+    # The cache keys on version counters, which torch.compile cannot guard on: under it
     # the norms are an eager call (one graph break), the rest of the layer is traced.
-    # torch.export traces through (disable does not apply there): nothing is cached then.
     @torch.compiler.disable
     def _dora_norms(self, adapter: str) -> Tensor:
-        """``‖W0 + ΔW‖`` (out,) for ``adapter``'s vectors, kept until they or the weight change."""
+        """``‖W0 + ΔW‖`` (out,) for ``adapter``'s vectors.
+
+        Computed afresh whenever d or b may train (grad mode, requiring grad): fused
+        optimizers, FSDP2's and ZeRO-3's gathers change them without bumping their
+        version counters. Otherwise (inference, frozen adapters) kept per adapter until
+        its d or b changes object, version, storage or dtype; the package's loaders
+        change them through ``copy_``, which bumps the version.
+        """
         terms = self._dora_terms()
         lambda_d, lambda_b = self.adapter_vectors(adapter)
         proj_b = self._materialized_projections(terms.weight_sq.dtype)[1]
-        if torch.compiler.is_compiling():
+        trains = torch.is_grad_enabled() and (lambda_d.requires_grad or lambda_b.requires_grad)
+        if trains or torch.compiler.is_compiling():
+            self._adapter_norms.pop(adapter, None)  # a later inference call must not reuse it
             return row_norms(terms, proj_b, lambda_d, lambda_b)
-        key = (lambda_d._version, lambda_b._version)
+        key = (_tensor_key(lambda_d), _tensor_key(lambda_b))
         cached = self._adapter_norms.get(adapter)
         if cached is None or cached[0]() is not lambda_d or cached[1]() is not lambda_b \
                 or cached[2] != key:
@@ -349,6 +383,13 @@ class VeRALinear(AdapterLifecycle, nn.Module):
             cached = (weakref.ref(lambda_d), weakref.ref(lambda_b), key, norms)
             self._adapter_norms[adapter] = cached
         return cached[3]
+
+    def __getstate__(self) -> dict:
+        # The DVoRA caches hold weak references (not picklable) to this layer's own
+        # tensors: a copy recomputes them.
+        state = self.__dict__.copy()
+        state["_norm_terms"], state["_adapter_norms"] = None, {}
+        return state
 
     def _vectors_for(self, x: Tensor) -> tuple:
         """``(lambda_d, lambda_b, None)``, or ``(d_bank, b_bank, ids)`` under adapter_batch."""
@@ -532,6 +573,11 @@ class VeRALinear(AdapterLifecycle, nn.Module):
                     key in state_dict for key in self._vector_keys(prefix, merged)):
                 problems.append(f"{prefix}base_layer.weight: it holds adapter {merged!r}'s delta, "
                                 "but that adapter's vectors are not in the state dict")
+            elif merged is not None and self.use_dora and prefix + "vera_merged_norm" not in \
+                    state_dict:
+                problems.append(f"{prefix}base_layer.weight: it holds DVoRA adapter {merged!r} "
+                                "merged, but not the norms it was merged with "
+                                f"({prefix}vera_merged_norm): it could not be unmerged")
         return problems
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,

@@ -207,8 +207,8 @@ class CudaBackend(RegeneratingBackend):
         # The extension takes the vectors in the compute dtype (float32 ones
         # under half activations are rounded here; Triton scales in float32).
         lambda_d, lambda_b = lambda_d.to(x.dtype), lambda_b.to(x.dtype)
-        if base_scale is not None:
-            base_scale = base_scale.to(x.dtype)
+        if base_scale is not None:  # the scale in float32 (float64): it stays near 1
+            base_scale = base_scale.to(torch.promote_types(x.dtype, torch.float32))
             base_bias = base_bias.to(x.dtype) if base_bias is not None else None
         return _ops(x.device).forward(
             x, lambda_d, lambda_b, *source.key_words(), base, self.generates(x.shape[0]),
