@@ -1,5 +1,5 @@
 """Worker side of the 2-process tests: train a small VeRA model under DDP, FSDP1, FSDP2 or
-DeepSpeed ZeRO-3 (gloo, CPU)."""
+DeepSpeed ZeRO-3 (gloo, CPU); a mode ending in "+dora" trains DVoRA layers."""
 
 import datetime
 import os
@@ -15,11 +15,11 @@ STEPS = 5
 TARGETS = ["0", "2"]
 
 
-def build_model() -> nn.Module:
+def build_model(use_dora: bool = False) -> nn.Module:
     """The same model and adapter init on every rank and in the single-process run."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(10, 16), nn.Tanh(), nn.Linear(16, 6))
-    vk.apply_vera(model, TARGETS, r=4, seed=2**33 + 1)
+    vk.apply_vera(model, TARGETS, r=4, seed=2**33 + 1, use_dora=use_dora)
     with torch.no_grad():  # b = 0 would leave d without gradient on the first step
         for name, p in model.named_parameters():
             if "vera_lambda_b" in name:
@@ -68,8 +68,9 @@ def run(rank: int, mode: str, out_dir: str) -> None:
         "gloo", init_method=f"file://{os.path.join(out_dir, 'rendezvous')}", rank=rank,
         world_size=WORLD, timeout=datetime.timedelta(seconds=60),
     )
+    mode, _, variant = mode.partition("+")
     try:
-        model = build_model()
+        model = build_model(use_dora=variant == "dora")
         if mode == "ddp_second_adapter":
             # Only the active adapter requires grad: DDP's default
             # find_unused_parameters=False must work with a second one.

@@ -39,28 +39,32 @@ def _run_ranks(mode: str, out_dir) -> list:
     return [torch.load(out_dir / f"rank{rank}.pt", weights_only=True) for rank in range(WORLD)]
 
 
-def _single_process():
-    model = build_model()
+def _single_process(use_dora: bool = False):
+    model = build_model(use_dora)
     x, y, x_eval = batches()
     train(model, x, y)
     return model, x_eval
 
 
-def _zero3():
+def _zero3(mode: str = "zero3"):
     # DeepSpeed on a machine without a GPU: its CPU accelerator, chosen before import.
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    return pytest.param("zero3", marks=pytest.mark.skipif(
+    return pytest.param(mode, marks=pytest.mark.skipif(
         importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed"))
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp2", "fsdp1", _zero3()])
+# "+dora": DVoRA layers, whose vectors FSDP2 and ZeRO-3 change in place without a version
+# bump (the norms must follow them).
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2", "fsdp1", _zero3(), "fsdp2+dora",
+                                  _zero3("zero3+dora")])
 def test_two_ranks_match_single_process(mode, tmp_path):
+    dora = mode.endswith("+dora")
     results = _run_ranks(mode, tmp_path)
-    reference, x_eval = _single_process()
+    reference, x_eval = _single_process(dora)
     expected = vk.vera_state_dict(reference)
     states = [r["state"] for r in results]
     vector_keys = [k for k in expected if k != "vera_config"]
-    assert len(vector_keys) == 2 * len(TARGETS)
+    assert len(vector_keys) == (3 if dora else 2) * len(TARGETS)
     for key in vector_keys:
         # identical on both ranks (they were synchronized, not just similar) ...
         assert torch.equal(states[0][key], states[1][key]), key
@@ -68,15 +72,16 @@ def test_two_ranks_match_single_process(mode, tmp_path):
         torch.testing.assert_close(states[0][key], expected[key], rtol=1e-5, atol=1e-6)
     assert states[0]["vera_config"] == expected["vera_config"]
     # Training moved the vectors: the comparison above is not of initial values.
-    assert not torch.allclose(expected[vector_keys[1]], build_model().state_dict()[vector_keys[1]])
+    assert not torch.allclose(expected[vector_keys[1]],
+                              build_model(dora).state_dict()[vector_keys[1]])
 
     # The checkpoint from the ranks loads into a plain single-process model, and so does
     # the adapter file they wrote: whole vectors under the model's own names.
-    fresh = build_model()
+    fresh = build_model(dora)
     vk.load_vera_state_dict(fresh, states[0])
     with torch.no_grad():
         torch.testing.assert_close(fresh(x_eval), results[0]["out"], rtol=1e-5, atol=1e-6)
-    plain = vk.load_adapter(build_model().requires_grad_(False), tmp_path / "adapter")
+    plain = vk.load_adapter(build_model(dora).requires_grad_(False), tmp_path / "adapter")
     for key in vector_keys:
         torch.testing.assert_close(vk.vera_state_dict(plain)[key], expected[key],
                                    rtol=1e-5, atol=1e-6)
