@@ -122,8 +122,8 @@ def test_prebuilt_extension_loads_and_registers_ops():
     dropout_args = "int dropout_threshold=0, float dropout_scale=1., Tensor? dropout_seed=None"
     shard_args = "int shard_in_offset=0, int shard_out_offset=0, int shard_in_features=0"
     assert ("Tensor? proj_b=None, bool into_base=False, Tensor? adapter_ids=None, "
-            f"{dropout_args}, bool tf32=False, {shard_args}) -> (Tensor, Tensor)"
-            ) in schemas["forward"]
+            f"{dropout_args}, bool tf32=False, {shard_args}, Tensor? base_scale=None, "
+            "Tensor? base_bias=None) -> (Tensor, Tensor)") in schemas["forward"]
     assert (f"Tensor? proj_b=None, Tensor? adapter_ids=None, {dropout_args}, "
             f"Tensor? dx_into=None, bool tf32=False, {shard_args}) -> (Tensor, Tensor, Tensor)"
             ) in schemas["backward"]
@@ -141,7 +141,7 @@ def test_prebuilt_extension_loads_and_registers_ops():
 
 @needs_toolkit
 @pytest.mark.parametrize("op", ["forward", "backward"])
-def test_ops_take_adapter_ids_then_dropout_then_tf32_then_the_shard(op):
+def test_ops_take_adapter_ids_then_dropout_then_tf32_then_the_shard(op):  # then DVoRA's
     # CudaBackend passes these positionally, last; an old prebuilt _C.so lacks them.
     cuda_backend.load()
     arguments = getattr(torch.ops.vera_kernels_cuda, op).default._schema.arguments
@@ -157,8 +157,11 @@ def test_ops_take_adapter_ids_then_dropout_then_tf32_then_the_shard(op):
     assert tail[start + 4:] == ([] if op == "forward"
                                 else [("dx_into", "Optional[Tensor]", True, None)]) + [
         ("tf32", "bool", True, False), ("shard_in_offset", "int", True, 0),
-        ("shard_out_offset", "int", True, 0), ("shard_in_features", "int", True, 0)]
-    assert len(arguments) == {"forward": 18, "backward": 22}[op]
+        ("shard_out_offset", "int", True, 0), ("shard_in_features", "int", True, 0)] + (
+        # forward last takes DVoRA's base scale and bias (the epilogue's affine base)
+        [("base_scale", "Optional[Tensor]", True, None),
+         ("base_bias", "Optional[Tensor]", True, None)] if op == "forward" else [])
+    assert len(arguments) == {"forward": 20, "backward": 22}[op]
 
 
 class _RecordingOps:
@@ -395,7 +398,8 @@ def test_jit_build_without_prebuilt_extension(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "vera_kernels_cuda::forward(" in proc.stdout
     assert ("Tensor? dropout_seed=None, bool tf32=False, int shard_in_offset=0, "
-            "int shard_out_offset=0, int shard_in_features=0) -> (Tensor, Tensor)") in proc.stdout
+            "int shard_out_offset=0, int shard_in_features=0, Tensor? base_scale=None, "
+            "Tensor? base_bias=None) -> (Tensor, Tensor)") in proc.stdout
     assert list(tmp_path.rglob("vera_kernels_cuda*.so")), "no JIT-built library in the cache"
 
 
