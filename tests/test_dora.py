@@ -364,6 +364,14 @@ def test_norms_follow_the_base_weight_and_the_vectors():
         torch.testing.assert_close(layer(x), expected(), rtol=1e-12, atol=1e-12)
         layer.vera_lambda_d.add_(0.5)  # an optimizer step
         torch.testing.assert_close(layer(x), expected(), rtol=1e-12, atol=1e-12)
+    # .to() replaces each tensor's .data without a version bump: the dtype and storage tell.
+    layer = _layer(torch.float32)
+    x = x.float()
+    with torch.no_grad():
+        layer(x)
+        layer.double()
+        x = x.double()
+        torch.testing.assert_close(layer(x), expected(), rtol=1e-12, atol=1e-12)
 
 
 def test_quantized_base_takes_the_dequantized_weight():

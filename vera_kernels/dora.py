@@ -20,14 +20,15 @@ and the fused op scales the base in its epilogue (``base_scale``).
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+import weakref
+from typing import Callable, NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
 from .dropout import DropoutMask, drop_rows_
 
-__all__ = ["NormTerms", "norm_terms", "weight_row_squares", "row_norms", "magnitude_scale", "drop_input",
+__all__ = ["NormTerms", "NormCache", "norm_terms", "weight_row_squares", "row_norms", "magnitude_scale", "drop_input",
            "zero_magnitude_problem", "ROW_CHUNK"]
 
 ROW_CHUNK = 1024  # weight rows converted to float32 at a time: no out x in float32 copy
@@ -96,6 +97,65 @@ def magnitude_scale(magnitude: Tensor, norms: Tensor) -> Tensor:
     """
     safe = torch.where(norms > 0, norms, torch.ones_like(norms))
     return magnitude / safe.to(magnitude.dtype)
+
+
+def tensor_key(t: Tensor) -> tuple:
+    """What says a tensor's values may have changed: its version, storage, dtype and device.
+    ZeRO-3's partitioned parameters are keyed by their id alone (their storage comes and
+    goes with each gather; a base weight is only ever replaced whole)."""
+    if hasattr(t, "ds_id"):
+        return ("zero3", t.ds_id)
+    try:
+        storage = t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # tensor subclasses without one storage
+        storage = None
+    return (t._version, storage, t.dtype, t.device)
+
+
+class NormCache:
+    """A DVoRA layer's norms, kept while they are valid (not state: a copy starts empty).
+
+    * The base weight's :class:`NormTerms`, until the weight changes object or
+      ``key`` (its :func:`tensor_key`, the projections') changes.
+    * Each adapter's norms, for inference calls only, until its d or b changes
+      object, version, storage or dtype (the package's loaders write with
+      ``copy_``, which bumps the version). A training call (grad mode, d or b
+      requiring grad) computes them afresh and drops the adapter's entry: fused
+      optimizers, FSDP2's and ZeRO-3's gathers write the vectors without a version
+      bump, and an evaluation between steps must not reuse what an earlier one kept.
+
+    While torch.export traces, nothing is read or kept: its tensors are not real.
+    """
+
+    def __init__(self):
+        self._terms: Optional[tuple] = None  # (weak ref to the weight, key, terms)
+        self._norms: dict = {}  # adapter -> (weak ref to d, to b, key, norms)
+
+    def terms(self, weight: Tensor, key: tuple, compute: Callable[[], NormTerms]) -> NormTerms:
+        if torch.compiler.is_compiling():
+            return compute()
+        cached = self._terms
+        if cached is None or cached[0]() is not weight or cached[1] != key:
+            self._terms = (weakref.ref(weight), key, compute())
+            self._norms.clear()
+        return self._terms[2]
+
+    def norms(self, adapter: str, lambda_d: Tensor, lambda_b: Tensor,
+              compute: Callable[[], Tensor]) -> Tensor:
+        trains = torch.is_grad_enabled() and (lambda_d.requires_grad or lambda_b.requires_grad)
+        if trains or torch.compiler.is_compiling():
+            self._norms.pop(adapter, None)
+            return compute()
+        key = (tensor_key(lambda_d), tensor_key(lambda_b))
+        cached = self._norms.get(adapter)
+        if cached is None or cached[0]() is not lambda_d or cached[1]() is not lambda_b \
+                or cached[2] != key:
+            cached = (weakref.ref(lambda_d), weakref.ref(lambda_b), key, compute())
+            self._norms[adapter] = cached
+        return cached[3]
+
+    def __getstate__(self) -> dict:
+        return {"_terms": None, "_norms": {}}  # weak references do not pickle
 
 
 class _DropInput(torch.autograd.Function):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import weakref
 from typing import Optional
 
 import torch
@@ -12,8 +11,8 @@ from torch import Tensor, nn
 from .base_layers import base_shape, compute_dtype, dense_weight, is_adaptable, is_conv1d, \
     is_quantized, store_dense_weight
 from .backends.banks import row_vectors
-from .dora import (NormTerms, drop_input, magnitude_scale, norm_terms, row_norms,
-                   weight_row_squares, zero_magnitude_problem)
+from .dora import (NormCache, NormTerms, drop_input, magnitude_scale, norm_terms, row_norms,
+                   tensor_key, weight_row_squares, zero_magnitude_problem)
 from .dropout import DropoutMask, check_probability, draw_call_seed
 from .function import vera_linear, vera_linear_layer, vera_linear_multi
 from .lifecycle import DEFAULT_ADAPTER, MAGNITUDE_NAME, AdapterLifecycle
@@ -92,19 +91,6 @@ def tensor_problem(value, expected: Tensor) -> Optional[str]:
     if tuple(value.shape) != tuple(expected.shape):
         return f"expected shape {tuple(expected.shape)}, got {tuple(value.shape)}"
     return None
-
-
-def _tensor_key(t: Tensor) -> tuple:
-    """What says a tensor's values may have changed: its version, storage, dtype and device.
-    ZeRO-3's partitioned parameters are keyed by their id alone (their storage comes and
-    goes with each gather; the base weight is only ever replaced whole)."""
-    if hasattr(t, "ds_id"):
-        return ("zero3", t.ds_id)
-    try:
-        storage = t.untyped_storage().data_ptr()
-    except (RuntimeError, NotImplementedError):  # tensor subclasses without one storage
-        storage = None
-    return (t._version, storage, t.dtype, t.device)
 
 
 def _check_positive(name: str, value) -> None:
@@ -200,9 +186,7 @@ class VeRALinear(AdapterLifecycle, nn.Module):
         self.dropout = check_probability(dropout)
         self.projections: Optional[SharedProjections] = None
         self.use_dora = use_dora
-        # DVoRA's caches (not state): the base weight's norm terms, each adapter's norms.
-        self._norm_terms: Optional[tuple] = None
-        self._adapter_norms: dict = {}
+        self._norm_cache = NormCache()  # DVoRA's norm terms and adapter norms (not state)
         self.vera_adapters = nn.ModuleDict()
         self._init_lifecycle()
         for name, parameter in self._fresh_parameters().items():
@@ -336,60 +320,30 @@ class VeRALinear(AdapterLifecycle, nn.Module):
         return deepspeed.zero.GatheredParameters([weight])
 
     def _dora_terms(self) -> NormTerms:
-        """The base weight's norm terms, recomputed when the weight (or the projections)
-        changed since they were taken: another weight object, version, storage or dtype."""
+        """The base weight's norm terms (cached: ``NormCache``)."""
         dtype = self._merge_dtype()
         weight = self.base_layer.weight
         explicit = self.projections.vera_A if self.projections is not None else None
-        key = (_tensor_key(weight), self.seed, dtype,
-               None if explicit is None else (id(explicit), _tensor_key(explicit)))
-        cached = self._norm_terms
-        # torch.export traces through here: its tensors are never cached.
-        if torch.compiler.is_compiling() or cached is None or cached[0]() is not weight \
-                or cached[1] != key:
+        key = (tensor_key(weight), self.seed, dtype,
+               None if explicit is None else (id(explicit), tensor_key(explicit)))
+
+        def compute():
             with self._gathered_base():
-                terms = norm_terms(self._out_in(dense_weight(self.base_layer)),
-                                   self._materialized_projections(dtype)[0], dtype)
-            if torch.compiler.is_compiling():
-                return terms
-            self._norm_terms = (weakref.ref(weight), key, terms)
-            self._adapter_norms.clear()
-        return self._norm_terms[2]
+                return norm_terms(self._out_in(dense_weight(self.base_layer)),
+                                  self._materialized_projections(dtype)[0], dtype)
+
+        return self._norm_cache.terms(weight, key, compute)
 
     # The cache keys on version counters, which torch.compile cannot guard on: under it
     # the norms are an eager call (one graph break), the rest of the layer is traced.
     @torch.compiler.disable
     def _dora_norms(self, adapter: str) -> Tensor:
-        """``‖W0 + ΔW‖`` (out,) for ``adapter``'s vectors.
-
-        Computed afresh whenever d or b may train (grad mode, requiring grad): fused
-        optimizers, FSDP2's and ZeRO-3's gathers change them without bumping their
-        version counters. Otherwise (inference, frozen adapters) kept per adapter until
-        its d or b changes object, version, storage or dtype; the package's loaders
-        change them through ``copy_``, which bumps the version.
-        """
+        """``‖W0 + ΔW‖`` (out,) for ``adapter``'s vectors (afresh in training: ``NormCache``)."""
         terms = self._dora_terms()
         lambda_d, lambda_b = self.adapter_vectors(adapter)
         proj_b = self._materialized_projections(terms.weight_sq.dtype)[1]
-        trains = torch.is_grad_enabled() and (lambda_d.requires_grad or lambda_b.requires_grad)
-        if trains or torch.compiler.is_compiling():
-            self._adapter_norms.pop(adapter, None)  # a later inference call must not reuse it
-            return row_norms(terms, proj_b, lambda_d, lambda_b)
-        key = (_tensor_key(lambda_d), _tensor_key(lambda_b))
-        cached = self._adapter_norms.get(adapter)
-        if cached is None or cached[0]() is not lambda_d or cached[1]() is not lambda_b \
-                or cached[2] != key:
-            norms = row_norms(terms, proj_b, lambda_d, lambda_b)
-            cached = (weakref.ref(lambda_d), weakref.ref(lambda_b), key, norms)
-            self._adapter_norms[adapter] = cached
-        return cached[3]
-
-    def __getstate__(self) -> dict:
-        # The DVoRA caches hold weak references (not picklable) to this layer's own
-        # tensors: a copy recomputes them.
-        state = self.__dict__.copy()
-        state["_norm_terms"], state["_adapter_norms"] = None, {}
-        return state
+        return self._norm_cache.norms(adapter, lambda_d, lambda_b,
+                                      lambda: row_norms(terms, proj_b, lambda_d, lambda_b))
 
     def _vectors_for(self, x: Tensor) -> tuple:
         """``(lambda_d, lambda_b, None)``, or ``(d_bank, b_bank, ids)`` under adapter_batch."""
@@ -434,10 +388,9 @@ class VeRALinear(AdapterLifecycle, nn.Module):
     def _materialized_projections(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """(A, B) in ``dtype`` on the weight's device: the explicit ones, or the seed's (cached)."""
         explicit = self._projection_pair(dtype)
-        if explicit is not None:
-            device = self.base_layer.weight.device
-            return explicit[0].to(device), explicit[1].to(device)
         device = self.base_layer.weight.device
+        if explicit is not None:
+            return explicit[0].to(device), explicit[1].to(device)
         return (cached_projection("A", self.r, self.in_features, self.seed, dtype, device),
                 cached_projection("B", self.out_features, self.r, self.seed, dtype, device))
 
