@@ -282,12 +282,17 @@ def test_a_training_step_allocates_nothing_of_size_out_by_in():
     assert _largest_step_allocation(model, params, x) >= out_by_in
 
 
-def test_merge_round_trip_and_zero_magnitudes():
+def _unmerged_case():
+    """A float64 layer, its original weight, an input and the layer's output for it."""
     layer = _layer(torch.float64)
-    original = layer.base_layer.weight.detach().clone()
     x = torch.randn(5, IN, dtype=torch.float64)
     with torch.no_grad():
-        want = layer(x)
+        return layer, layer.base_layer.weight.detach().clone(), x, layer(x)
+
+
+def test_merge_round_trip_and_zero_magnitudes():
+    layer, original, x, want = _unmerged_case()
+    with torch.no_grad():
         layer.merge()
         assert layer.merged
         torch.testing.assert_close(layer(x), want, rtol=1e-12, atol=1e-12)
@@ -303,11 +308,7 @@ def test_merge_round_trip_and_zero_magnitudes():
 
 def test_a_merged_checkpoint_unmerges_in_a_fresh_model():
     """The norms taken at merge time travel with a merged weight (``vera_merged_norm``)."""
-    layer = _layer(torch.float64)
-    original = layer.base_layer.weight.detach().clone()
-    x = torch.randn(5, IN, dtype=torch.float64)
-    with torch.no_grad():
-        want = layer(x)
+    layer, original, x, want = _unmerged_case()
     layer.merge()
     fresh = vk.VeRALinear(IN, OUT, R, seed=SEED, use_dora=True).double()
     fresh.load_state_dict(layer.state_dict())
