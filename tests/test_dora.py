@@ -220,7 +220,7 @@ def test_layer_gradcheck_in_x_and_m():
     def f(x, m):
         with torch.no_grad():
             layer.vera_magnitude.copy_(m)
-        scale = dora.magnitude_scale(m, layer._dora_norms("default"))
+        scale = dora.magnitude_scale(m, layer._dora_norms(["default"])[0])
         return vk.vera_linear(x, d, scale * b, SEED, layer.base_layer(x), base_scale=scale,
                               base_bias=layer.base_layer.bias)
 

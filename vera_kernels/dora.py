@@ -28,8 +28,8 @@ from torch import Tensor
 
 from .dropout import DropoutMask, drop_rows_
 
-__all__ = ["NormTerms", "NormCache", "norm_terms", "weight_row_squares", "row_norms", "magnitude_scale", "drop_input",
-           "zero_magnitude_problem", "ROW_CHUNK"]
+__all__ = ["NormTerms", "NormCache", "norm_terms", "weight_row_squares", "row_norms",
+           "magnitude_scale", "tensor_key", "drop_input", "zero_magnitude_problem", "ROW_CHUNK"]
 
 ROW_CHUNK = 1024  # weight rows converted to float32 at a time: no out x in float32 copy
 
@@ -54,24 +54,32 @@ def _row_chunks(weight: Tensor, dtype: torch.dtype):
         yield weight[start:start + ROW_CHUNK].to(dtype)
 
 
+def _squares(rows: Tensor) -> Tensor:
+    return (rows * rows).sum(1)
+
+
 # Chunks are concatenated, not written into slices with out=: torch.export's
 # functionalization would lose such writes.
 
 @torch.no_grad()
 def weight_row_squares(weight: Tensor, dtype: torch.dtype) -> Tensor:
-    """``‖W0_i‖²`` (out,) of ``weight`` (out x in), in ``dtype``, ``ROW_CHUNK`` rows at a time."""
-    return torch.cat([(chunk * chunk).sum(1) for chunk in _row_chunks(weight, dtype)])
+    """``‖W0_i‖²`` (out,) of ``weight`` (out x in), in ``dtype``, ``ROW_CHUNK`` rows at a
+    time (as :func:`norm_terms` takes them: the same values, bit for bit)."""
+    return torch.cat([_squares(chunk) for chunk in _row_chunks(weight, dtype)])
 
 
 @torch.no_grad()
 def norm_terms(weight: Tensor, proj_a: Tensor, dtype: torch.dtype) -> NormTerms:
     """:class:`NormTerms` of ``weight`` (out x in, dense) and ``proj_a`` (r x in), in ``dtype``.
 
-    The weight is converted ``ROW_CHUNK`` rows at a time.
+    The weight is converted ``ROW_CHUNK`` rows at a time, once.
     """
     proj_a = proj_a.to(weight.device, dtype)
-    weight_a = torch.cat([chunk @ proj_a.T for chunk in _row_chunks(weight, dtype)])
-    return NormTerms(weight_row_squares(weight, dtype), weight_a, proj_a @ proj_a.T)
+    squares, products = [], []
+    for chunk in _row_chunks(weight, dtype):
+        squares.append(_squares(chunk))
+        products.append(chunk @ proj_a.T)
+    return NormTerms(torch.cat(squares), torch.cat(products), proj_a @ proj_a.T)
 
 
 def row_norms(terms: NormTerms, proj_b: Tensor, lambda_d: Tensor, lambda_b: Tensor) -> Tensor:

@@ -5,7 +5,8 @@ them to the same backend's backward. The gradient of ``base_output`` is the
 upstream gradient itself. With ``base_scale`` (DVoRA, ``dora.py``) the base
 is scaled in the forward's epilogue; then ``base_output`` is kept (a
 reference to the caller's tensor, never written in place under autograd)
-for the gradient of the scale, ``Σ_tokens g ⊙ (base - base_bias)``. Under torch.compile the custom ops of ``ops.py``
+for the gradient of the scale, ``Σ_tokens g ⊙ (base - base_bias)``. Under
+torch.compile the custom ops of ``ops.py``
 (with the autograd registered here) are traced; in eager mode an
 ``autograd.Function`` calls the same backend functions directly, which costs
 a fraction of the dispatch overhead.
@@ -20,7 +21,7 @@ from torch import Tensor
 
 from . import ops
 from .backends import Grads, NeededGrads
-from .backends.banks import per_adapter_sum, row_vectors
+from .backends.banks import per_adapter_sum, token_scales
 from .call import VeRACall, check_call
 from .dropout import DropoutMask
 from .projection import ProjectionShard
@@ -87,10 +88,10 @@ def _affine_grads(ctx, saved: tuple, grad_y: Tensor, needs: tuple) -> tuple:
         return grad_y if need_base else None, None, None
     adapter_ids = saved[3]
     base, scale, bias = saved[5:8]
-    rows = scale if adapter_ids is None else row_vectors(scale, adapter_ids, fill=1.0)
     acc = torch.promote_types(torch.promote_types(grad_y.dtype, scale.dtype), torch.float32)
+    rows = token_scales(scale, adapter_ids).to(acc)
     g = grad_y.to(acc)
-    dbase = (g * rows.to(acc)).to(grad_y.dtype) if need_base else None
+    dbase = (g * rows).to(grad_y.dtype) if need_base else None
     dscale = dbias = None
     if need_scale:
         centred = base.to(acc) if bias is None else base.to(acc) - bias.to(acc)
@@ -98,7 +99,7 @@ def _affine_grads(ctx, saved: tuple, grad_y: Tensor, needs: tuple) -> tuple:
         dscale = (products.sum(0) if adapter_ids is None
                   else per_adapter_sum(products, adapter_ids, scale.shape[0])).to(scale.dtype)
     if need_bias:
-        dbias = (g * (1 - rows.to(acc))).sum(0).to(bias.dtype)
+        dbias = (g * (1 - rows)).sum(0).to(bias.dtype)
     return dbase, dscale, dbias
 
 

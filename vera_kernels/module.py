@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from .base_layers import base_shape, compute_dtype, dense_weight, is_adaptable, is_conv1d, \
     is_quantized, store_dense_weight
-from .backends.banks import row_vectors
+from .backends.banks import token_scales
 from .dora import (NormCache, NormTerms, drop_input, magnitude_scale, norm_terms, row_norms,
                    tensor_key, weight_row_squares, zero_magnitude_problem)
 from .dropout import DropoutMask, check_probability, draw_call_seed
@@ -280,8 +280,8 @@ class VeRALinear(AdapterLifecycle, nn.Module):
         dropout(x) + s ⊙ ΔW dropout(x)``, one more base GEMM over the dropped input."""
         lambda_d, lambda_b, ids = vectors
         names = (self.active_adapter,) if ids is None else self.row_adapters[0]
-        scales = [magnitude_scale(self.adapter_magnitude(name), self._dora_norms(name))
-                  for name in names]
+        scales = [magnitude_scale(self.adapter_magnitude(name), norms)
+                  for name, norms in zip(names, self._dora_norms(names))]
         scale = _for(scales[0] if ids is None else torch.stack(scales), x)
         lambda_b = _for(scale * lambda_b, x)
         base = self.base_layer(x)
@@ -293,8 +293,8 @@ class VeRALinear(AdapterLifecycle, nn.Module):
             dropped = self.base_layer(drop_input(x, mask))
             if bias is not None:
                 dropped = dropped - bias
-            rows = scale if ids is None else row_vectors(
-                scale, ids.reshape(-1), fill=1.0).reshape(*ids.shape, self.out_features)
+            rows = scale if ids is None else token_scales(scale, ids.reshape(-1)).reshape(
+                *ids.shape, self.out_features)
             base = base + ((rows - 1) * dropped).to(base.dtype)
             options["dropout_seed"], affine = mask.seed, {}
         options["into_base"] = not self._hooked()
@@ -337,13 +337,18 @@ class VeRALinear(AdapterLifecycle, nn.Module):
     # The cache keys on version counters, which torch.compile cannot guard on: under it
     # the norms are an eager call (one graph break), the rest of the layer is traced.
     @torch.compiler.disable
-    def _dora_norms(self, adapter: str) -> Tensor:
-        """``‖W0 + ΔW‖`` (out,) for ``adapter``'s vectors (afresh in training: ``NormCache``)."""
+    def _dora_norms(self, adapters) -> list:
+        """``‖W0 + ΔW‖`` (out,) for each adapter's vectors (afresh in training:
+        ``NormCache``); the terms and B are looked up once for all of them."""
         terms = self._dora_terms()
-        lambda_d, lambda_b = self.adapter_vectors(adapter)
         proj_b = self._materialized_projections(terms.weight_sq.dtype)[1]
-        return self._norm_cache.norms(adapter, lambda_d, lambda_b,
-                                      lambda: row_norms(terms, proj_b, lambda_d, lambda_b))
+
+        def norms(adapter):
+            lambda_d, lambda_b = self.adapter_vectors(adapter)
+            return self._norm_cache.norms(adapter, lambda_d, lambda_b,
+                                          lambda: row_norms(terms, proj_b, lambda_d, lambda_b))
+
+        return [norms(adapter) for adapter in adapters]
 
     def _vectors_for(self, x: Tensor) -> tuple:
         """``(lambda_d, lambda_b, None)``, or ``(d_bank, b_bank, ids)`` under adapter_batch."""

@@ -71,12 +71,12 @@ def run_forward(x: Tensor, lambda_d: Tensor, lambda_b: Tensor, source: Projectio
     """``(y, h)`` from the named backend for 2-D ``x``; with ``into_base``, y is ``base``."""
     # The backends index the vectors as contiguous arrays (r and out elements: a cheap copy).
     lambda_d, lambda_b = lambda_d.contiguous(), lambda_b.contiguous()
-    affine = {} if base_scale is None else {"base_scale": base_scale.contiguous(),
-                                            "base_bias": _contiguous(base_bias)}
     with _no_autocast(x):
         return _backend_for(x, backend).forward(x, lambda_d, lambda_b, source, base,
                                                 into_base=into_base, adapter_ids=adapter_ids,
-                                                dropout=dropout, **affine)
+                                                dropout=dropout,
+                                                base_scale=_contiguous(base_scale),
+                                                base_bias=_contiguous(base_bias))
 
 
 def run_backward(grad: Tensor, h: Tensor, lambda_d: Tensor, lambda_b: Tensor,

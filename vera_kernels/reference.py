@@ -23,6 +23,13 @@ def vera_projections(
     return a, b
 
 
+def _projections_for(x: torch.Tensor, lambda_d: torch.Tensor, lambda_b: torch.Tensor,
+                     seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The seed's A and B for a layer of these vectors on x, in x's dtype and device."""
+    return vera_projections(x.shape[-1], lambda_b.shape[0], lambda_d.shape[0], seed,
+                            dtype=x.dtype, device=x.device)
+
+
 def vera_linear_with_projections(
     x: torch.Tensor,
     lambda_d: torch.Tensor,
@@ -44,9 +51,7 @@ def vera_linear_reference(
     base_output: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Unfused ``vera_linear``: A and B materialized in x's dtype, plain autograd."""
-    proj_a, proj_b = vera_projections(
-        x.shape[-1], lambda_b.shape[0], lambda_d.shape[0], seed, dtype=x.dtype, device=x.device
-    )
+    proj_a, proj_b = _projections_for(x, lambda_d, lambda_b, seed)
     return vera_linear_with_projections(x, lambda_d, lambda_b, proj_a, proj_b, base_output)
 
 
@@ -86,8 +91,6 @@ def dvora_linear_reference(
     dropped_x: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """:func:`dvora_linear_with_projections` with the seed's A and B, in x's dtype."""
-    proj_a, proj_b = vera_projections(
-        x.shape[-1], weight.shape[0], lambda_d.shape[0], seed, dtype=x.dtype, device=x.device
-    )
+    proj_a, proj_b = _projections_for(x, lambda_d, lambda_b, seed)
     return dvora_linear_with_projections(x, weight, bias, lambda_d, lambda_b, magnitude, proj_a,
                                          proj_b, dropped_x)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["per_adapter_sum", "row_vectors"]
+__all__ = ["per_adapter_sum", "row_vectors", "token_scales"]
 
 
 def per_adapter_sum(values: Tensor, adapter_ids: Tensor, n_adapters: int) -> Tensor:
@@ -37,3 +37,9 @@ def row_vectors(bank: Tensor, adapter_ids: Tensor, fill: float = 0.0) -> Tensor:
     DVoRA base scale): each token's vector, (tokens, C)."""
     rows = bank.index_select(0, adapter_ids.clamp(min=0))
     return rows.masked_fill_((adapter_ids < 0)[:, None], fill)
+
+
+def token_scales(scale: Tensor, adapter_ids) -> Tensor:
+    """A DVoRA base scale as each token sees it: ``scale`` (out,) itself for one adapter,
+    or (tokens, out) bank rows, 1 for id -1 (that token's base output stays unscaled)."""
+    return scale if adapter_ids is None else row_vectors(scale, adapter_ids, fill=1.0)

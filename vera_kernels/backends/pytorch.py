@@ -25,7 +25,7 @@ from torch import Tensor
 
 from ..projection import cached_projection
 from ..dropout import drop_rows_, dropped_chunks
-from .banks import per_adapter_sum, row_vectors
+from .banks import per_adapter_sum, row_vectors, token_scales
 from .contract import Backend, Grads, NeededGrads, ProjectionSource
 
 
@@ -125,7 +125,7 @@ def _affine_base(base: Tensor, scale: Tensor, bias: Optional[Tensor], adapter_id
     """DVoRA's base term ``s ⊙ (base - bias) + bias``, computed in float32 or wider and
     rounded once: into ``base`` (``in_place``) or a new tensor."""
     acc = torch.promote_types(_accumulate_dtype(base.dtype), scale.dtype)
-    rows = (scale if adapter_ids is None else row_vectors(scale, adapter_ids, fill=1.0)).to(acc)
+    rows = token_scales(scale, adapter_ids).to(acc)
     term = base.to(acc) * rows
     if bias is not None:
         term += bias.to(acc) * (1 - rows)
